@@ -1,0 +1,1 @@
+"""fednode: peer-to-peer federated fine-tuning of LoRA adapters."""

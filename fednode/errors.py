@@ -1,0 +1,60 @@
+"""Typed errors. Each says whose fault it is (h11 style): we did something illegal
+(LocalProtocolError), a peer did (RemoteProtocolError), or an input/config is wrong."""
+
+from __future__ import annotations
+
+
+class FednodeError(Exception):
+    """Base class of every error fednode raises on purpose."""
+
+
+class ConfigError(FednodeError):
+    """A config file is malformed: names the file, the key and what was expected."""
+
+
+class KeyFileError(FednodeError):
+    """A key file is missing, malformed, or has unsafe permissions."""
+
+
+class LocalProtocolError(FednodeError):
+    """We tried to do something the protocol forbids (a bug or misuse on our side)."""
+
+
+class RemoteProtocolError(FednodeError):
+    """A peer sent something the protocol forbids."""
+
+
+class DecodeError(RemoteProtocolError):
+    """Bytes from the network are not a well-formed message."""
+
+
+class LimitExceeded(RemoteProtocolError):
+    """An input is over a named limit; the message names the limit and its value."""
+
+
+class TransportError(FednodeError):
+    """A transport operation failed (peer vanished, stream reset, closed transport)."""
+
+
+class PeerUnavailable(TransportError):
+    """The peer is not reachable, or vanished while we talked to it."""
+
+
+class TransferError(TransportError):
+    """A blob transfer failed: bad bytes, no holder left, or over a limit."""
+
+
+class BlobIntegrityError(FednodeError):
+    """Stored or received bytes do not match their content address."""
+
+
+class InconsistentUpdates(FednodeError):
+    """Client updates disagree on keys, shapes or dtypes and cannot be aggregated."""
+
+
+class InvalidUpdate(FednodeError):
+    """One client update fails validation (layout, non-finite values, norm bound)."""
+
+
+class GateClosed(FednodeError):
+    """A federated-learning action was requested while [research] federated_learning = false."""
