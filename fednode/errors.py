@@ -58,3 +58,24 @@ class InvalidUpdate(FednodeError):
 
 class GateClosed(FednodeError):
     """A federated-learning action was requested while [research] federated_learning = false."""
+
+
+class InvalidMessage(FednodeError, ValueError):
+    """A message field is missing, of the wrong type or out of range. `field` names it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class BaseModelMismatch(FednodeError):
+    """The round's base model (by weight hash) is not the one this node holds."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(
+            f"base model mismatch: the round expects base model sha256 {expected}, "
+            f"this node holds {actual}; refusing the round"
+        )
+        self.expected = expected
+        self.actual = actual

@@ -1,0 +1,153 @@
+"""Canonical msgpack encoding and Ed25519 signing of wire messages (protocols/envelope-v1.md).
+
+Canonical form: one msgpack map whose keys are the message's field names plus "type", sorted
+by their UTF-8 bytes; nested maps likewise; integers in their shortest encoding, floats always
+float64, text as str, signatures as bin. A decoder re-encodes what it parsed and rejects input
+that is not byte-identical, so every message has exactly one encoding.
+
+Signed bytes: SIGNING_DOMAIN || canonical(message without its signature field).
+Message id: sha256(encoded message), lowercase hex.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, TypeVar
+
+import msgpack
+
+from fednode.errors import DecodeError, InvalidMessage, LimitExceeded
+from fednode.identity import Identity
+from fednode.wire.messages import (
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    AggregateAnnounce,
+    Contribution,
+    Message,
+)
+
+SIGNING_DOMAIN = b"fednode/v1/signed-message\x00"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024  # control messages only; bulk data goes over blob streams
+SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
+
+M = TypeVar("M", bound=Message)
+
+
+class MessageDecodeError(DecodeError):
+    """Bytes are not a valid canonical message. `reason` is the verdict reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class MessageTooLarge(MessageDecodeError, LimitExceeded):
+    pass
+
+
+def _sorted_map(mapping: dict[str, Any]) -> dict[str, Any]:
+    return {k: mapping[k] for k in sorted(mapping, key=lambda key: key.encode("utf-8"))}
+
+
+def _field_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_field_value(v) for v in value]
+    if isinstance(value, Contribution):
+        return _sorted_map(dataclasses.asdict(value))
+    return value
+
+
+def to_map(message: Message, *, include_sig: bool = True) -> dict[str, Any]:
+    fields = {f.name: _field_value(getattr(message, f.name)) for f in dataclasses.fields(message)}  # type: ignore[arg-type]
+    if not include_sig:
+        del fields[message.SIG_FIELD]
+    fields["type"] = message.TYPE
+    return _sorted_map(fields)
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, use_single_float=False, strict_types=True)
+
+
+def encode(message: Message) -> bytes:
+    return _pack(to_map(message))
+
+
+def signing_bytes(message: Message) -> bytes:
+    return SIGNING_DOMAIN + _pack(to_map(message, include_sig=False))
+
+
+def message_id(encoded: bytes) -> str:
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def sign(message: M, identity: Identity) -> M:
+    """Return a copy of `message` signed by `identity`, which must be its named author."""
+    if message.signer != identity.node_id:
+        raise InvalidMessage(message.SIGNER_FIELD, f"{message.signer} is not the signing identity {identity.node_id}")
+    unsigned = dataclasses.replace(message, **{message.SIG_FIELD: b""})  # type: ignore[type-var]
+    return dataclasses.replace(unsigned, **{message.SIG_FIELD: identity.sign(signing_bytes(unsigned))})  # type: ignore[type-var]
+
+
+def verify(message: Message) -> bool:
+    from fednode.identity import verify_signature
+
+    return len(message.signature) == 64 and verify_signature(message.signer, signing_bytes(message), message.signature)
+
+
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Parse canonical bytes into a message; MessageDecodeError (a DecodeError) otherwise.
+    Does not check the signature: see validate.py."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MessageDecodeError("malformed", "expected bytes")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise MessageTooLarge("oversize", f"{len(data)} bytes exceeds max_message_bytes={max_bytes}")
+    try:
+        raw = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, max_str_len=max_bytes, max_bin_len=max_bytes, max_array_len=max_bytes, max_map_len=max_bytes,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+            RecursionError, UnicodeDecodeError) as exc:
+        raise MessageDecodeError("malformed", f"not a single msgpack value: {exc.__class__.__name__}") from None
+    if not isinstance(raw, dict):
+        raise MessageDecodeError("malformed", "top level must be a map")
+    type_name = raw.pop("type", None)
+    if not isinstance(type_name, str) or type_name not in MESSAGE_TYPES:
+        raise MessageDecodeError("unknown_type", f"unknown message type {str(type_name)[:40]!r}")
+    version = raw.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise MessageDecodeError("malformed", "version must be an integer")
+    if version not in SUPPORTED_VERSIONS:
+        raise MessageDecodeError("unsupported_version", f"version {str(version)[:20]} is not supported")
+    cls = MESSAGE_TYPES[type_name]
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if set(raw) != names:
+        missing, extra = sorted(names - set(raw)), sorted(str(k) for k in set(raw) - names)
+        raise MessageDecodeError("malformed", f"{type_name}: missing fields {missing}, unknown fields {extra[:8]}")
+    if cls is AggregateAnnounce:
+        raw["contributions"] = _decode_contributions(raw["contributions"])
+    try:
+        message = cls(**raw)
+    except InvalidMessage as exc:
+        raise MessageDecodeError("malformed", f"{type_name}.{exc}") from None
+    except TypeError as exc:  # a field value of a type the checks could not even look at
+        raise MessageDecodeError("malformed", f"{type_name}: {exc}") from None
+    if encode(message) != data:
+        raise MessageDecodeError("non_canonical", f"{type_name} is not in canonical encoding")
+    return message
+
+
+def _decode_contributions(value: Any) -> tuple[Contribution, ...]:
+    if not isinstance(value, list):
+        raise MessageDecodeError("malformed", "contributions must be an array")
+    out = []
+    want = {f.name for f in dataclasses.fields(Contribution)}
+    for item in value:
+        if not isinstance(item, dict) or set(item) != want:
+            raise MessageDecodeError("malformed", f"each contribution must be a map with keys {sorted(want)}")
+        out.append(Contribution(**item))
+    return tuple(out)

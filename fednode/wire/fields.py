@@ -1,0 +1,98 @@
+"""Field checks shared by the message dataclasses. Each raises InvalidMessage naming the field."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from fednode.errors import InvalidMessage
+
+# Limits on individual fields (the whole-message limit lives in codec.py).
+MAX_ID_CHARS = 64
+MAX_TEXT_CHARS = 256
+MAX_INT = 2**53  # exactly representable everywhere (JSON, JS numbers)
+MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01, seconds since the epoch
+SHA256_HEX_CHARS = 64
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_PEER_ID_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,60}")
+
+
+def get(obj: Any, name: str) -> Any:
+    return getattr(obj, name)
+
+
+def set_(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def check_int(obj: Any, name: str, lo: int = 0, hi: int = MAX_INT) -> None:
+    value = get(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidMessage(name, f"expected an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise InvalidMessage(name, f"{value} is out of range [{lo}, {hi}]")
+
+
+def check_float(obj: Any, name: str, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    value = get(obj, name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # local convenience; the decoder sees the canonical float64 form
+        set_(obj, name, value)
+    if not isinstance(value, float):
+        raise InvalidMessage(name, f"expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidMessage(name, f"must be finite, got {value}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        left = "(" if lo_open else "["
+        raise InvalidMessage(name, f"{value} is out of range {left}{lo}, {hi}]")
+
+
+def check_bool(obj: Any, name: str) -> None:
+    if not isinstance(get(obj, name), bool):
+        raise InvalidMessage(name, f"expected a boolean, got {type(get(obj, name)).__name__}")
+
+
+def check_text(obj: Any, name: str, max_chars: int = MAX_TEXT_CHARS, *, allow_empty: bool = True) -> None:
+    value = get(obj, name)
+    if not isinstance(value, str):
+        raise InvalidMessage(name, f"expected a string, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise InvalidMessage(name, f"{len(value)} characters exceeds the limit of {max_chars}")
+    if not value and not allow_empty:
+        raise InvalidMessage(name, "must not be empty")
+
+
+def check_id(obj: Any, name: str) -> None:
+    """Community ids, round ids: 1..64 chars of [A-Za-z0-9._:-], starting alphanumeric."""
+    check_text(obj, name, MAX_ID_CHARS, allow_empty=False)
+    if not _ID_RE.fullmatch(get(obj, name)):
+        raise InvalidMessage(name, "must match [A-Za-z0-9][A-Za-z0-9._:-]* (at most 64 characters)")
+
+
+def check_peer_id(obj: Any, name: str, *, allow_empty: bool = False) -> None:
+    value = get(obj, name)
+    check_text(obj, name, MAX_ID_CHARS, allow_empty=allow_empty)
+    if value and not _PEER_ID_RE.fullmatch(value):
+        raise InvalidMessage(name, "must be a base58btc libp2p peer id")
+
+
+def check_sha256(obj: Any, name: str, *, allow_empty: bool = False) -> None:
+    value = get(obj, name)
+    check_text(obj, name, SHA256_HEX_CHARS, allow_empty=allow_empty)
+    if value and not _HEX64_RE.fullmatch(value):
+        raise InvalidMessage(name, "must be 64 lowercase hex characters (a sha256 digest)")
+
+
+def check_timestamp(obj: Any, name: str) -> None:
+    check_float(obj, name, 0.0, MAX_TIMESTAMP)
+
+
+def check_sig(obj: Any, name: str) -> None:
+    value = get(obj, name)
+    if not isinstance(value, bytes):
+        raise InvalidMessage(name, f"expected bytes, got {type(value).__name__}")
+    if len(value) not in (0, 64):
+        raise InvalidMessage(name, f"an Ed25519 signature is 64 bytes (or empty before signing), got {len(value)}")
