@@ -107,8 +107,8 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
         raise MessageTooLarge("oversize", f"{len(data)} bytes exceeds max_message_bytes={max_bytes}")
     try:
         raw = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, max_str_len=max_bytes, max_bin_len=max_bytes, max_array_len=max_bytes, max_map_len=max_bytes,
-            max_ext_len=0,
+            data, raw=False, strict_map_key=True, use_list=True, max_str_len=max_bytes,
+            max_bin_len=max_bytes, max_array_len=max_bytes, max_map_len=max_bytes, max_ext_len=0,
         )
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             RecursionError, UnicodeDecodeError) as exc:
