@@ -7,7 +7,8 @@ managers, so every background task they run lives in a nursery the caller's scop
     async with open_memory_transport(network, identity) as transport: ...
 
 Control messages go over pubsub (small, signed, validated before delivery and before
-forwarding); bulk data goes over streams of a named protocol.
+forwarding); bulk data goes over streams of a named protocol. As in py-libp2p and go-libp2p,
+a node's own publish is also delivered to its own subscriptions (received_from = its own id).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Validator = Callable[[bytes, str], Validation]
 class GossipMessage:
     topic: str
     data: bytes
-    received_from: str  # peer id of the neighbour that delivered it
+    received_from: str  # peer id of the neighbour that delivered it (our own id for our own publish)
 
 
 @runtime_checkable
@@ -94,5 +95,9 @@ class Transport(Protocol):
 
     def peers(self) -> frozenset[str]:
         """Peer ids currently connected."""
+
+    def topic_peers(self, topic: str) -> frozenset[str]:
+        """Connected peers known to subscribe to `topic` (gossip from us reaches them directly);
+        e.g. wait for it to be non-empty before the first publish of a freshly started node."""
 
     def statistics(self) -> TransportStatistics: ...

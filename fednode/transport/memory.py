@@ -1,0 +1,371 @@
+"""In-process transport: a `MemoryNetwork` hub and transports attached to it.
+
+Gossip follows gossipsub's rules, so code tested here behaves the same over libp2p:
+- a message is identified by (publisher, seqno) and handled at most once per node (dedup);
+- the topic validator runs before delivery and before forwarding; REJECT and IGNORE stop the
+  message at this node and are counted by reason; the publisher's own validator runs too;
+- a node relays a topic only while it subscribes to it, and only to linked neighbours that
+  subscribe to it; the publisher also receives its own message (as py-libp2p and go-libp2p do);
+- every queue is bounded: a full neighbour queue or subscription buffer drops the message,
+  counts it (`statistics().dropped`) and logs it.
+
+Topology: with `auto_link_degree=k` each new node links to k random existing nodes (seeded), a
+connected graph whose flooding cost grows as n*k, not n^2: hundreds of nodes in one process
+are fine. `auto_link_degree=0` leaves linking to the test (`link`, `unlink`), e.g. a line
+A-B-C. `partition(*groups)` severs links across groups and blocks dialling; `heal()` restores
+them. Opening a stream to an unlinked (not blocked) node links the two, as a libp2p dial does.
+`vanish(peer_id)` simulates a crash: the node's streams reset (PeerUnavailable on both ends),
+its tasks stop, and it disappears from every peer set.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from fednode.errors import LocalProtocolError, PeerUnavailable, TransportError
+from fednode.identity import Identity
+from fednode.transport.base import GossipMessage, StreamHandler, TransportStatistics, Validator
+from fednode.transport.memory_stream import DEFAULT_STREAM_BUFFER, MemoryStream, memory_stream_pair
+from fednode.transport.subscription import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_SUBSCRIPTION_BUFFER,
+    BufferedSubscription,
+    GossipCounters,
+    run_validators,
+)
+from fednode.wire.verdict import Validation, Verdict
+
+DEFAULT_AUTO_LINK_DEGREE = 8
+DEFAULT_INBOUND_QUEUE = 1024  # messages waiting for a node's gossip task (a per-peer send queue)
+DEFAULT_SEEN_CACHE_SIZE = 65536  # message ids remembered for dedup, oldest evicted first
+
+if TYPE_CHECKING:  # trio-typing's stubs shadow trio's own annotations under mypy
+    from trio_typing import TaskStatus
+
+logger = logging.getLogger("fednode.transport.memory")
+
+_MessageId = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryLimits:
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    subscription_buffer: int = DEFAULT_SUBSCRIPTION_BUFFER
+    inbound_queue: int = DEFAULT_INBOUND_QUEUE
+    seen_cache_size: int = DEFAULT_SEEN_CACHE_SIZE
+    stream_buffer: int = DEFAULT_STREAM_BUFFER
+
+
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    msg_id: _MessageId
+    topic: str
+    data: bytes
+    forwarder: str
+
+
+class MemoryNetwork:
+    """The hub that in-process transports attach to; owns the link graph."""
+
+    def __init__(self, *, auto_link_degree: int = DEFAULT_AUTO_LINK_DEGREE, seed: int = 0) -> None:
+        if auto_link_degree < 0:
+            raise ValueError("auto_link_degree must be >= 0")
+        self.auto_link_degree = auto_link_degree
+        self._random = random.Random(seed)
+        self._nodes: dict[str, MemoryTransport] = {}
+        self._links: dict[str, set[str]] = {}
+        self._blocked: set[frozenset[str]] = set()
+        self._severed: set[frozenset[str]] = set()
+
+    # -- topology -------------------------------------------------------------------------
+    def node_ids(self) -> frozenset[str]:
+        return frozenset(self._nodes)
+
+    def neighbours(self, peer_id: str) -> frozenset[str]:
+        return frozenset(self._links.get(peer_id, ()))
+
+    def link(self, a: str, b: str) -> None:
+        """Connect two attached nodes (no-op if already linked); LocalProtocolError if blocked."""
+        if a == b:
+            raise LocalProtocolError("a node cannot link to itself")
+        if a not in self._nodes or b not in self._nodes:
+            raise PeerUnavailable(f"cannot link {a} and {b}: not both attached")
+        if frozenset((a, b)) in self._blocked:
+            raise LocalProtocolError(f"{a} and {b} are partitioned")
+        self._links[a].add(b)
+        self._links[b].add(a)
+
+    def unlink(self, a: str, b: str) -> None:
+        self._links.get(a, set()).discard(b)
+        self._links.get(b, set()).discard(a)
+
+    def partition(self, *groups: set[str] | frozenset[str]) -> None:
+        """Sever and block every link between nodes of different groups until `heal()`."""
+        for g1, g2 in itertools.combinations(groups, 2):
+            for a in g1:
+                for b in g2:
+                    pair = frozenset((a, b))
+                    self._blocked.add(pair)
+                    if b in self._links.get(a, ()):
+                        self._severed.add(pair)
+                        self.unlink(a, b)
+
+    def heal(self) -> None:
+        """Lift all partitions and restore the links they severed (where both ends remain)."""
+        self._blocked.clear()
+        severed, self._severed = self._severed, set()
+        for pair in severed:
+            a, b = tuple(pair)
+            if a in self._nodes and b in self._nodes:
+                self.link(a, b)
+
+    def vanish(self, peer_id: str) -> None:
+        """Crash a node: reset its streams, stop its tasks, remove it from the network."""
+        node = self._nodes.get(peer_id)
+        if node is not None:
+            node._halt("peer vanished")
+
+    # -- used by MemoryTransport ----------------------------------------------------------
+    def _attach(self, node: MemoryTransport) -> None:
+        if node.local_peer_id in self._nodes:
+            raise LocalProtocolError(f"{node.local_peer_id} is already attached to this network")
+        existing = [p for p in self._nodes if frozenset((p, node.local_peer_id)) not in self._blocked]
+        self._nodes[node.local_peer_id] = node
+        self._links[node.local_peer_id] = set()
+        k = min(self.auto_link_degree, len(existing))
+        for other in self._random.sample(existing, k):
+            self.link(node.local_peer_id, other)
+
+    def _detach(self, peer_id: str) -> None:
+        self._nodes.pop(peer_id, None)
+        for other in self._links.pop(peer_id, set()):
+            self._links.get(other, set()).discard(peer_id)
+
+    def _node(self, peer_id: str) -> MemoryTransport | None:
+        return self._nodes.get(peer_id)
+
+    def _is_blocked(self, a: str, b: str) -> bool:
+        return frozenset((a, b)) in self._blocked
+
+
+class MemoryTransport:
+    """A node's view of a `MemoryNetwork` (implements `fednode.transport.base.Transport`)."""
+
+    def __init__(self, network: MemoryNetwork, peer_id: str, limits: MemoryLimits) -> None:
+        self._network = network
+        self._peer_id = peer_id
+        self.limits = limits
+        self._counters = GossipCounters()
+        self._subscriptions: dict[str, list[BufferedSubscription]] = collections.defaultdict(list)
+        self._handlers: dict[str, StreamHandler] = {}
+        self._seen: collections.OrderedDict[_MessageId, None] = collections.OrderedDict()
+        self._seqno = itertools.count(1)
+        self._streams: set[MemoryStream] = set()
+        self._inbound_send, self._inbound_receive = trio.open_memory_channel[_Envelope](
+            limits.inbound_queue
+        )
+        self._nursery: trio.Nursery | None = None
+        self._scope = trio.CancelScope()
+        self._halted: str | None = None
+
+    @property
+    def local_peer_id(self) -> str:
+        return self._peer_id
+
+    def _check_alive(self) -> None:
+        if self._halted is not None:
+            raise TransportError(f"transport is closed ({self._halted})")
+
+    # -- gossip ---------------------------------------------------------------------------
+    async def publish(self, topic: str, data: bytes) -> None:
+        self._check_alive()
+        if len(data) > self.limits.max_message_size:
+            raise LocalProtocolError(
+                f"message of {len(data)} bytes exceeds max_message_size={self.limits.max_message_size}"
+            )
+        self._counters.published += 1
+        envelope = _Envelope((self._peer_id, next(self._seqno)), topic, bytes(data), self._peer_id)
+        self._handle(envelope)
+        await trio.lowlevel.checkpoint()
+
+    async def subscribe(self, topic: str, validator: Validator | None = None) -> BufferedSubscription:
+        self._check_alive()
+        sub = BufferedSubscription(
+            topic, validator, self.limits.subscription_buffer, self._counters, self._forget_subscription
+        )
+        self._subscriptions[topic].append(sub)
+        await trio.lowlevel.checkpoint()
+        return sub
+
+    def _forget_subscription(self, sub: BufferedSubscription) -> None:
+        subs = self._subscriptions.get(sub.topic, [])
+        if sub in subs:
+            subs.remove(sub)
+        if not subs:
+            self._subscriptions.pop(sub.topic, None)
+
+    def _is_subscribed(self, topic: str) -> bool:
+        return bool(self._subscriptions.get(topic))
+
+    def _handle(self, env: _Envelope) -> None:
+        if env.msg_id in self._seen:
+            return
+        self._seen[env.msg_id] = None
+        if len(self._seen) > self.limits.seen_cache_size:
+            self._seen.popitem(last=False)
+        subs = list(self._subscriptions.get(env.topic, ()))
+        is_origin = env.forwarder == self._peer_id
+        if not subs and not is_origin:
+            return  # we left the topic: gossipsub drops it too
+        if len(env.data) > self.limits.max_message_size:
+            validation = run_validators([_reject_too_large], env.data, env.forwarder)
+        else:
+            validators = [s.validator for s in subs if s.validator is not None]
+            validation = run_validators(validators, env.data, env.forwarder)
+        if validation.verdict is not Verdict.ACCEPT:
+            self._counters.count_verdict(validation)
+            if validation.verdict is Verdict.REJECT:
+                logger.debug("%s rejected a message from %s: %s", self._peer_id, env.forwarder,
+                             validation.reason)
+            return
+        message = GossipMessage(env.topic, env.data, env.forwarder)
+        for sub in subs:
+            sub.offer(message)
+        self._forward(env)
+
+    def _forward(self, env: _Envelope) -> None:
+        out = _Envelope(env.msg_id, env.topic, env.data, self._peer_id)
+        for other_id in self._network.neighbours(self._peer_id):
+            if other_id in (env.forwarder, env.msg_id[0]):
+                continue
+            other = self._network._node(other_id)
+            if other is None or not other._is_subscribed(env.topic):
+                continue
+            try:
+                other._inbound_send.send_nowait(out)
+            except trio.WouldBlock:
+                self._counters.count_drop("send queue to %s is full", other_id)
+                continue
+            except trio.ClosedResourceError:
+                continue
+            self._counters.bytes_sent += len(env.data)
+            other._counters.bytes_received += len(env.data)
+
+    async def _process_inbound(self) -> None:
+        async for env in self._inbound_receive:
+            self._handle(env)
+
+    # -- streams --------------------------------------------------------------------------
+    def serve(self, protocol: str, handler: StreamHandler) -> None:
+        self._check_alive()
+        self._handlers[protocol] = handler
+
+    async def open_stream(self, peer_id: str, protocol: str) -> MemoryStream:
+        self._check_alive()
+        await trio.lowlevel.checkpoint()
+        target = self._network._node(peer_id)
+        if target is None or target._halted is not None or target._nursery is None:
+            raise PeerUnavailable(f"peer {peer_id} is not reachable")
+        if self._network._is_blocked(self._peer_id, peer_id):
+            raise PeerUnavailable(f"peer {peer_id} is not reachable (partitioned)")
+        handler = target._handlers.get(protocol)
+        if handler is None:
+            raise PeerUnavailable(f"peer {peer_id} does not serve {protocol}")
+        self._network.link(self._peer_id, peer_id)
+        mine, theirs = memory_stream_pair(
+            self._peer_id, peer_id, protocol, self.limits.stream_buffer,
+            self._count_stream_bytes, target._count_stream_bytes,
+        )
+        self._streams.add(mine)
+        target._streams.add(theirs)
+        target._nursery.start_soon(target._run_handler, handler, theirs)
+        return mine
+
+    def _count_stream_bytes(self, sent: int, received: int) -> None:
+        self._counters.bytes_sent += sent
+        self._counters.bytes_received += received
+
+    async def _run_handler(self, handler: StreamHandler, stream: MemoryStream) -> None:
+        try:
+            await handler(stream)
+        except Exception:
+            logger.exception("handler of %s from %s failed; resetting the stream",
+                             stream.protocol, stream.remote_peer_id)
+            stream.reset("the peer's handler failed")
+        finally:
+            stream.close_nowait()
+            self._streams.discard(stream)
+
+    # -- state ----------------------------------------------------------------------------
+    def peers(self) -> frozenset[str]:
+        if self._halted is not None:
+            return frozenset()
+        return self._network.neighbours(self._peer_id)
+
+    def topic_peers(self, topic: str) -> frozenset[str]:
+        """Connected peers known to subscribe to `topic` (our gossip reaches them directly)."""
+        return frozenset(
+            p for p in self.peers() if (node := self._network._node(p)) is not None and node._is_subscribed(topic)
+        )
+
+    def statistics(self) -> TransportStatistics:
+        return self._counters.snapshot(len(self.peers()))
+
+    async def _run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._process_inbound)
+                task_status.started()
+                await trio.sleep_forever()
+
+    def abort(self) -> None:
+        """Drop off the network at once, as a crashed process does (`MemoryNetwork.vanish`)."""
+        self._halt("peer vanished")
+
+    def _halt(self, reason: str) -> None:
+        """Leave the network: reset streams, end subscriptions, cancel our tasks."""
+        if self._halted is not None:
+            return
+        self._halted = reason
+        self._network._detach(self._peer_id)
+        for stream in list(self._streams):
+            stream.reset(f"peer {self._peer_id}: {reason}")
+        self._streams.clear()
+        for subs in list(self._subscriptions.values()):
+            for sub in list(subs):
+                sub.close()
+        self._inbound_send.close()
+        self._scope.cancel()
+
+
+def _reject_too_large(data: bytes, received_from: str) -> Validation:
+    return Validation(Verdict.REJECT, "too_large", f"{len(data)} bytes")
+
+
+@asynccontextmanager
+async def open_memory_transport(
+    network: MemoryNetwork, identity: Identity | str, *, limits: MemoryLimits | None = None
+) -> AsyncIterator[MemoryTransport]:
+    """Attach a node to `network` for the duration of the block; its id is identity.node_id."""
+    peer_id = identity if isinstance(identity, str) else identity.node_id
+    transport = MemoryTransport(network, peer_id, limits or MemoryLimits())
+    network._attach(transport)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(transport._run)
+            try:
+                yield transport
+            finally:
+                transport._halt("closed")
+    finally:
+        transport._halt("closed")

@@ -1,0 +1,93 @@
+"""Memory-transport specifics: dedup in a dense mesh, counted drops, partitions, scale."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from fednode.errors import LocalProtocolError, PeerUnavailable
+from fednode.identity import Identity
+from fednode.transport.memory import MemoryLimits, MemoryNetwork, open_memory_transport
+from fednode.transport.testing import open_transports
+
+TOPIC = "fednode/test/1"
+
+
+async def drain(sub: object) -> int:
+    count = 0
+    with trio.move_on_after(0.5):
+        async for _ in sub:  # type: ignore[attr-defined]
+            count += 1
+    return count
+
+
+async def test_dedup_in_full_mesh_delivers_each_message_once(autojump_clock: trio.abc.Clock) -> None:
+    async with open_transports("memory", 6, "mesh") as nodes:
+        subs = [await t.subscribe(TOPIC) for t in nodes]
+        for i in range(5):
+            await nodes[i].publish(TOPIC, b"m%d" % i)
+        counts = [await drain(s) for s in subs]
+        assert counts == [5] * 6
+
+
+async def test_full_subscription_buffer_drops_and_counts(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = MemoryLimits(subscription_buffer=4)
+    async with open_transports("memory", 2, "mesh", limits=limits) as (a, b):
+        sub = await b.subscribe(TOPIC)
+        for i in range(10):
+            await a.publish(TOPIC, b"%d" % i)
+        await trio.sleep(0.1)
+        assert b.statistics().dropped == 6
+        assert b.statistics().delivered == 4
+        assert await drain(sub) == 4
+        assert "dropped a message" in caplog.text
+
+
+async def test_oversize_publish_is_refused() -> None:
+    async with open_transports("memory", 1, "none", limits=MemoryLimits(max_message_size=10)) as (a,):
+        with pytest.raises(LocalProtocolError):
+            await a.publish(TOPIC, b"x" * 11)
+
+
+async def test_partition_and_heal(autojump_clock: trio.abc.Clock) -> None:
+    net = MemoryNetwork(auto_link_degree=0)
+    async with open_transports("memory", 4, "mesh", network=net) as nodes:
+        subs = [await t.subscribe(TOPIC) for t in nodes]
+        left = {nodes[0].local_peer_id, nodes[1].local_peer_id}
+        right = {nodes[2].local_peer_id, nodes[3].local_peer_id}
+        net.partition(left, right)
+        await nodes[0].publish(TOPIC, b"split")
+        assert [await drain(s) for s in subs] == [1, 1, 0, 0]
+        with pytest.raises(PeerUnavailable):
+            await nodes[0].open_stream(nodes[2].local_peer_id, "/x")
+        net.heal()
+        assert nodes[2].local_peer_id in nodes[0].peers()
+        await nodes[3].publish(TOPIC, b"healed")
+        assert [await drain(s) for s in subs] == [1, 1, 1, 1]
+
+
+async def test_hundreds_of_nodes_all_receive() -> None:
+    n, messages = 300, 5
+    net = MemoryNetwork(seed=1)
+    started = time.perf_counter()
+    async with open_transports("memory", n, network=net, topology="none") as nodes:
+        subs = [await t.subscribe(TOPIC) for t in nodes]
+        for i in range(messages):
+            await nodes[i * 37].publish(TOPIC, b"m%d" % i)
+        await trio.sleep(0.2)
+        for sub in subs:
+            for _ in range(messages):
+                sub._receive.receive_nowait()  # type: ignore[attr-defined]
+        assert sum(t.statistics().dropped for t in nodes) == 0
+    assert time.perf_counter() - started < 20
+
+
+async def test_identity_used_as_peer_id() -> None:
+    identity = Identity.generate()
+    async with open_memory_transport(MemoryNetwork(), identity) as t:
+        assert t.local_peer_id == identity.node_id
+        assert t.peers() == frozenset()
