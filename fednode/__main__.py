@@ -1,0 +1,5 @@
+import sys
+
+from fednode.cli import main
+
+sys.exit(main())

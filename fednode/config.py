@@ -1,0 +1,284 @@
+"""Node configuration: TOML (stdlib tomllib) -> frozen dataclasses.
+
+Every key has a default here, and `configs/node.toml` documents each one. Unknown keys, wrong
+types and out-of-range values raise ConfigError naming the file, the key and what was expected.
+Relative paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fednode.errors import ConfigError
+
+_AGGREGATIONS = ("fedavg", "exact", "stacked", "median", "trimmed_mean", "clipped_fedavg")
+
+
+def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
+         choices: tuple[str, ...] | None = None, doc: str = "") -> Any:
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    data_dir: str = _opt("./fednode-data", doc="where blobs, state.sqlite, adapters and rounds live")
+    key_file: str = _opt("node.key", doc="Ed25519 key file (mode 0600); relative to data_dir")
+    name: str = _opt("", doc="display name for logs and status")
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    listen: list[str] = _opt(["/ip4/0.0.0.0/tcp/4001"], doc="libp2p listen multiaddrs")
+    bootstrap: list[str] = _opt([], doc="multiaddrs with /p2p/<peer id> dialled at start")
+    gossip_heartbeat_seconds: float = _opt(1.0, lo=0.05, hi=60.0, doc="gossipsub mesh heartbeat")
+    max_message_bytes: int = _opt(65536, lo=1024, hi=1048576, doc="largest control message accepted")
+    reconnect_backoff_max_seconds: float = _opt(30.0, lo=0.1, hi=3600.0, doc="cap of reconnect backoff")
+    max_peers: int = _opt(64, lo=1, hi=10000, doc="connections kept at most")
+
+
+@dataclass(frozen=True)
+class CommunitySection:
+    id: str = _opt("default", doc="community id; topic is fednode/<id>/1")
+    members: list[str] = _opt([], doc="allowlist of peer ids; empty = open community")
+    replay_window_seconds: float = _opt(300.0, lo=1.0, hi=86400.0, doc="oldest message accepted")
+    max_clock_skew_seconds: float = _opt(30.0, lo=0.0, hi=3600.0, doc="newest (future) message accepted")
+
+
+@dataclass(frozen=True)
+class ResearchSection:
+    federated_learning: bool = _opt(False, doc="the gate: take part in federated rounds at all")
+
+
+@dataclass(frozen=True)
+class CoordinatorSection:
+    mode: str = _opt("elect", choices=("elect", "fixed"), doc="elect a coordinator, or follow a fixed one")
+    fixed_peer_id: str = _opt("", doc="with mode = fixed: the coordinator's peer id")
+    heartbeat_interval_seconds: float = _opt(2.0, lo=0.05, hi=600.0, doc="signed heartbeat period")
+    liveness_timeout_heartbeats: int = _opt(3, lo=2, hi=100, doc="missed heartbeats before a peer is dead")
+
+
+@dataclass(frozen=True)
+class RoundSection:
+    min_participants: int = _opt(2, lo=1, hi=10000, doc="fewer by the deadline fails the round")
+    max_participants: int = _opt(20, lo=1, hi=10000, doc="submissions accepted at most")
+    round_timeout_seconds: float = _opt(3600.0, lo=1.0, hi=604800.0, doc="deadline after the manifest")
+    local_steps: int = _opt(20, lo=1, hi=1000000, doc="optimizer steps per node per round")
+    learning_rate: float = _opt(2e-4, lo=1e-9, hi=10.0, doc="local learning rate")
+    lora_rank: int = _opt(16, lo=1, hi=1024, doc="LoRA rank r")
+    lora_alpha: float = _opt(32.0, lo=1e-6, hi=1e6, doc="LoRA alpha")
+    aggregation: str = _opt("fedavg", choices=_AGGREGATIONS, doc="aggregation rule")
+    max_rounds: int = _opt(0, lo=0, hi=10**9, doc="stop after this many rounds (0 = run forever)")
+    pause_seconds: float = _opt(0.0, lo=0.0, hi=86400.0, doc="pause between rounds")
+
+
+@dataclass(frozen=True)
+class LearningSection:
+    task: str = _opt("minilm-bbc", choices=("minilm-bbc", "smollm2-lm", "fake"), doc="training task profile")
+    base_model_id: str = _opt("", doc="local HF model dir; empty = the task's embedded model")
+    model_cache_dir: str = _opt("~/.cache/fednode/models", doc="converted-model cache (SmolLM2 fp32)")
+    partition: str = _opt("dirichlet", choices=("iid", "dirichlet"), doc="how the node's data share is drawn")
+    dirichlet_alpha: float = _opt(0.5, lo=1e-3, hi=1e6, doc="label skew; smaller = more skewed")
+    node_index: int = _opt(0, lo=0, hi=100000, doc="this node's share of the partition")
+    num_nodes: int = _opt(1, lo=1, hi=100000, doc="number of shares the data is split into")
+    seed: int = _opt(0, lo=0, hi=2**31 - 1, doc="data split and training seed")
+    batch_size: int = _opt(16, lo=1, hi=4096, doc="training batch size")
+    max_length: int = _opt(64, lo=8, hi=8192, doc="tokens per example")
+    torch_threads: int = _opt(1, lo=1, hi=256, doc="torch intra-op threads")
+
+
+@dataclass(frozen=True)
+class BlobsSection:
+    max_blob_bytes: int = _opt(1 << 30, lo=1024, hi=1 << 40, doc="largest blob fetched or served")
+    chunk_bytes: int = _opt(1 << 20, lo=4096, hi=64 << 20, doc="chunk size of new blob manifests")
+    max_streams_per_peer: int = _opt(4, lo=1, hi=1024, doc="concurrent blob streams served per peer")
+    fetch_timeout_seconds: float = _opt(600.0, lo=1.0, hi=86400.0, doc="give up a fetch after this long")
+
+
+@dataclass(frozen=True)
+class AggregationSection:
+    max_update_norm: float = _opt(1e4, lo=1e-9, hi=1e12, doc="L2 bound on one update; above is REJECTed")
+    trim_beta: float = _opt(0.2, lo=0.0, hi=0.49, doc="trimmed_mean: fraction cut at each end")
+    clip_norm: float = _opt(0.0, lo=0.0, hi=1e12, doc="clipped_fedavg bound (0 = median client norm)")
+    dp_noise_multiplier: float = _opt(0.0, lo=0.0, hi=100.0, doc="DP Gaussian noise std / clip (0 = off)")
+    dp_clip_norm: float = _opt(1.0, lo=1e-9, hi=1e12, doc="DP per-client clip bound")
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    enabled: bool = _opt(False, doc="serve Prometheus /metrics on 127.0.0.1")
+    port: int = _opt(9464, lo=1, hi=65535, doc="metrics port")
+
+
+@dataclass(frozen=True)
+class ControlSection:
+    socket: str = _opt("control.sock", doc="unix socket for `fednode status`; relative to data_dir")
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    community: CommunitySection = field(default_factory=CommunitySection)
+    research: ResearchSection = field(default_factory=ResearchSection)
+    coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
+    round: RoundSection = field(default_factory=RoundSection)
+    learning: LearningSection = field(default_factory=LearningSection)
+    blobs: BlobsSection = field(default_factory=BlobsSection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    control: ControlSection = field(default_factory=ControlSection)
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(os.path.expanduser(self.node.data_dir))
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / os.path.expanduser(self.node.key_file)
+
+    @property
+    def control_socket_path(self) -> Path:
+        return self.data_dir / self.control.socket
+
+
+def _type_name(tp: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, "a list of strings")
+
+
+def _check_value(where: str, key: str, tp: Any, value: Any, meta: typing.Mapping[str, Any]) -> Any:
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: key '{key}': expected {expected}, got {value!r}")
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("a boolean (true or false)")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail("a number")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+    else:  # list[str]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail("a list of strings")
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise fail(f"{_type_name(tp)} in [{lo}, {hi}]")
+    if choices is not None and value not in choices:
+        raise fail("one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def _load_section(where: str, section: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{section}] must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{section}.{key}'{hint}; known keys: {', '.join(known)}")
+        tp = hints[key]
+        if isinstance(tp, types.GenericAlias):
+            tp = list
+        values[key] = _check_value(where, f"{section}.{key}", tp, value, known[key].metadata)
+    return cls(**values)
+
+
+def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+    hints = typing.get_type_hints(Config)
+    values: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section [{name}]; known sections: {', '.join(sections)}")
+        values[name] = _load_section(source, name, hints[name], table)
+    config = Config(**values, source=source)
+    if base_dir is not None and not Path(os.path.expanduser(config.node.data_dir)).is_absolute():
+        node = dataclasses.replace(config.node, data_dir=str((base_dir / config.node.data_dir).resolve()))
+        config = dataclasses.replace(config, node=node)
+    _check_cross_fields(config)
+    return config
+
+
+def _check_cross_fields(config: Config) -> None:
+    where = config.source
+    if config.round.min_participants > config.round.max_participants:
+        raise ConfigError(f"{where}: key 'round.min_participants' ({config.round.min_participants}) "
+                          f"must not exceed 'round.max_participants' ({config.round.max_participants})")
+    if config.coordinator.mode == "fixed" and not config.coordinator.fixed_peer_id:
+        raise ConfigError(f"{where}: key 'coordinator.fixed_peer_id' is required when coordinator.mode = \"fixed\"")
+    if config.learning.node_index >= config.learning.num_nodes:
+        raise ConfigError(f"{where}: key 'learning.node_index' ({config.learning.node_index}) "
+                          f"must be below 'learning.num_nodes' ({config.learning.num_nodes})")
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Load a TOML config file; missing keys take their defaults."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+    return parse_config(text, source=str(p), base_dir=p.resolve().parent)
+
+
+def config_keys() -> list[tuple[str, str, Any, str]]:
+    """(section, key, default, doc) for every key: used by docs and the example-config test."""
+    out = []
+    hints = typing.get_type_hints(Config)
+    for sec in dataclasses.fields(Config):
+        if sec.name == "source":
+            continue
+        for f in dataclasses.fields(hints[sec.name]):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out.append((sec.name, f.name, default, f.metadata.get("doc", "")))
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | list):
+        import json
+
+        return json.dumps(value)
+    return repr(value)
+
+
+def example_toml() -> str:
+    """The documented example config (configs/node.toml is this text; a test keeps them equal)."""
+    lines = [
+        "# fednode node configuration: every key, with its default and meaning.",
+        "# Load with `fednode run --config FILE`. Unknown keys, wrong types and out-of-range values",
+        "# are errors that name the file and the key. Relative paths resolve against this file's folder.",
+    ]
+    current = None
+    for section, key, default, doc in config_keys():
+        if section != current:
+            lines += ["", f"[{section}]"]
+            current = section
+        lines += [f"# {doc}", f"{key} = {_toml_value(default)}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from fednode.cli import main
+from fednode.identity import load_key_file
+
+
+def test_keygen_writes_0600_key_and_prints_node_id(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    key = tmp_path / "node.key"
+    assert main(["keygen", str(key)]) == 0
+    node_id = capsys.readouterr().out.strip()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert load_key_file(key).node_id == node_id
+    assert main(["keygen", str(key)]) == 1  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_help_explain_commands() -> None:
+    out = subprocess.run([sys.executable, "-m", "fednode", "--help"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    for word in ("keygen", "config", "federated_learning"):
+        assert word in out
+
+
+def test_config_check_reports_errors_with_exit_1(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[research]\nfederated_learning = 1\n")
+    assert main(["config", "--check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "research.federated_learning" in err and str(bad) in err
