@@ -253,7 +253,7 @@ def config_keys() -> list[tuple[str, str, Any, str]]:
         if sec.name == "source":
             continue
         for f in dataclasses.fields(hints[sec.name]):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
             out.append((sec.name, f.name, default, f.metadata.get("doc", "")))
     return out
 
