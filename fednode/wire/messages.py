@@ -81,6 +81,7 @@ class Heartbeat(Message):
     coordinator_node_id: str = ""  # who the sender follows in `term` ("" = nobody yet)
     last_round_number: int = 0  # highest round the sender has finished (0 = none)
     latest_merged_sha256: str = ""  # merged adapter the sender holds and serves
+    open_round_id: str = ""  # round the sender is working on ("" = none); peers sync what they lack
     version: int = PROTOCOL_VERSION
     sig: bytes = b""
 
@@ -88,6 +89,8 @@ class Heartbeat(Message):
         self._check_common()
         f.check_int(self, "term", 0, MAX_TERM)
         f.check_int(self, "seq", 0)
+        if self.open_round_id:
+            f.check_id(self, "open_round_id")
         f.check_bool(self, "federated_learning")
         f.check_peer_id(self, "coordinator_node_id", allow_empty=True)
         f.check_int(self, "last_round_number", 0)
