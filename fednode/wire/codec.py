@@ -115,14 +115,16 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
         raise MessageDecodeError("malformed", f"not a single msgpack value: {exc.__class__.__name__}") from None
     if not isinstance(raw, dict):
         raise MessageDecodeError("malformed", "top level must be a map")
-    type_name = raw.pop("type", None)
-    if not isinstance(type_name, str) or type_name not in MESSAGE_TYPES:
-        raise MessageDecodeError("unknown_type", f"unknown message type {str(type_name)[:40]!r}")
+    # Version before type: a later version may add message types, and its senders must not be
+    # penalised (REJECT) by nodes that only know this one; they are IGNOREd instead.
     version = raw.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise MessageDecodeError("malformed", "version must be an integer")
     if version not in SUPPORTED_VERSIONS:
         raise MessageDecodeError("unsupported_version", f"version {str(version)[:20]} is not supported")
+    type_name = raw.pop("type", None)
+    if not isinstance(type_name, str) or type_name not in MESSAGE_TYPES:
+        raise MessageDecodeError("unknown_type", f"unknown message type {str(type_name)[:40]!r}")
     cls = MESSAGE_TYPES[type_name]
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     if set(raw) != names:

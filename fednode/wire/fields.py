@@ -59,6 +59,11 @@ def check_text(obj: Any, name: str, max_chars: int = MAX_TEXT_CHARS, *, allow_em
     value = get(obj, name)
     if not isinstance(value, str):
         raise InvalidMessage(name, f"expected a string, got {type(value).__name__}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: not encodable as a msgpack str
+            raise InvalidMessage(name, "must be valid Unicode (no lone surrogates)") from None
     if len(value) > max_chars:
         raise InvalidMessage(name, f"{len(value)} characters exceeds the limit of {max_chars}")
     if not value and not allow_empty:

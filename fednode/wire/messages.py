@@ -89,6 +89,7 @@ class Heartbeat(Message):
         self._check_common()
         f.check_int(self, "term", 0, MAX_TERM)
         f.check_int(self, "seq", 0)
+        f.check_text(self, "open_round_id", f.MAX_ID_CHARS)  # type first: a falsy 0 must not slip through
         if self.open_round_id:
             f.check_id(self, "open_round_id")
         f.check_bool(self, "federated_learning")
