@@ -1,0 +1,203 @@
+"""Durable node state in `state.sqlite` (stdlib sqlite3, WAL, synchronous=FULL).
+
+What a node must not lose across a crash: the members it has seen, every round it took part
+in (the signed manifest, state, outcome), every submission it accepted or rejected (with the
+signed announce, so a restarted coordinator re-validates nothing and counts nothing twice),
+and the deltas it trained itself (so a restarted participant re-announces instead of
+retraining). Blobs themselves live in the blob store; rows here reference them by sha256.
+Each method is one transaction, so a kill at any instant leaves either the old or the new row.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+    node_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    federated_learning INTEGER NOT NULL, term INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id TEXT PRIMARY KEY, round_number INTEGER NOT NULL, term INTEGER NOT NULL,
+    coordinator TEXT NOT NULL, manifest BLOB NOT NULL, state TEXT NOT NULL,
+    merged_sha256 TEXT NOT NULL DEFAULT '', outcome BLOB, record TEXT, updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rounds_by_number ON rounds (round_number);
+CREATE TABLE IF NOT EXISTS submissions (
+    round_id TEXT NOT NULL, node_id TEXT NOT NULL, announce BLOB NOT NULL, delta_sha256 TEXT NOT NULL,
+    num_samples INTEGER NOT NULL, status TEXT NOT NULL CHECK (status IN ('accepted', 'rejected')),
+    reason TEXT NOT NULL DEFAULT '', received_at REAL NOT NULL,
+    PRIMARY KEY (round_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS own_updates (
+    round_number INTEGER NOT NULL, start_adapter_sha256 TEXT NOT NULL, delta_sha256 TEXT NOT NULL,
+    num_samples INTEGER NOT NULL, train_loss REAL NOT NULL, metrics TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (round_number, start_adapter_sha256)
+);
+"""
+
+OPEN_STATES = ("collecting", "aggregating")
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRow:
+    round_id: str
+    round_number: int
+    term: int
+    coordinator: str
+    manifest: bytes
+    state: str
+    merged_sha256: str
+    outcome: bytes | None
+    record: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionRow:
+    round_id: str
+    node_id: str
+    announce: bytes
+    delta_sha256: str
+    num_samples: int
+    status: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class OwnUpdate:
+    round_number: int
+    start_adapter_sha256: str
+    delta_sha256: str
+    num_samples: int
+    train_loss: float
+    metrics: dict[str, Any]
+
+
+class StateDB:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        with self._tx() as c:
+            c.executescript(_SCHEMA)
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- members ---------------------------------------------------------------------------
+    def touch_member(self, node_id: str, now: float, *, federated_learning: bool, term: int) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO members VALUES (?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+                "last_seen = excluded.last_seen, federated_learning = excluded.federated_learning, "
+                "term = max(members.term, excluded.term)",
+                (node_id, now, now, int(federated_learning), term),
+            )
+
+    def members(self) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT node_id, first_seen, last_seen, federated_learning, term FROM members ORDER BY node_id")
+        return [dict(node_id=r[0], first_seen=r[1], last_seen=r[2], federated_learning=bool(r[3]), term=r[4])
+                for r in rows]
+
+    # -- meta ------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str = "") -> str:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                      (key, value))
+
+    # -- rounds ----------------------------------------------------------------------------
+    def put_round(self, *, round_id: str, round_number: int, term: int, coordinator: str, manifest: bytes,
+                  state: str, now: float) -> bool:
+        """Insert a round; False (and no change) if it is already known."""
+        with self._tx() as c:
+            cur = c.execute("INSERT OR IGNORE INTO rounds VALUES (?, ?, ?, ?, ?, ?, '', NULL, NULL, ?)",
+                            (round_id, round_number, term, coordinator, manifest, state, now))
+            return cur.rowcount == 1
+
+    def set_round_state(self, round_id: str, state: str, now: float) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE rounds SET state = ?, updated_at = ? WHERE round_id = ?", (state, now, round_id))
+
+    def finish_round(self, round_id: str, *, state: str, merged_sha256: str, outcome: bytes,
+                     record: dict[str, Any], now: float) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE rounds SET state = ?, merged_sha256 = ?, outcome = ?, record = ?, updated_at = ? "
+                      "WHERE round_id = ?",
+                      (state, merged_sha256, outcome, json.dumps(record, sort_keys=True), now, round_id))
+
+    def get_round(self, round_id: str) -> RoundRow | None:
+        row = self._conn.execute("SELECT * FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
+        return _round_row(row) if row else None
+
+    def rounds(self, *, states: tuple[str, ...] | None = None) -> list[RoundRow]:
+        rows = self._conn.execute("SELECT * FROM rounds ORDER BY round_number, term, round_id").fetchall()
+        out = [_round_row(r) for r in rows]
+        return [r for r in out if states is None or r.state in states]
+
+    def latest_published(self) -> RoundRow | None:
+        row = self._conn.execute("SELECT * FROM rounds WHERE state = 'published' "
+                                 "ORDER BY round_number DESC, term DESC LIMIT 1").fetchone()
+        return _round_row(row) if row else None
+
+    # -- submissions -----------------------------------------------------------------------
+    def add_submission(self, *, round_id: str, node_id: str, announce: bytes, delta_sha256: str,
+                       num_samples: int, status: str, reason: str, now: float) -> bool:
+        """Record a verdict on a submission; the first verdict for (round, node) wins. True if new."""
+        with self._tx() as c:
+            cur = c.execute("INSERT OR IGNORE INTO submissions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (round_id, node_id, announce, delta_sha256, num_samples, status, reason, now))
+            return cur.rowcount == 1
+
+    def submissions(self, round_id: str, status: str | None = None) -> list[SubmissionRow]:
+        rows = self._conn.execute(
+            "SELECT round_id, node_id, announce, delta_sha256, num_samples, status, reason FROM submissions "
+            "WHERE round_id = ? ORDER BY node_id", (round_id,)).fetchall()
+        return [SubmissionRow(*r) for r in rows if status is None or r[5] == status]
+
+    # -- own trained updates ---------------------------------------------------------------
+    def put_own_update(self, update: OwnUpdate) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO own_updates VALUES (?, ?, ?, ?, ?, ?)",
+                      (update.round_number, update.start_adapter_sha256, update.delta_sha256, update.num_samples,
+                       update.train_loss, json.dumps(update.metrics, sort_keys=True)))
+
+    def get_own_update(self, round_number: int, start_adapter_sha256: str) -> OwnUpdate | None:
+        row = self._conn.execute("SELECT * FROM own_updates WHERE round_number = ? AND start_adapter_sha256 = ?",
+                                 (round_number, start_adapter_sha256)).fetchone()
+        if row is None:
+            return None
+        return OwnUpdate(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+
+
+def _round_row(row: tuple[Any, ...]) -> RoundRow:
+    return RoundRow(round_id=row[0], round_number=row[1], term=row[2], coordinator=row[3], manifest=bytes(row[4]),
+                    state=row[5], merged_sha256=row[6], outcome=bytes(row[7]) if row[7] is not None else None,
+                    record=json.loads(row[8]) if row[8] else None)
