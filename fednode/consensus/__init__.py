@@ -1,0 +1,51 @@
+"""Pure consensus layer: the round state machine and the coordinator election.
+
+Sans-IO like the wire layer: no trio, libp2p or torch imports (tests/consensus checks it in a
+subprocess). A driver (the daemon's round driver, or `fednode.coordinator`) feeds events that
+carry the clock value and performs the effects it gets back:
+
+    state = RoundState(manifest, node_id=me)            # role from the manifest's signer
+    out = state.handle(SubmissionReceived(announce, now))
+    out.validation                                       # ACCEPT / IGNORE / REJECT with a reason
+    for effect in out.effects: ...                       # StartAggregation, PublishFailure, ...
+    state.next_timer()                                   # feed Tick(now) then
+
+    election = ElectionState(me, ElectionConfig(), now=now)
+    out = election.handle(HeartbeatSeen(hb, now))        # or ClaimSeen / Tick
+    # effects: PublishClaim(term), CoordinatorChanged(...) -> pass it to each open RoundState.handle
+"""
+
+from fednode.consensus.common import CoordinatorChanged, Effect, Outcome, Tick
+from fednode.consensus.election import (
+    ClaimSeen,
+    ElectionConfig,
+    ElectionState,
+    HeartbeatSeen,
+    PublishClaim,
+    rank,
+)
+from fednode.consensus.round_events import (
+    AggregateSeen,
+    AggregationDone,
+    AggregationFailed,
+    CloseSubmissions,
+    ContributionRejected,
+    FailureSeen,
+    InstallAdapter,
+    ManifestSeen,
+    PublishAggregate,
+    PublishFailure,
+    Reannounce,
+    StartAggregation,
+    SubmissionReceived,
+    TrainAndSubmit,
+)
+from fednode.consensus.round_state import TRANSITIONS, Phase, Rejection, Role, RoundState, RoundStatistics, Trigger
+
+__all__ = [
+    "TRANSITIONS", "AggregateSeen", "AggregationDone", "AggregationFailed", "ClaimSeen", "CloseSubmissions",
+    "ContributionRejected", "CoordinatorChanged", "Effect", "ElectionConfig", "ElectionState",
+    "FailureSeen", "HeartbeatSeen", "InstallAdapter", "ManifestSeen", "Outcome", "Phase", "PublishAggregate",
+    "PublishClaim", "PublishFailure", "Reannounce", "Rejection", "Role", "RoundState", "RoundStatistics",
+    "StartAggregation", "SubmissionReceived", "Tick", "TrainAndSubmit", "Trigger", "rank",
+]

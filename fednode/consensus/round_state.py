@@ -1,0 +1,436 @@
+"""The round state machine, as data (h11's `_state.py` manner).
+
+Theory of operation
+-------------------
+One `RoundState` per round per node. Coordinator and participant run the *same* machine; the
+role is a value (`Role.COORDINATOR` / `Role.PARTICIPANT`) that selects a row of `TRANSITIONS`, and
+it may change mid-round when the election hands the round to another node (`CoordinatorChanged`).
+
+    MANIFEST_PUBLISHED --ManifestSeen--> COLLECTING --(deadline, >= min | max reached)--> AGGREGATING
+            |                               |                                               |
+            +------(deadline, < min)--------+----------------> FAILED <--AggregationFailed--+
+                                                                                            |
+                                                  PUBLISHED <--AggregationDone / AggregateSeen
+
+Every event carries the clock value `now`. Before an event is applied, the machine lets time
+pass: if the deadline (from the manifest) has come, or max_participants submissions are
+accepted, it fires an internal `Trigger` through the same table. So a submission that arrives
+at `now >= deadline` finds the round already closed and is IGNOREd as late, whatever order the
+driver feeds ticks in.
+
+Both roles judge submissions with the same rules (so a participant that becomes coordinator
+already holds the accepted set): ACCEPT while open and below max_participants; a duplicate is
+idempotent (same verdict again, counted once); the same participant announcing a *different*
+delta is REJECTed (equivocation; the first stays); late, full, wrong round or community are
+IGNOREd with a reason. Participants never declare a round failed on their own view: at the
+deadline they wait in AGGREGATING for the coordinator's AggregateAnnounce or RoundFailed.
+
+Messages from the network are legal in every state (they are answered with a verdict); local
+events (`AggregationDone`, `AggregationFailed`, `CloseSubmissions`, `ContributionRejected`) in a
+state whose row lacks them raise `LocalProtocolError`: the driver has a bug.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fednode.consensus.common import Effect, Outcome, Tick
+from fednode.consensus.round_events import (
+    AggregateSeen,
+    AggregationDone,
+    AggregationFailed,
+    CloseSubmissions,
+    ContributionRejected,
+    CoordinatorChanged,
+    FailureSeen,
+    InstallAdapter,
+    ManifestSeen,
+    PublishAggregate,
+    PublishFailure,
+    Reannounce,
+    RoundEvent,
+    StartAggregation,
+    SubmissionReceived,
+    TrainAndSubmit,
+)
+from fednode.errors import LocalProtocolError
+from fednode.wire import codec
+from fednode.wire.messages import (
+    AggregateAnnounce,
+    Contribution,
+    RoundFailed,
+    RoundManifest,
+    SubmissionAnnounce,
+)
+from fednode.wire.verdict import ACCEPTED, Validation, Verdict
+
+DEFAULT_MAX_RECORDED_REJECTIONS = 1024  # rejected/ignored submissions kept for the round record
+SNAPSHOT_VERSION = 1
+
+
+class Role(enum.Enum):
+    COORDINATOR = "coordinator"
+    PARTICIPANT = "participant"
+
+
+class Phase(enum.Enum):
+    MANIFEST_PUBLISHED = "manifest_published"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    PUBLISHED = "published"
+    FAILED = "failed"
+
+
+class Trigger(enum.Enum):
+    """Internal events the machine derives from the clock and its counters."""
+
+    FULL = "full"  # max_participants accepted: aggregate early
+    DEADLINE_MET = "deadline_met"  # deadline reached with >= min_participants accepted
+    DEADLINE_MISSED = "deadline_missed"  # deadline reached with fewer
+
+
+TERMINAL = frozenset({Phase.PUBLISHED, Phase.FAILED})
+EventKey = type | Trigger
+MP, CO, AG, PU, FA = Phase.MANIFEST_PUBLISHED, Phase.COLLECTING, Phase.AGGREGATING, Phase.PUBLISHED, Phase.FAILED
+
+# Remote messages and the clock: legal everywhere; in a terminal state they change nothing.
+_ALWAYS: tuple[EventKey, ...] = (Tick, ManifestSeen, SubmissionReceived, AggregateSeen, FailureSeen, CoordinatorChanged)
+
+
+def _row(state: Phase, extra: Mapping[EventKey, Phase]) -> dict[EventKey, Phase]:
+    row: dict[EventKey, Phase] = {key: state for key in _ALWAYS}
+    row.update(extra)
+    return row
+
+
+TRANSITIONS: dict[Role, dict[Phase, dict[EventKey, Phase]]] = {
+    Role.COORDINATOR: {
+        MP: _row(MP, {ManifestSeen: CO, CloseSubmissions: AG, ContributionRejected: MP,
+                      Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: FA}),
+        CO: _row(CO, {CloseSubmissions: AG, ContributionRejected: CO,
+                      Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: FA}),
+        # DEADLINE_MET / MISSED fire here only for a coordinator that inherited the round mid-aggregation.
+        AG: _row(AG, {AggregationDone: PU, AggregationFailed: FA, ContributionRejected: AG,
+                      Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: FA}),
+        PU: _row(PU, {}),
+        FA: _row(FA, {}),
+    },
+    Role.PARTICIPANT: {
+        MP: _row(MP, {ManifestSeen: CO, AggregateSeen: PU, FailureSeen: FA,
+                      Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: AG}),
+        CO: _row(CO, {AggregateSeen: PU, FailureSeen: FA,
+                      Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: AG}),
+        AG: _row(AG, {AggregateSeen: PU, FailureSeen: FA}),
+        PU: _row(PU, {}),
+        FA: _row(FA, {}),
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RoundStatistics:
+    phase: Phase
+    role: Role
+    accepted: int
+    total_samples: int
+    rejected_by_reason: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    node_id: str
+    reason: str
+    detail: str
+    delta_sha256: str = ""
+
+
+class RoundState:
+    """One round, sans-IO. Feed `handle(event)`; do what `Outcome.effects` say; call `handle(Tick(now))`
+    when `next_timer()` is due. `node_id` is this node; the manifest's signer is the first coordinator."""
+
+    def __init__(self, manifest: RoundManifest, *, node_id: str, role: Role | None = None,
+                 max_recorded_rejections: int = DEFAULT_MAX_RECORDED_REJECTIONS) -> None:
+        self.manifest = manifest
+        self.node_id = node_id
+        self.coordinator_node_id = manifest.coordinator_node_id
+        self.term = manifest.term
+        self.role = role or (Role.COORDINATOR if node_id == manifest.coordinator_node_id else Role.PARTICIPANT)
+        self.phase = Phase.MANIFEST_PUBLISHED
+        self.max_recorded_rejections = max_recorded_rejections
+        self.accepted: dict[str, SubmissionAnnounce] = {}
+        self.rejections: list[Rejection] = []
+        self.rejected_by_reason: dict[str, int] = {}
+        self.excluded: dict[str, Validation] = {}  # accepted, then dropped by ContributionRejected
+        self.own_submission: SubmissionAnnounce | None = None
+        self.aggregation_started = False
+        self.merged_sha256 = ""
+        self.merged_size = 0
+        self.failure_reason = ""
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def round_id(self) -> str:
+        return self.manifest.round_id
+
+    @property
+    def deadline(self) -> float:
+        return self.manifest.deadline
+
+    @property
+    def is_open(self) -> bool:
+        return self.phase in (Phase.MANIFEST_PUBLISHED, Phase.COLLECTING)
+
+    def next_timer(self) -> float | None:
+        """When the driver must feed a Tick (None: no timer pending)."""
+        return self.deadline if self.is_open else None
+
+    def contributions(self) -> tuple[Contribution, ...]:
+        """Accepted submissions, sorted by node id (the aggregation order, fixed so that every
+        node computes bit-identical merged adapters)."""
+        return tuple(Contribution(a.participant_node_id, a.delta_sha256, a.num_samples)
+                     for _, a in sorted(self.accepted.items()))
+
+    def weights(self) -> dict[str, float]:
+        total = sum(a.num_samples for a in self.accepted.values())
+        return {n: a.num_samples / total for n, a in sorted(self.accepted.items())} if total else {}
+
+    def statistics(self) -> RoundStatistics:
+        return RoundStatistics(self.phase, self.role, len(self.accepted),
+                               sum(a.num_samples for a in self.accepted.values()), dict(self.rejected_by_reason))
+
+    # -- the one entry point -------------------------------------------------------------------
+    def handle(self, event: RoundEvent) -> Outcome:
+        effects: list[Effect] = []
+        self._advance_clock(event.now, effects)
+        validation = self._apply(event, effects)
+        self._advance_clock(event.now, effects)  # e.g. the submission that filled the round
+        return Outcome(validation, tuple(effects))
+
+    def _transition(self, key: EventKey) -> Phase:
+        try:
+            return TRANSITIONS[self.role][self.phase][key]
+        except KeyError:
+            name = key.name if isinstance(key, Trigger) else key.__name__
+            raise LocalProtocolError(
+                f"round {self.round_id}: {name} is illegal for a {self.role.value} in state {self.phase.value}"
+            ) from None
+
+    def _trigger(self, now: float) -> Trigger | None:
+        n = len(self.accepted)
+        if self.is_open:
+            if n >= self.manifest.max_participants:
+                return Trigger.FULL
+            if now >= self.deadline:
+                return Trigger.DEADLINE_MET if n >= self.manifest.min_participants else Trigger.DEADLINE_MISSED
+        elif self.phase is Phase.AGGREGATING and self.role is Role.COORDINATOR and not self.aggregation_started:
+            return Trigger.DEADLINE_MET if n >= self.manifest.min_participants else Trigger.DEADLINE_MISSED
+        return None
+
+    def _advance_clock(self, now: float, effects: list[Effect]) -> None:
+        trigger = self._trigger(now)
+        if trigger is None:
+            return
+        self.phase = self._transition(trigger)
+        if self.role is Role.COORDINATOR:
+            if self.phase is Phase.AGGREGATING:
+                effects.append(self._start_aggregation())
+            elif self.phase is Phase.FAILED:
+                n, need = len(self.accepted), self.manifest.min_participants
+                effects.append(self._fail(f"deadline passed with {n} accepted submissions, fewer than "
+                                          f"min_participants={need}", now))
+
+    def _start_aggregation(self) -> StartAggregation:
+        self.aggregation_started = True
+        return StartAggregation(self.round_id, self.manifest.aggregation, self.contributions(),
+                                tuple(a for _, a in sorted(self.accepted.items())))
+
+    def _fail(self, reason: str, now: float) -> PublishFailure:
+        self.failure_reason = reason[:200]
+        return PublishFailure(RoundFailed(
+            community_id=self.manifest.community_id, round_id=self.round_id,
+            round_number=self.manifest.round_number, coordinator_node_id=self.node_id, term=self.term,
+            reason=self.failure_reason, failed_at=max(0.0, now),
+        ))
+
+    def _apply(self, event: RoundEvent, effects: list[Effect]) -> Validation:
+        if isinstance(event, Tick):
+            self._transition(Tick)
+            return ACCEPTED
+        if isinstance(event, SubmissionReceived):
+            self._transition(SubmissionReceived)
+            return self._judge(event.announce, event.now)
+        if isinstance(event, ManifestSeen):
+            return self._on_manifest(event, effects)
+        if isinstance(event, AggregateSeen | FailureSeen):
+            return self._on_verdict_message(event, effects)
+        if isinstance(event, CoordinatorChanged):
+            return self._on_coordinator_changed(event, effects)
+        if isinstance(event, CloseSubmissions):
+            self.phase = self._transition(CloseSubmissions)
+            if self.phase is Phase.AGGREGATING:
+                if len(self.accepted) < self.manifest.min_participants:
+                    raise LocalProtocolError(f"round {self.round_id}: cannot close with {len(self.accepted)} "
+                                             f"accepted, fewer than min_participants")
+                effects.append(self._start_aggregation())
+            return ACCEPTED
+        if isinstance(event, ContributionRejected):
+            return self._on_contribution_rejected(event, effects)
+        if isinstance(event, AggregationDone):
+            self.phase = self._transition(AggregationDone)
+            self.merged_sha256, self.merged_size = event.merged_sha256, event.merged_size
+            effects.append(PublishAggregate(AggregateAnnounce(
+                community_id=self.manifest.community_id, round_id=self.round_id,
+                round_number=self.manifest.round_number, coordinator_node_id=self.node_id, term=self.term,
+                merged_sha256=event.merged_sha256, merged_size=event.merged_size,
+                aggregation=self.manifest.aggregation, contributions=self.contributions(),
+                announced_at=max(0.0, event.now),
+            )))
+            return ACCEPTED
+        if isinstance(event, AggregationFailed):
+            self.phase = self._transition(AggregationFailed)
+            effects.append(self._fail(event.reason, event.now))
+            return ACCEPTED
+        raise LocalProtocolError(f"round {self.round_id}: unknown event {type(event).__name__}")
+
+    # -- submissions ---------------------------------------------------------------------------
+    def _judge(self, a: SubmissionAnnounce, now: float) -> Validation:
+        m = self.manifest
+        if a.round_id != m.round_id:
+            return self._record(a, Validation(Verdict.IGNORE, "wrong_round", a.round_id[:64]))
+        if a.community_id != m.community_id:
+            return self._record(a, Validation(Verdict.IGNORE, "wrong_community", a.community_id[:64]))
+        if a.participant_node_id in self.excluded:
+            return self.excluded[a.participant_node_id]
+        known = self.accepted.get(a.participant_node_id)
+        if known is not None:
+            if (known.delta_sha256, known.delta_size, known.num_samples) == (a.delta_sha256, a.delta_size,
+                                                                              a.num_samples):
+                return Validation(Verdict.ACCEPT, "duplicate", "already accepted; counted once")
+            return self._record(a, Validation(Verdict.REJECT, "equivocation",
+                                              f"second, different delta; keeping {known.delta_sha256}"))
+        if not self.is_open:  # closed by the clock, by max_participants, or by CloseSubmissions
+            if now >= self.deadline:
+                v = Validation(Verdict.IGNORE, "late", f"arrived {now - self.deadline:.3f} s after the deadline")
+            elif len(self.accepted) >= m.max_participants:
+                v = Validation(Verdict.IGNORE, "full", f"max_participants={m.max_participants} already accepted")
+            else:
+                v = Validation(Verdict.IGNORE, "closed", f"round is {self.phase.value}")
+            return self._record(a, v)
+        self.accepted[a.participant_node_id] = a
+        if a.participant_node_id == self.node_id:
+            self.own_submission = a
+        return ACCEPTED
+
+    def _record(self, a: SubmissionAnnounce, v: Validation) -> Validation:
+        self.rejected_by_reason[v.reason] = self.rejected_by_reason.get(v.reason, 0) + 1
+        if len(self.rejections) < self.max_recorded_rejections:
+            self.rejections.append(Rejection(a.participant_node_id, v.reason, v.detail, a.delta_sha256))
+        return v
+
+    def _on_contribution_rejected(self, event: ContributionRejected, effects: list[Effect]) -> Validation:
+        self.phase = self._transition(ContributionRejected)
+        a = self.accepted.pop(event.node_id, None)
+        if a is None:
+            raise LocalProtocolError(f"round {self.round_id}: {event.node_id} has no accepted submission")
+        v = self._record(a, Validation(Verdict.REJECT, event.reason, event.detail))
+        self.excluded[event.node_id] = v
+        if self.phase is Phase.AGGREGATING and self.role is Role.COORDINATOR:
+            self.aggregation_started = False  # re-plan with what is left: aggregate again or fail
+        return ACCEPTED
+
+    # -- messages from the coordinator ---------------------------------------------------------
+    def _on_manifest(self, event: ManifestSeen, effects: list[Effect]) -> Validation:
+        if event.manifest is not None and codec.encode(event.manifest) != codec.encode(self.manifest):
+            return Validation(Verdict.IGNORE, "wrong_round", "a different manifest")
+        before = self.phase
+        self.phase = self._transition(ManifestSeen)
+        if before is Phase.MANIFEST_PUBLISHED and self.phase is Phase.COLLECTING and self.role is Role.PARTICIPANT:
+            effects.append(TrainAndSubmit(self.manifest))
+        return ACCEPTED
+
+    def _on_verdict_message(self, event: AggregateSeen | FailureSeen, effects: list[Effect]) -> Validation:
+        msg = event.announce if isinstance(event, AggregateSeen) else event.failure
+        if msg.round_id != self.round_id:
+            return Validation(Verdict.IGNORE, "wrong_round", msg.round_id[:64])
+        if msg.coordinator_node_id != self.coordinator_node_id or msg.term < self.term:
+            return Validation(Verdict.IGNORE, "not_coordinator", f"{msg.coordinator_node_id} term {msg.term}")
+        before = self.phase
+        self.phase = self._transition(type(event))
+        if before is self.phase:
+            return Validation(Verdict.IGNORE, "round_closed", f"round is {self.phase.value}")
+        if isinstance(event, AggregateSeen):
+            self.merged_sha256, self.merged_size = event.announce.merged_sha256, event.announce.merged_size
+            effects.append(InstallAdapter(self.round_id, self.merged_sha256, self.merged_size))
+        else:
+            self.failure_reason = event.failure.reason
+        return ACCEPTED
+
+    def _on_coordinator_changed(self, event: CoordinatorChanged, effects: list[Effect]) -> Validation:
+        self._transition(CoordinatorChanged)
+        if event.term < self.term:
+            return Validation(Verdict.IGNORE, "stale_term", f"term {event.term} < {self.term}")
+        if self.phase in TERMINAL:
+            return Validation(Verdict.IGNORE, "round_closed", f"round is {self.phase.value}")
+        self.term, self.coordinator_node_id = event.term, event.coordinator_node_id
+        new_role = Role.COORDINATOR if event.coordinator_node_id == self.node_id else Role.PARTICIPANT
+        if new_role is not self.role:
+            self.role = new_role
+            self.aggregation_started = False
+        if self.role is Role.PARTICIPANT and self.own_submission is not None:
+            effects.append(Reannounce(self.own_submission))
+        return ACCEPTED
+
+    # -- persistence ---------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data (JSON-able): signed messages as hex of their canonical bytes."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "node_id": self.node_id,
+            "role": self.role.value,
+            "phase": self.phase.value,
+            "term": self.term,
+            "coordinator_node_id": self.coordinator_node_id,
+            "manifest": codec.encode(self.manifest).hex(),
+            "accepted": [codec.encode(a).hex() for _, a in sorted(self.accepted.items())],
+            "excluded": {n: [v.verdict.value, v.reason, v.detail] for n, v in sorted(self.excluded.items())},
+            "own_submission": codec.encode(self.own_submission).hex() if self.own_submission else "",
+            "rejections": [[r.node_id, r.reason, r.detail, r.delta_sha256] for r in self.rejections],
+            "rejected_by_reason": dict(self.rejected_by_reason),
+            "aggregation_started": self.aggregation_started,
+            "merged_sha256": self.merged_sha256,
+            "merged_size": self.merged_size,
+            "failure_reason": self.failure_reason,
+        }
+
+    @classmethod
+    def restore(cls, data: Mapping[str, Any], *,
+                max_recorded_rejections: int = DEFAULT_MAX_RECORDED_REJECTIONS) -> RoundState:
+        """Inverse of snapshot(). A restored coordinator that was AGGREGATING re-plans the aggregation
+        on its next event (the work in flight died with the process)."""
+        if data.get("version") != SNAPSHOT_VERSION:
+            raise LocalProtocolError(f"round snapshot version {data.get('version')!r} is not {SNAPSHOT_VERSION}")
+        manifest = codec.decode(bytes.fromhex(data["manifest"]))
+        if not isinstance(manifest, RoundManifest):
+            raise LocalProtocolError("round snapshot: manifest is not a RoundManifest")
+        state = cls(manifest, node_id=data["node_id"], role=Role(data["role"]),
+                    max_recorded_rejections=max_recorded_rejections)
+        state.phase = Phase(data["phase"])
+        state.term, state.coordinator_node_id = int(data["term"]), str(data["coordinator_node_id"])
+        for hexed in data["accepted"]:
+            a = codec.decode(bytes.fromhex(hexed))
+            if not isinstance(a, SubmissionAnnounce):
+                raise LocalProtocolError("round snapshot: accepted entry is not a SubmissionAnnounce")
+            state.accepted[a.participant_node_id] = a
+        state.excluded = {n: Validation(Verdict(v), r, d) for n, (v, r, d) in data["excluded"].items()}
+        if data["own_submission"]:
+            own = codec.decode(bytes.fromhex(data["own_submission"]))
+            state.own_submission = own if isinstance(own, SubmissionAnnounce) else None
+        state.rejections = [Rejection(*r) for r in data["rejections"]][:max_recorded_rejections]
+        state.rejected_by_reason = {str(k): int(v) for k, v in data["rejected_by_reason"].items()}
+        state.aggregation_started = bool(data["aggregation_started"]) and state.phase is not Phase.AGGREGATING
+        state.merged_sha256, state.merged_size = str(data["merged_sha256"]), int(data["merged_size"])
+        state.failure_reason = str(data["failure_reason"])
+        return state

@@ -1,0 +1,218 @@
+"""The round state machine: table, verdicts, timers (on trio's virtual clock), snapshots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import trio
+
+from fednode.consensus import (
+    TRANSITIONS,
+    AggregateSeen,
+    AggregationDone,
+    AggregationFailed,
+    CloseSubmissions,
+    ContributionRejected,
+    CoordinatorChanged,
+    InstallAdapter,
+    ManifestSeen,
+    Phase,
+    PublishAggregate,
+    PublishFailure,
+    Reannounce,
+    Role,
+    RoundState,
+    StartAggregation,
+    SubmissionReceived,
+    Tick,
+    TrainAndSubmit,
+)
+from fednode.errors import LocalProtocolError
+from fednode.wire import AggregateAnnounce, Verdict, codec
+
+from .helpers import EPOCH, announce, identity, manifest
+
+COORD, P1, P2, P3 = (identity(i) for i in range(4))
+
+
+def started(role_holder=COORD, **kwargs: object) -> RoundState:
+    state = RoundState(manifest(COORD, **kwargs), node_id=role_holder.node_id)
+    state.handle(ManifestSeen(EPOCH))
+    return state
+
+
+def test_table_covers_every_state_for_both_roles() -> None:
+    for role in Role:
+        assert set(TRANSITIONS[role]) == set(Phase)
+        for row in TRANSITIONS[role].values():
+            assert set(row.values()) <= set(Phase)
+    # terminal states have no way out
+    for role in Role:
+        for phase in (Phase.PUBLISHED, Phase.FAILED):
+            assert set(TRANSITIONS[role][phase].values()) == {phase}
+
+
+def test_role_is_data_from_the_manifest_signer() -> None:
+    m = manifest(COORD)
+    assert RoundState(m, node_id=COORD.node_id).role is Role.COORDINATOR
+    assert RoundState(m, node_id=P1.node_id).role is Role.PARTICIPANT
+
+
+def test_participant_trains_on_manifest_and_installs_the_aggregate() -> None:
+    state = RoundState(manifest(COORD), node_id=P1.node_id)
+    out = state.handle(ManifestSeen(EPOCH + 1))
+    assert state.phase is Phase.COLLECTING and out.effects == (TrainAndSubmit(state.manifest),)
+    assert state.handle(ManifestSeen(EPOCH + 2)).effects == ()  # idempotent
+    state.handle(SubmissionReceived(announce(P1, at=EPOCH + 3), EPOCH + 3))
+    agg = codec.sign(AggregateAnnounce(
+        community_id=state.manifest.community_id, round_id="round-1", round_number=1,
+        coordinator_node_id=COORD.node_id, term=0, merged_sha256="c" * 64, merged_size=7,
+        aggregation="fedavg", contributions=state.contributions(), announced_at=EPOCH + 4), COORD)
+    forged = AggregateAnnounce(**{**agg.__dict__, "coordinator_node_id": P2.node_id, "sig": b""})
+    assert state.handle(AggregateSeen(forged, EPOCH + 4)).validation.reason == "not_coordinator"
+    out = state.handle(AggregateSeen(agg, EPOCH + 4))
+    assert state.phase is Phase.PUBLISHED and out.effects == (InstallAdapter("round-1", "c" * 64, 7),)
+    assert state.handle(AggregateSeen(agg, EPOCH + 5)).validation.reason == "round_closed"
+
+
+def test_submission_verdicts_duplicate_late_full_wrong_round_equivocation() -> None:
+    state = started(min_participants=1, max_participants=2)
+    first = announce(P1, at=EPOCH + 1)
+    assert state.handle(SubmissionReceived(first, EPOCH + 1)).validation.verdict is Verdict.ACCEPT
+    dup = state.handle(SubmissionReceived(first, EPOCH + 2)).validation
+    assert dup.verdict is Verdict.ACCEPT and dup.reason == "duplicate"
+    assert state.statistics().accepted == 1 and state.statistics().total_samples == 10  # counted once
+    other = state.handle(SubmissionReceived(announce(P1, payload=b"other"), EPOCH + 2)).validation
+    assert (other.verdict, other.reason) == (Verdict.REJECT, "equivocation")
+    wrong = state.handle(SubmissionReceived(announce(P2, round_id="round-9"), EPOCH + 2)).validation
+    assert (wrong.verdict, wrong.reason) == (Verdict.IGNORE, "wrong_round")
+    out = state.handle(SubmissionReceived(announce(P2), EPOCH + 3))  # fills the round: aggregate early
+    assert state.phase is Phase.AGGREGATING and isinstance(out.effects[0], StartAggregation)
+    assert [c.node_id for c in out.effects[0].contributions] == sorted([P1.node_id, P2.node_id])
+    full = state.handle(SubmissionReceived(announce(P3), EPOCH + 4)).validation
+    assert (full.verdict, full.reason) == (Verdict.IGNORE, "full")
+    late = state.handle(SubmissionReceived(announce(P3), EPOCH + 3600)).validation
+    assert (late.verdict, late.reason) == (Verdict.IGNORE, "late")
+    assert state.handle(SubmissionReceived(first, EPOCH + 3601)).validation.reason == "duplicate"
+    assert state.statistics().accepted == 2
+    assert {r.reason for r in state.rejections} == {"equivocation", "wrong_round", "full", "late"}
+
+
+def test_submission_at_exactly_the_deadline_is_late() -> None:
+    state = started(min_participants=1)
+    v = state.handle(SubmissionReceived(announce(P1), EPOCH + 3600.0)).validation
+    assert (v.verdict, v.reason) == (Verdict.IGNORE, "late")
+    assert state.phase is Phase.FAILED  # the clock moved first: nothing accepted by the deadline
+
+
+def test_illegal_local_events_raise_local_protocol_error() -> None:
+    state = started()
+    with pytest.raises(LocalProtocolError):
+        state.handle(AggregationDone("a" * 64, 1, EPOCH + 1))
+    participant = RoundState(manifest(COORD), node_id=P1.node_id)
+    with pytest.raises(LocalProtocolError):
+        participant.handle(CloseSubmissions(EPOCH + 1))
+    with pytest.raises(LocalProtocolError):  # below min_participants
+        state.handle(CloseSubmissions(EPOCH + 1))
+    with pytest.raises(LocalProtocolError):
+        state.handle(ContributionRejected(P1.node_id, "blob_unavailable", EPOCH + 1))
+
+
+def test_aggregation_done_publishes_an_aggregate_with_the_accepted_set() -> None:
+    state = started()
+    for who in (P2, P1):
+        state.handle(SubmissionReceived(announce(who, num_samples=3 if who is P1 else 1), EPOCH + 1))
+    out = state.handle(CloseSubmissions(EPOCH + 2))
+    assert isinstance(out.effects[0], StartAggregation)
+    assert state.weights() == {P1.node_id: 0.75, P2.node_id: 0.25}
+    out = state.handle(AggregationDone("d" * 64, 99, EPOCH + 3))
+    (effect,) = out.effects
+    assert isinstance(effect, PublishAggregate) and state.phase is Phase.PUBLISHED
+    assert codec.decode(codec.encode(codec.sign(effect.announce, COORD))) == codec.sign(effect.announce, COORD)
+    assert {c.node_id: c.num_samples for c in effect.announce.contributions} == {P1.node_id: 3, P2.node_id: 1}
+
+
+def test_rejected_contribution_replans_or_fails() -> None:
+    state = started(min_participants=2, max_participants=3)
+    for who in (P1, P2, P3):
+        state.handle(SubmissionReceived(announce(who), EPOCH + 1))
+    assert state.phase is Phase.AGGREGATING
+    out = state.handle(ContributionRejected(P3.node_id, "invalid_update", EPOCH + 2, "norm"))
+    assert isinstance(out.effects[0], StartAggregation) and len(out.effects[0].contributions) == 2
+    assert state.handle(SubmissionReceived(announce(P3), EPOCH + 3)).validation.reason == "invalid_update"
+    out = state.handle(ContributionRejected(P2.node_id, "blob_unavailable", EPOCH + 3))
+    assert state.phase is Phase.FAILED and isinstance(out.effects[0], PublishFailure)
+    with pytest.raises(LocalProtocolError):
+        state.handle(AggregationFailed("x", EPOCH + 4))
+
+
+def test_new_coordinator_continues_the_round_with_what_it_accepted() -> None:
+    state = RoundState(manifest(COORD, min_participants=2), node_id=P1.node_id)
+    state.handle(ManifestSeen(EPOCH))
+    mine = announce(P1)
+    state.handle(SubmissionReceived(mine, EPOCH + 1))
+    state.handle(SubmissionReceived(announce(P2), EPOCH + 2))
+    assert state.handle(Tick(EPOCH + 3600)).effects == () and state.phase is Phase.AGGREGATING  # waits
+    out = state.handle(CoordinatorChanged(1, P1.node_id, EPOCH + 3601))
+    assert state.role is Role.COORDINATOR and isinstance(out.effects[0], StartAggregation)
+    assert len(out.effects[0].contributions) == 2
+    other = RoundState(manifest(COORD), node_id=P2.node_id)
+    other.handle(ManifestSeen(EPOCH))
+    other.handle(SubmissionReceived(announce(P2), EPOCH + 1))
+    assert other.handle(CoordinatorChanged(1, P1.node_id, EPOCH + 5)).effects == (Reannounce(announce(P2)),)
+    assert other.handle(CoordinatorChanged(0, COORD.node_id, EPOCH + 6)).validation.reason == "stale_term"
+
+
+def test_snapshot_is_plain_data_and_restores() -> None:
+    state = started(min_participants=2)
+    state.handle(SubmissionReceived(announce(P1), EPOCH + 1))
+    state.handle(SubmissionReceived(announce(P1, payload=b"x"), EPOCH + 1))
+    data = json.loads(json.dumps(state.snapshot()))
+    back = RoundState.restore(data)
+    assert back.snapshot() == state.snapshot()
+    assert back.handle(SubmissionReceived(announce(P1), EPOCH + 2)).validation.reason == "duplicate"
+    out = back.handle(SubmissionReceived(announce(P2), EPOCH + 2))
+    assert back.phase is Phase.COLLECTING and out.effects == ()
+    assert isinstance(back.handle(CloseSubmissions(EPOCH + 3)).effects[0], StartAggregation)
+    # a coordinator restored mid-aggregation re-plans: the work in flight died with the process
+    again = RoundState.restore(back.snapshot())
+    assert isinstance(again.handle(Tick(EPOCH + 4)).effects[0], StartAggregation)
+
+
+async def drive(state: RoundState, origin: float) -> list[tuple[float, object]]:
+    """A minimal driver: sleep until the state's timer, feed a Tick, log effects with the virtual time."""
+    log: list[tuple[float, object]] = []
+    while (when := state.next_timer()) is not None:
+        await trio.sleep_until(origin + (when - EPOCH))
+        for effect in state.handle(Tick(EPOCH + (trio.current_time() - origin))).effects:
+            log.append((trio.current_time() - origin, effect))
+    return log
+
+
+async def test_round_fails_at_exactly_its_deadline_on_the_virtual_clock(autojump_clock: trio.abc.Clock) -> None:
+    origin = trio.current_time()
+    state = started(round_timeout_seconds=3600.0, min_participants=2)
+    state.handle(SubmissionReceived(announce(P1), EPOCH + 10))
+    log = await drive(state, origin)
+    assert state.phase is Phase.FAILED
+    ((when, effect),) = log
+    assert when == 3600.0 and trio.current_time() - origin == 3600.0
+    assert isinstance(effect, PublishFailure) and "min_participants=2" in effect.reason
+    assert effect.failure.failed_at == EPOCH + 3600.0
+
+
+async def test_round_aggregates_at_its_deadline_with_enough(autojump_clock: trio.abc.Clock) -> None:
+    origin = trio.current_time()
+    state = started(round_timeout_seconds=600.0, min_participants=2)
+    async with trio.open_nursery() as nursery:
+        async def submit(who: object, delay: float) -> None:
+            await trio.sleep(delay)
+            state.handle(SubmissionReceived(announce(who), EPOCH + trio.current_time() - origin))  # type: ignore[arg-type]
+        nursery.start_soon(submit, P1, 100.0)
+        nursery.start_soon(submit, P2, 599.0)
+        log = await drive(state, origin)
+    ((when, effect),) = log
+    assert when == 600.0 and isinstance(effect, StartAggregation) and len(effect.contributions) == 2
+    assert not math.isinf(when)
