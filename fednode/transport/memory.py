@@ -328,9 +328,10 @@ class MemoryTransport:
                 task_status.started()
                 await trio.sleep_forever()
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
         """Drop off the network at once, as a crashed process does (`MemoryNetwork.vanish`)."""
         self._halt("peer vanished")
+        await trio.lowlevel.checkpoint()
 
     def _halt(self, reason: str) -> None:
         """Leave the network: reset streams, end subscriptions, cancel our tasks."""

@@ -18,7 +18,7 @@ import pytest
 from fednode.transport.base import Transport
 from fednode.transport.testing import TransportKind, open_transports
 
-TRANSPORT_KINDS: list[TransportKind] = ["memory"]
+TRANSPORT_KINDS: list[TransportKind] = ["memory", "libp2p"]
 
 MakeTransports = Callable[..., AbstractAsyncContextManager[list[Transport]]]
 

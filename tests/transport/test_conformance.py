@@ -69,7 +69,12 @@ async def test_late_joiner_receives_later_messages(make_transports: MakeTranspor
         late = await nodes[2].subscribe(TOPIC)
         await wait_topic_peers(nodes, TOPIC)
         await nodes[0].publish(TOPIC, b"after")
-        assert (await next_message(late)).data == b"after"
+        # py-libp2p also replays its recent-message window to a new subscriber (the memory
+        # transport does not), so "before" may come first: later messages must arrive.
+        seen = [(await next_message(late)).data]
+        if seen[0] == b"before":
+            seen.append((await next_message(late)).data)
+        assert seen[-1] == b"after"
         assert (await next_message(early[1])).data == b"after"
 
 
@@ -132,7 +137,7 @@ async def test_vanished_peer_is_peer_unavailable(make_transports: MakeTransports
         with trio.fail_after(RECEIVE_TIMEOUT):
             await started.wait()
         b_id = b.local_peer_id
-        b.abort()  # type: ignore[attr-defined]
+        await b.abort()  # type: ignore[attr-defined]
         with trio.fail_after(RECEIVE_TIMEOUT), pytest.raises(PeerUnavailable):
             await stream.receive_some()
         await wait_until(lambda: b_id not in a.peers())

@@ -1,0 +1,177 @@
+"""Peer discovery and link upkeep for the libp2p transport (part of the libp2p adapter).
+
+Choice: a tiny peer-exchange protocol of our own, `/fednode/peers/1.0.0`, not gossipsub PX
+(py-libp2p 0.8.1 sends PX only on PRUNE, i.e. only once a mesh is over-full, so small
+communities would never learn of each other) and not Kademlia (heavy, and nothing else needs
+it). The dialler opens a stream and reads one msgpack array of at most `max_peers` entries
+`[peer_id, [multiaddr, ...]]` (at most 8 addresses each, 64 KiB in all); the server writes the
+peers it is connected to, with the addresses their identify exchange announced, then closes.
+
+Upkeep (`maintain_links`), every `interval` seconds: dial bootstrap addresses that are not
+connected, concurrently, each with exponential backoff (min..max) after a failure; ask one
+connected peer for its peers; while below `target_peers`, dial peers learned that way (same
+backoff). A dropped link to a bootstrap peer is therefore re-dialled with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgpack
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from fednode.transport.libp2p_host import protocol
+
+if TYPE_CHECKING:  # trio-typing's stubs shadow trio's own annotations under mypy
+    from trio_typing import TaskStatus
+
+PEER_EXCHANGE_PROTOCOL = protocol("/fednode/peers/1.0.0")
+MAX_ADDRS_PER_PEER = 8
+MAX_RESPONSE_BYTES = 64 * 1024
+
+logger = logging.getLogger("fednode.transport.libp2p")
+
+
+@dataclass(slots=True)
+class _Backoff:
+    failures: int = 0
+    not_before: float = 0.0
+
+    def failed(self, now: float, low: float, high: float) -> None:
+        self.failures += 1
+        delay = min(high, low * math.pow(2, self.failures - 1))
+        self.not_before = now + delay * random.uniform(0.8, 1.2)
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.not_before = 0.0
+
+
+@dataclass(slots=True)
+class DiscoveryState:
+    bootstrap: list[PeerInfo]
+    known: dict[ID, list[Multiaddr]] = field(default_factory=dict)
+    backoff: dict[ID, _Backoff] = field(default_factory=dict)
+    dials_ok: int = 0
+    dials_failed: int = 0
+
+
+def parse_bootstrap(addrs: list[str]) -> list[PeerInfo]:
+    """Multiaddrs with a /p2p/<peer id> suffix; ValueError names the bad one."""
+    infos = []
+    for addr in addrs:
+        try:
+            infos.append(info_from_p2p_addr(Multiaddr(addr)))
+        except Exception as exc:
+            raise ValueError(f"bootstrap address {addr!r} is not a multiaddr ending in /p2p/<peer id>") from exc
+    return infos
+
+
+def make_peer_exchange_handler(host: IHost, max_peers: int) -> Callable[[INetStream], Awaitable[None]]:
+    async def handle(stream: INetStream) -> None:
+        requester = stream.muxed_conn.peer_id
+        entries = []
+        for peer_id in list(host.get_network().connections):
+            if peer_id == requester:
+                continue
+            addrs = [str(a) for a in host.get_peerstore().addrs(peer_id)[:MAX_ADDRS_PER_PEER]]
+            if addrs:
+                entries.append([peer_id.to_base58(), addrs])
+            if len(entries) >= max_peers:
+                break
+        try:
+            await stream.write(msgpack.packb(entries))
+            await stream.close()
+        except Exception:
+            await stream.reset()
+
+    return handle
+
+
+async def ask_for_peers(host: IHost, peer_id: ID, max_peers: int, timeout: float) -> dict[ID, list[Multiaddr]]:
+    """One peer-exchange round trip; {} on any failure (bad answers are the peer's problem)."""
+    found: dict[ID, list[Multiaddr]] = {}
+    with trio.move_on_after(timeout):
+        try:
+            stream = await host.new_stream(peer_id, [PEER_EXCHANGE_PROTOCOL])
+            data = b""
+            while len(data) <= MAX_RESPONSE_BYTES:
+                try:
+                    chunk = await stream.read(MAX_RESPONSE_BYTES)
+                except Exception:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            await stream.close()
+            if len(data) > MAX_RESPONSE_BYTES:
+                return {}
+            entries = msgpack.unpackb(data)
+            for entry in entries[:max_peers]:
+                pid = ID.from_base58(entry[0])
+                found[pid] = [Multiaddr(a) for a in entry[1][:MAX_ADDRS_PER_PEER]]
+        except Exception as exc:
+            logger.debug("peer exchange with %s failed: %r", peer_id, exc)
+    return found
+
+
+async def maintain_links(
+    host: IHost,
+    state: DiscoveryState,
+    *,
+    interval: float,
+    dial_timeout: float,
+    backoff_min: float,
+    backoff_max: float,
+    target_peers: int,
+    peer_exchange: bool,
+    max_peers: int,
+    task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    me = host.get_id()
+
+    async def dial(info: PeerInfo) -> None:
+        backoff = state.backoff.setdefault(info.peer_id, _Backoff())
+        try:
+            with trio.fail_after(dial_timeout):
+                await host.connect(info)
+        except Exception as exc:
+            state.dials_failed += 1
+            backoff.failed(trio.current_time(), backoff_min, backoff_max)
+            logger.info("dial %s failed (%d in a row): %r", info.peer_id, backoff.failures, exc)
+        else:
+            state.dials_ok += 1
+            backoff.succeeded()
+
+    def due(peer_id: ID) -> bool:
+        b = state.backoff.get(peer_id)
+        return peer_id != me and peer_id not in host.get_network().connections and (
+            b is None or b.not_before <= trio.current_time())
+
+    first = True
+    while True:
+        connected = set(host.get_network().connections)
+        to_dial = [i for i in state.bootstrap if due(i.peer_id)]
+        if peer_exchange and connected and len(connected) < target_peers:
+            found = await ask_for_peers(host, random.choice(list(connected)), max_peers, dial_timeout)
+            state.known.update(found)
+            room = target_peers - len(connected) - len(to_dial)
+            extra = [PeerInfo(p, a) for p, a in state.known.items() if due(p) and p not in
+                     {i.peer_id for i in to_dial}]
+            to_dial += extra[:max(room, 0)]
+        async with trio.open_nursery() as nursery:
+            for info in to_dial:
+                nursery.start_soon(dial, info)
+        if first:
+            task_status.started()
+            first = False
+        await trio.sleep(interval)

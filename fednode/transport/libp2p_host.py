@@ -1,0 +1,158 @@
+"""Building and wiring a py-libp2p 0.8.1 host, pubsub and gossipsub the way fednode needs them.
+
+Part of the libp2p adapter (only `libp2p*.py` modules import libp2p). What this fixes about
+py-libp2p's defaults, each measured on 0.8.1:
+- security: Noise only; the default list also offers plaintext, TLS and secio.
+- muxer: Yamux only (Mplex is ~5x slower).
+- heartbeat 1 s instead of 120 s, so meshes form and heal quickly.
+- drops are counted, never silent: the per-peer outbound RPC queue (32 by default, drops logged
+  at DEBUG on a non-propagating logger) is raised and its rejects are counted; the spam filter
+  (10 msg/s per peer and topic, also on our own publishes, which then are delivered locally
+  but not forwarded) is raised and its rejects are counted; delivery to our subscriptions
+  bypasses pubsub's 32-slot channels (`notify_subscriptions` is replaced by ours).
+- the swarm's AutoConnector (dials every known peer while below 50 connections) is disabled.
+- the `libp2p` logger is made to propagate again (importing libp2p turns that off).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from libp2p import create_yamux_muxer_option, new_host
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import RpcQueue
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from fednode.identity import Identity
+from fednode.transport.subscription import GossipCounters
+
+logger = logging.getLogger("fednode.transport.libp2p")
+
+
+def key_pair_from_identity(identity: Identity) -> KeyPair:
+    """The node's Ed25519 key as a libp2p key pair: the same seed, so the same peer id."""
+    key_pair = create_new_key_pair(identity.seed)
+    peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+    if peer_id != identity.node_id:  # a mismatch would break every signature check
+        raise RuntimeError(f"libp2p peer id {peer_id} != node id {identity.node_id}")
+    return key_pair
+
+
+def make_host(identity: Identity) -> IHost:
+    key_pair = key_pair_from_identity(identity)
+    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt=create_yamux_muxer_option(),
+        enable_mDNS=False,
+        enable_upnp=False,
+    )
+    # The swarm's AutoConnector dials every peer in the peerstore while below 50 connections:
+    # it would turn a line into a mesh and dial peers nobody asked for. Our own upkeep
+    # (libp2p_discovery.maintain_links) decides whom to dial.
+    auto_connector: Any = getattr(host.get_network(), "auto_connector", None)
+    if auto_connector is not None:
+        async def no_auto_connect() -> None:
+            return None
+
+        auto_connector.maybe_connect = no_auto_connect
+    return host
+
+
+def make_gossipsub(
+    *,
+    degree: int,
+    degree_low: int,
+    degree_high: int,
+    heartbeat_interval: int,
+    max_messages_per_topic_per_second: float,
+) -> GossipSub:
+    return GossipSub(
+        protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+        degree=degree,
+        degree_low=degree_low,
+        degree_high=degree_high,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=heartbeat_interval,
+        max_messages_per_topic_per_second=max_messages_per_topic_per_second,
+        # PX peer records are optional in 0.8.1 and only sent on PRUNE: we run our own exchange.
+        do_px=False,
+        # Loopback tests run every peer from one IP: IP-diversity checks would starve the mesh.
+        eclipse_protection_enabled=False,
+    )
+
+
+def make_pubsub(host: IHost, router: GossipSub, *, max_rpc_size: int, seen_ttl: int) -> Pubsub:
+    # strict signing: interop with js-libp2p needs it (see DESIGN.md), our envelopes sign too
+    return Pubsub(host, router, strict_signing=True, max_inbound_rpc_size=max_rpc_size, seen_ttl=seen_ttl)
+
+
+class _CountingQueues(dict[ID, RpcQueue]):
+    """pubsub.peer_queues replacement: each new per-peer queue gets our size limit, and a
+    rejected push (queue full or closed) is counted and logged instead of vanishing."""
+
+    def __init__(self, counters: GossipCounters, max_size: int) -> None:
+        super().__init__()
+        self._counters = counters
+        self._max_size = max_size
+
+    def __setitem__(self, peer_id: ID, queue: RpcQueue) -> None:
+        queue._queue.max_size = self._max_size
+        push = queue.push
+        counters = self._counters
+
+        def counting_push(rpc: rpc_pb2.RPC, priority: bool = False) -> bool:
+            ok = push(rpc, priority)
+            if not ok and not queue.closed:
+                counters.count_drop("outbound queue to %s is full (%d messages)", peer_id, len(rpc.publish))
+            return ok
+
+        queue.push = counting_push  # type: ignore[method-assign]
+        super().__setitem__(peer_id, queue)
+
+
+def install_drop_counters(pubsub: Pubsub, router: GossipSub, counters: GossipCounters,
+                          *, outbound_queue_size: int) -> None:
+    pubsub.peer_queues = _CountingQueues(counters, outbound_queue_size)
+    check_spam = router._check_spam_protection
+
+    def counting_check_spam(peer_id: ID, msg: rpc_pb2.Message) -> bool:
+        ok = check_spam(peer_id, msg)
+        if not ok:
+            counters.count_drop("spam limit hit for %s on %s (not forwarded)", peer_id, list(msg.topicIDs))
+        return ok
+
+    router._check_spam_protection = counting_check_spam  # type: ignore[method-assign]
+
+
+def replace_delivery(pubsub: Pubsub, deliver: Callable[[rpc_pb2.Message], None]) -> None:
+    """Route validated, deduplicated messages to `deliver` instead of pubsub's 32-slot channels."""
+    pubsub.notify_subscriptions = deliver  # type: ignore[method-assign,assignment]
+
+
+def stop_pubsub_threads(pubsub: Pubsub) -> None:
+    """Each Pubsub's seen-message cache runs a sweeper thread that nothing else stops."""
+    seen: Any = pubsub.seen_messages
+    stop = getattr(seen, "stop", None)
+    if callable(stop):
+        stop()
+
+
+def restore_log_propagation() -> None:
+    logging.getLogger("libp2p").propagate = True
+
+
+def protocol(name: str) -> TProtocol:
+    return TProtocol(name)
