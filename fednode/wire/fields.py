@@ -45,6 +45,8 @@ def check_float(obj: Any, name: str, lo: float, hi: float, *, lo_open: bool = Fa
         raise InvalidMessage(name, f"expected a number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise InvalidMessage(name, f"must be finite, got {value}")
+    if value == 0.0 and math.copysign(1.0, value) < 0:  # one encoding per value: 0.0, never -0.0
+        raise InvalidMessage(name, "must not be negative zero")
     if value < lo or value > hi or (lo_open and value == lo):
         left = "(" if lo_open else "["
         raise InvalidMessage(name, f"{value} is out of range {left}{lo}, {hi}]")

@@ -98,6 +98,8 @@ BAD_FIELDS: list[tuple[type[Message], str, Any, str]] = [
     (SubmissionAnnounce, "delta_sha256", "g" * 64, "delta_sha256"),
     (SubmissionAnnounce, "delta_size", 0, "delta_size"),
     (SubmissionAnnounce, "train_loss", -0.5, "train_loss"),
+    (SubmissionAnnounce, "train_loss", -0.0, "train_loss"),
+    (SubmissionAnnounce, "submitted_at", -0.0, "submitted_at"),
     (SubmissionAnnounce, "participant_node_id", "0OIl" * 13, "participant_node_id"),
     (Heartbeat, "seq", -1, "seq"),
     (Heartbeat, "federated_learning", 1, "federated_learning"),
