@@ -98,7 +98,10 @@ async def open_transports(
             for a, b in edges:
                 net.link(transports[a].local_peer_id, transports[b].local_peer_id)
         elif kind == "libp2p":
-            from fednode.transport.libp2p import open_libp2p_transport
+            from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
+
+            # Keep the topology as asked: peer exchange would let C meet A in a line A-B-C.
+            options.setdefault("limits", Libp2pLimits(peer_exchange=False))
 
             addrs: list[str] = []
             for i, identity in enumerate(ids):

@@ -1,0 +1,76 @@
+"""libp2p specifics: identity key, Noise only, peer exchange, reconnect, and latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.network.exceptions import SwarmDialAllFailedError
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from multiaddr import Multiaddr
+
+from fednode.identity import Identity
+from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
+from fednode.transport.testing import open_transports, wait_topic_peers, wait_until
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+TOPIC = "fednode/test/1"
+
+
+async def test_peer_id_is_node_id() -> None:
+    identity = Identity.generate()
+    async with open_libp2p_transport(identity, listen_addrs=LOCAL) as t:
+        assert t.local_peer_id == identity.node_id
+        assert all(a.endswith(f"/p2p/{identity.node_id}") for a in t.listen_addrs())
+
+
+async def test_plaintext_dialer_is_refused() -> None:
+    async with open_libp2p_transport(Identity.generate(), listen_addrs=LOCAL) as t:
+        key_pair = create_new_key_pair()
+        plain = new_host(key_pair=key_pair,
+                         sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)})  # type: ignore[dict-item]
+        async with plain.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            with pytest.raises(SwarmDialAllFailedError), trio.fail_after(10):
+                await plain.connect(info_from_p2p_addr(Multiaddr(t.listen_addrs()[0])))
+            assert not t.peers()
+            with trio.CancelScope(shield=True):
+                await plain.get_network().close()
+
+
+async def test_peer_exchange_links_beyond_bootstrap() -> None:
+    limits = Libp2pLimits(maintenance_interval=0.2)
+    async with open_transports("libp2p", 3, "line", limits=limits) as (a, _b, c):
+        assert a.local_peer_id not in c.peers()  # only the bootstrap link B at first
+        await wait_until(lambda: a.local_peer_id in c.peers(), timeout=20)
+
+
+async def test_dropped_bootstrap_link_is_redialled() -> None:
+    limits = Libp2pLimits(maintenance_interval=0.2, reconnect_backoff_min=0.2, peer_exchange=False)
+    async with open_transports("libp2p", 2, "line", limits=limits) as (a, b):
+        await a._host.disconnect(b._host.get_id())  # type: ignore[attr-defined]
+        await wait_until(lambda: a.local_peer_id not in b.peers() or b.local_peer_id in a.peers())
+        await wait_until(lambda: b.local_peer_id in a.peers() and a.local_peer_id in b.peers(), timeout=20)
+
+
+async def test_publish_to_deliver_latency_over_two_hops() -> None:
+    async with open_transports("libp2p", 3, "line") as (a, b, c):
+        subs = [await t.subscribe(TOPIC) for t in (a, b, c)]
+        await wait_topic_peers((a, b, c), TOPIC)
+        latencies = []
+        for i in range(20):
+            started = time.perf_counter()
+            await a.publish(TOPIC, b"%d" % i)
+            with trio.fail_after(10):
+                message = await subs[2].receive()
+            latencies.append(time.perf_counter() - started)
+            assert message.data == b"%d" % i
+            await trio.sleep(0.01)
+        median = statistics.median(latencies)
+        print(f"A->B->C publish->deliver: median {median * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms")
+        assert median < 1.0
+        assert c.statistics().dropped == 0
