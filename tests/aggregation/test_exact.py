@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fednode.aggregation import AggregationOptions, aggregate, dump_delta, split_lora_keys
+from fednode.errors import InconsistentUpdates
+
+MODULES = {"layers.0.q": (48, 40), "layers.1.q": (48, 40), "layers.0.v": (24, 40)}  # name: (d, k)
+
+
+def _client(seed: int, r: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for m, (d, k) in MODULES.items():
+        t[f"{m}.lora_A.weight"] = torch.randn(r, k, generator=g) / k**0.5
+        t[f"{m}.lora_B.weight"] = torch.randn(d, r, generator=g)
+    t["score.weight"] = torch.randn(5, 40, generator=g)
+    return t
+
+
+def _target(clients: list[dict[str, torch.Tensor]], ws: list[float], scales: list[float], m: str) -> torch.Tensor:
+    total = sum(ws)
+    return sum(
+        (w / total) * s * c[f"{m}.lora_B.weight"].double() @ c[f"{m}.lora_A.weight"].double()
+        for c, w, s in zip(clients, ws, scales, strict=True)
+    )
+
+
+def _product(tensors: dict[str, torch.Tensor], m: str, scale: float) -> torch.Tensor:
+    return scale * tensors[f"{m}.lora_B.weight"].double() @ tensors[f"{m}.lora_A.weight"].double()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    ("ranks", "alphas", "out_rank"),
+    [
+        ([8, 8, 8, 8], None, 8),  # same rank, K r = 32 < d: QR on both sides
+        ([4, 8, 16, 2], [8.0, 16.0, 32.0, 4.0], 8),  # mixed ranks, scale alpha_i / r_i = 2 for each
+        ([16, 16, 16, 16], [16.0, 8.0, 32.0, 16.0], 12),  # K r = 64 > d, k: QR skipped, mixed scales
+    ],
+)
+def test_exact_equals_dense_truncated_svd(ranks: list[int], alphas: list[float] | None, out_rank: int) -> None:
+    clients = [_client(i, r) for i, r in enumerate(ranks)]
+    ws = [10.0, 20.0, 30.0, 40.0]
+    out_alpha = 2.0 * out_rank
+    opts = AggregationOptions(client_alphas=tuple(alphas) if alphas else None)
+    res = aggregate([dump_delta(c) for c in clients], ws, "exact", rank=out_rank, alpha=out_alpha, options=opts)
+    assert res.stats["rank"] == out_rank and res.stats["alpha"] == out_alpha
+    scales = [a / r for a, r in zip(alphas, ranks, strict=True)] if alphas else [out_alpha / r for r in ranks]
+    dropped = kept_total = 0.0
+    for m in MODULES:
+        target = _target(clients, ws, scales, m)
+        u, s, vh = torch.linalg.svd(target)
+        best = (u[:, :out_rank] * s[:out_rank]) @ vh[:out_rank]
+        assert res.tensors[f"{m}.lora_A.weight"].shape == (out_rank, MODULES[m][1])
+        assert _rel(_product(res.tensors, m, out_alpha / out_rank), best) < 1e-5
+        energy = float((s**2).sum())
+        assert res.stats["module_discarded_energy"][m] == pytest.approx(1 - float((s[:out_rank] ** 2).sum()) / energy,
+                                                                         abs=1e-6)
+        dropped += float((s[out_rank:] ** 2).sum())
+        kept_total += energy
+    assert res.discarded_energy == pytest.approx(dropped / kept_total, abs=1e-6)
+    assert 0 < res.discarded_energy < 1
+    head = sum(w * c["score.weight"].double() for c, w in zip(clients, ws, strict=True)) / sum(ws)
+    torch.testing.assert_close(res.tensors["score.weight"].double(), head, rtol=1e-6, atol=1e-6)
+
+
+def test_exact_is_lossless_when_rank_suffices_and_beats_naive_fedavg() -> None:
+    clients = [_client(i, 4) for i in range(3)]
+    ws = [1.0, 1.0, 2.0]
+    res = aggregate(clients, ws, "exact", rank=12, alpha=12.0)
+    naive = aggregate(clients, ws, "fedavg")
+    assert res.discarded_energy == pytest.approx(0.0, abs=1e-6)
+    for m in MODULES:
+        target = _target(clients, ws, [3.0] * 3, m)
+        assert _rel(_product(res.tensors, m, 1.0), target) < 1e-5
+        assert _rel(_product(naive.tensors, m, 3.0), target) > 0.1  # mean(B) mean(A) != mean(B A)
+
+
+def test_stacked_reproduces_the_sum_exactly() -> None:
+    ranks = [4, 8, 2]
+    alphas = [8.0, 8.0, 8.0]
+    clients = [_client(10 + i, r) for i, r in enumerate(ranks)]
+    ws = [3.0, 1.0, 1.0]
+    res = aggregate(clients, ws, "stacked", rank=8, alpha=8.0, options=AggregationOptions(client_alphas=tuple(alphas)))
+    assert res.stats["rank"] == sum(ranks) and res.discarded_energy is None
+    scale = res.stats["alpha"] / res.stats["rank"]
+    assert scale == pytest.approx(8.0 / 8)
+    for m in MODULES:
+        target = _target(clients, ws, [a / r for a, r in zip(alphas, ranks, strict=True)], m)
+        assert _rel(_product(res.tensors, m, scale), target) < 1e-6
+
+
+def test_lora_key_pairing_and_shape_checks() -> None:
+    keys = split_lora_keys(["a.lora_A.weight", "a.lora_B.weight", "head.weight"])
+    assert keys.modules == ("a",) and keys.plain == ("head.weight",)
+    with pytest.raises(InconsistentUpdates, match="a: LoRA factor without its partner"):
+        split_lora_keys(["a.lora_A.weight"])
+    bad = _client(1, 4)
+    bad["layers.0.q.lora_B.weight"] = torch.zeros(48, 5)
+    with pytest.raises(InconsistentUpdates, match=r"client 1: layers\.0\.q has lora_A \(4, 40\), lora_B \(48, 5\)"):
+        aggregate([_client(0, 4), bad], [1, 1], "exact", rank=4)
