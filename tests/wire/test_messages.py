@@ -47,7 +47,9 @@ def make(cls: type[Message], **kw: Any) -> Message:
     return cls(**(base[cls] | kw))
 
 
-ALL_TYPES: list[type[Message]] = [Heartbeat, CoordinatorClaim, RoundManifest, SubmissionAnnounce, AggregateAnnounce, RoundFailed]
+ALL_TYPES: list[type[Message]] = [
+    Heartbeat, CoordinatorClaim, RoundManifest, SubmissionAnnounce, AggregateAnnounce, RoundFailed,
+]
 NON_FINITE = [math.nan, math.inf, -math.inf]
 
 # (class, field, bad value, field named in the error)
