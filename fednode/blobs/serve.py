@@ -1,0 +1,247 @@
+"""Serving side of `/fednode/blob/1.0.0`: answers manifest and chunk requests from the store.
+
+Each inbound stream is one handler task. A peer gets at most `max_streams_per_peer` concurrent
+streams (more are answered `busy` and closed); every frame we send has a deadline
+(`send_timeout`), so a reader that stalls loses its stream instead of holding a task and a
+chunk buffer; an idle stream is closed after `idle_timeout`. Optionally a stream upgrades to
+the fast lane (lane.py) and its requests are then served there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from fednode.blobs.lane import open_lane_listener
+from fednode.blobs.manifest import BlobManifest, check_hex_digest
+from fednode.blobs.protocol import (
+    CHUNK,
+    DONE,
+    ERR_BAD_REQUEST,
+    ERR_BUSY,
+    ERR_LANE_UNAVAILABLE,
+    ERR_NOT_FOUND,
+    GET_CHUNKS,
+    GET_MANIFEST,
+    LANE,
+    MANIFEST,
+    OPEN_LANE,
+    PROTOCOL_ID,
+    FrameChannel,
+    StreamChannel,
+    error_header,
+)
+from fednode.blobs.store import BlobStore
+from fednode.errors import BlobIntegrityError, DecodeError, PeerUnavailable, RemoteProtocolError
+from fednode.transport.base import Stream, Transport
+
+if TYPE_CHECKING:  # trio-typing's stubs shadow trio's own annotations under mypy
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_STREAMS_PER_PEER = 4
+DEFAULT_MAX_CHUNKS_PER_REQUEST = 64
+DEFAULT_SEND_TIMEOUT = 20.0  # seconds one frame may take to leave; a stalled reader loses the stream
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds a stream may wait for its next request
+
+
+def default_lane_bind_host(stream: Stream) -> str | None:
+    """The local IP the stream's connection uses, if the transport tells us (libp2p does)."""
+    host = getattr(stream, "local_host", None)
+    return host if isinstance(host, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class ServeLimits:
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
+    max_chunks_per_request: int = DEFAULT_MAX_CHUNKS_PER_REQUEST
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class ServeStatistics:
+    streams: int = 0
+    active_streams: int = 0
+    lanes: int = 0
+    bytes_served: int = 0
+    chunks_served: int = 0
+    manifests_served: int = 0
+    rejected_busy_by_peer: dict[str, int] = field(default_factory=dict)
+    aborted_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class BlobServer:
+    def __init__(
+        self,
+        store: BlobStore,
+        limits: ServeLimits = ServeLimits(),
+        lane_bind_host: Callable[[Stream], str | None] | None = default_lane_bind_host,
+    ) -> None:
+        self.store = store
+        self.limits = limits
+        self._lane_bind_host = lane_bind_host
+        self._active: Counter[str] = Counter()
+        self._manifests: dict[str, BlobManifest] = {}
+        self._streams = 0
+        self._lanes = 0
+        self._bytes = 0
+        self._chunks = 0
+        self._manifests_served = 0
+        self._busy: Counter[str] = Counter()
+        self._aborted: Counter[str] = Counter()
+
+    def statistics(self) -> ServeStatistics:
+        return ServeStatistics(
+            self._streams, sum(self._active.values()), self._lanes, self._bytes, self._chunks,
+            self._manifests_served, dict(self._busy), dict(self._aborted),
+        )
+
+    async def handle(self, stream: Stream) -> None:
+        peer = stream.remote_peer_id
+        channel = StreamChannel(stream)
+        if self._active[peer] >= self.limits.max_streams_per_peer:
+            self._busy[peer] += 1
+            # busy answers the first request (every request gets a response, no race with it)
+            with trio.move_on_after(self.limits.send_timeout), contextlib.suppress(
+                RemoteProtocolError, PeerUnavailable
+            ):
+                if await channel.receive_frame(0) is not None:
+                    await channel.send_frame(error_header(ERR_BUSY, "too many concurrent streams"))
+            return
+        self._active[peer] += 1
+        self._streams += 1
+        try:
+            await self._serve_channel(channel, stream)
+        except trio.TooSlowError:
+            self._aborted["send_timeout"] += 1
+            log.info("blob stream to %s aborted: send timeout", peer)
+        except PeerUnavailable:
+            self._aborted["peer_gone"] += 1
+        except RemoteProtocolError as exc:
+            self._aborted["protocol_error"] += 1
+            log.info("blob stream from %s: protocol error: %s", peer, exc)
+        finally:
+            self._active[peer] -= 1
+            if not self._active[peer]:
+                del self._active[peer]
+
+    async def _send(self, channel: FrameChannel, header: dict[str, object], payload: bytes = b"") -> None:
+        with trio.fail_after(self.limits.send_timeout):
+            await channel.send_frame(header, payload)
+
+    async def _manifest(self, sha256: str) -> BlobManifest | None:
+        m = self._manifests.get(sha256)
+        if m is not None and self.store.has(sha256):
+            return m
+        if not self.store.has(sha256):
+            return None
+        try:
+            m = await trio.to_thread.run_sync(self.store.manifest, sha256)
+        except (BlobIntegrityError, KeyError, FileNotFoundError):
+            return None
+        if len(self._manifests) > 64:
+            self._manifests.clear()
+        self._manifests[sha256] = m
+        return m
+
+    async def _serve_channel(self, channel: FrameChannel, stream: Stream | None) -> None:
+        while True:
+            frame = None
+            with trio.move_on_after(self.limits.idle_timeout):
+                frame = await channel.receive_frame(0)
+            if frame is None:
+                return
+            header, _ = frame
+            kind = header["t"]
+            sha = header.get("sha256")
+            try:
+                if kind in (GET_MANIFEST, GET_CHUNKS):
+                    check_hex_digest(sha)  # type: ignore[arg-type]
+            except DecodeError as exc:
+                await self._send(channel, error_header(ERR_BAD_REQUEST, str(exc)))
+                return
+            if kind == GET_MANIFEST:
+                m = await self._manifest(sha)  # type: ignore[arg-type]
+                if m is None:
+                    await self._send(channel, error_header(ERR_NOT_FOUND, "blob not held here"))
+                    continue
+                await self._send(channel, {"t": MANIFEST}, m.encode())
+                self._manifests_served += 1
+            elif kind == GET_CHUNKS:
+                if not await self._serve_chunks(channel, sha, header.get("idx")):  # type: ignore[arg-type]
+                    return
+            elif kind == OPEN_LANE and stream is not None:
+                lane = await self._open_lane(channel, stream, header.get("key"))
+                if lane is not None:
+                    self._lanes += 1
+                    try:
+                        await self._serve_channel(lane, None)
+                    finally:
+                        await lane.aclose()
+                    return
+            else:
+                await self._send(channel, error_header(ERR_BAD_REQUEST, f"unknown request {kind!r:.40}"))
+                return
+
+    async def _serve_chunks(self, channel: FrameChannel, sha: str, idx: object) -> bool:
+        m = await self._manifest(sha)
+        if m is None:
+            await self._send(channel, error_header(ERR_NOT_FOUND, "blob not held here"))
+            return True
+        if (
+            not isinstance(idx, list)
+            or not 0 < len(idx) <= self.limits.max_chunks_per_request
+            or not all(type(i) is int and 0 <= i < m.num_chunks for i in idx)
+        ):
+            await self._send(channel, error_header(ERR_BAD_REQUEST, "bad chunk index list"))
+            return False
+        for i in idx:
+            try:
+                data = await trio.to_thread.run_sync(self.store.read_chunk, m, i)
+            except (BlobIntegrityError, FileNotFoundError):
+                self._manifests.pop(sha, None)
+                await self._send(channel, error_header(ERR_NOT_FOUND, "blob no longer held here"))
+                return False
+            await self._send(channel, {"t": CHUNK, "i": i}, data)
+            self._chunks += 1
+            self._bytes += len(data)
+        await self._send(channel, {"t": DONE})
+        return True
+
+    async def _open_lane(self, channel: FrameChannel, stream: Stream, key: object) -> FrameChannel | None:
+        host = self._lane_bind_host(stream) if self._lane_bind_host is not None else None
+        if host is None or not isinstance(key, bytes) or len(key) != 32:
+            await self._send(channel, error_header(ERR_LANE_UNAVAILABLE, "no lane here"))
+            return None
+        try:
+            listener = await open_lane_listener(host, key, stream.remote_peer_id)
+        except OSError as exc:
+            await self._send(channel, error_header(ERR_LANE_UNAVAILABLE, f"cannot listen: {exc}"))
+            return None
+        await self._send(channel, {"t": LANE, "port": listener.port})
+        return await listener.accept()
+
+
+async def serve_blobs(
+    transport: Transport,
+    store: BlobStore,
+    *,
+    limits: ServeLimits = ServeLimits(),
+    lane_bind_host: Callable[[Stream], str | None] | None = default_lane_bind_host,
+    task_status: TaskStatus[BlobServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves `store` on PROTOCOL_ID until cancelled; `nursery.start` returns the BlobServer
+    (for `statistics()`). Handlers run in the transport's nursery."""
+    server = BlobServer(store, limits, lane_bind_host)
+    transport.serve(PROTOCOL_ID, server.handle)
+    task_status.started(server)
+    await trio.sleep_forever()
+

@@ -1,0 +1,172 @@
+"""fetch_blob / serve_blobs over the in-process memory transport."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from fednode.blobs.fetch import FetchLimits, fetch_blob
+from fednode.blobs.protocol import ERR_BUSY, GET_MANIFEST, PROTOCOL_ID, StreamChannel
+from fednode.blobs.serve import ServeLimits
+from fednode.errors import TransferError
+
+from .conftest import CHUNK, CorruptingStore, blob, make_store, memory_nodes
+
+
+async def test_fetch_verifies_and_stores(tmp_path: Path) -> None:
+    data, sha = blob(20)
+    async with memory_nodes(tmp_path, ["a", "b"]) as (_, n):
+        n["a"].store.put_bytes(data)
+        seen: list[tuple[int, int]] = []
+        r = await fetch_blob(n["b"].transport, sha, ["a"], n["b"].store,
+                             progress=lambda done, total: seen.append((done, total)))
+        assert n["b"].store.read(sha) == data
+        assert (r.chunks_total, r.chunks_fetched, r.chunks_resumed) == (21, 21, 0)
+        assert r.bytes_fetched == len(data) and r.dropped_peers == {} and r.lanes_opened == 0
+        assert seen[-1] == (len(data), len(data)) and len(seen) == 21
+        st = n["a"].server.statistics()
+        assert st.chunks_served == 21 and st.bytes_served == len(data)
+        again = await fetch_blob(n["b"].transport, sha, ["a"], n["b"].store)
+        assert again.chunks_fetched == 0  # already held: nothing moves
+
+
+async def test_multi_holder_fetch_spreads_chunks(tmp_path: Path) -> None:
+    data, sha = blob(40)
+    async with memory_nodes(tmp_path, ["a", "b", "c"]) as (_, n):
+        n["a"].store.put_bytes(data)
+        n["b"].store.put_bytes(data)
+        r = await fetch_blob(n["c"].transport, sha, ["a", "b"], n["c"].store,
+                             limits=FetchLimits(chunks_per_request=2))
+        assert n["c"].store.read(sha) == data
+        assert r.chunks_fetched == 41 and sum(r.chunks_by_peer.values()) == 41
+        assert r.chunks_by_peer["a"] > 0 and r.chunks_by_peer["b"] > 0
+
+
+async def test_bad_bytes_holder_is_dropped_and_fetch_completes(tmp_path: Path) -> None:
+    data, sha = blob(30)
+    evil = CorruptingStore(tmp_path / "evil", chunk_size=CHUNK)
+    evil.bad_chunks = frozenset(range(31))
+    async with memory_nodes(tmp_path, ["evil", "good", "me"], stores={"evil": evil}) as (_, n):
+        n["evil"].store.put_bytes(data)
+        n["good"].store.put_bytes(data)
+        r = await fetch_blob(n["me"].transport, sha, ["evil", "good"], n["me"].store)
+        assert n["me"].store.read(sha) == data
+        assert r.bad_chunks_by_peer["evil"] >= 1
+        assert "bad bytes" in r.dropped_peers["evil"]
+        assert r.chunks_by_peer.get("evil", 0) == 0 and r.chunks_by_peer["good"] == 31
+
+
+async def test_vanished_holder_mid_transfer_no_refetch(tmp_path: Path) -> None:
+    data, sha = blob(60)
+    async with memory_nodes(tmp_path, ["a", "b", "me"]) as (network, n):
+        n["a"].store.put_bytes(data)
+        n["b"].store.put_bytes(data)
+        state = {"vanished": False}
+
+        def progress(done: int, total: int) -> None:
+            if done >= 20 * CHUNK and not state["vanished"]:
+                state["vanished"] = True
+                network.vanish("a")
+
+        r = await fetch_blob(n["me"].transport, sha, ["a", "b"], n["me"].store, progress=progress,
+                             limits=FetchLimits(chunks_per_request=4))
+        assert state["vanished"] and n["me"].store.read(sha) == data
+        assert "a" in r.dropped_peers
+        # every chunk was verified exactly once, and b never served a chunk a had delivered
+        assert r.chunks_fetched == 61 and sum(r.chunks_by_peer.values()) == 61
+        assert n["b"].server.statistics().chunks_served == r.chunks_by_peer["b"]
+
+
+async def test_resume_after_only_holder_vanished(tmp_path: Path) -> None:
+    data, sha = blob(40)
+    async with memory_nodes(tmp_path, ["a", "b", "me"]) as (network, n):
+        n["a"].store.put_bytes(data)
+        n["b"].store.put_bytes(data)
+
+        def progress(done: int, total: int) -> None:
+            if done >= 15 * CHUNK:
+                network.vanish("a")
+
+        with pytest.raises(TransferError, match="chunks missing"):
+            await fetch_blob(n["me"].transport, sha, ["a"], n["me"].store, progress=progress)
+        r = await fetch_blob(n["me"].transport, sha, ["b"], n["me"].store)
+        assert n["me"].store.read(sha) == data
+        assert r.chunks_resumed >= 15 and r.chunks_resumed + r.chunks_fetched == 41
+        assert n["b"].server.statistics().chunks_served == r.chunks_fetched
+
+
+async def test_oversize_is_refused_before_allocation(tmp_path: Path) -> None:
+    data, sha = blob(20)
+    async with memory_nodes(tmp_path, ["a", "me"]) as (_, n):
+        n["a"].store.put_bytes(data)
+        me = n["me"]
+        with pytest.raises(TransferError, match="over max_size"):
+            await fetch_blob(me.transport, sha, ["a"], me.store, expected_size=len(data), max_size=CHUNK)
+        assert me.transport.statistics().bytes_sent == 0  # not even a request
+        with pytest.raises(TransferError, match="max_blob_bytes"):
+            await fetch_blob(me.transport, sha, ["a"], me.store, max_size=CHUNK)
+        assert list((me.store.root / "partial").iterdir()) == []
+        assert n["a"].server.statistics().chunks_served == 0
+
+
+async def test_forged_manifest_holder_is_dropped(tmp_path: Path) -> None:
+    data, sha = blob(10)
+    other, _ = blob(10)
+    liar = make_store(tmp_path / "liar")
+    async with memory_nodes(tmp_path, ["liar", "l2", "good", "me"], stores={"liar": liar}) as (_, n):
+        for name in ("liar", "l2"):
+            # the liars hold other bytes under this blob's address, with a matching manifest
+            s = n[name].store
+            s.put_bytes(other)
+            real = s.list_blobs()[0]
+            m = s.manifest(real)
+            s.path(real).rename(s.path(sha))
+            forged = type(m)(sha, m.size, m.chunk_size, m.chunk_hashes)
+            (s.root / "manifests" / sha).write_bytes(forged.encode())
+        n["good"].store.put_bytes(data)
+        r = await fetch_blob(n["me"].transport, sha, ["liar", "l2", "good"], n["me"].store)
+        assert n["me"].store.read(sha) == data
+        assert "forged" in r.dropped_peers["liar"] and "forged" in r.dropped_peers["l2"]
+
+
+async def test_per_peer_stream_limit(tmp_path: Path) -> None:
+    data, sha = blob(8)
+    async with memory_nodes(tmp_path, ["a", "me"], limits=ServeLimits(max_streams_per_peer=2)) as (_, n):
+        n["a"].store.put_bytes(data)
+        me = n["me"].transport
+        channels = [StreamChannel(await me.open_stream("a", PROTOCOL_ID)) for _ in range(3)]
+        replies = []
+        for ch in channels:
+            await ch.send_frame({"t": GET_MANIFEST, "sha256": sha})
+            frame = await ch.receive_frame(1 << 20)
+            assert frame is not None
+            replies.append(frame[0])
+        assert [h["t"] for h in replies] == ["manifest", "manifest", "error"]
+        assert replies[2]["code"] == ERR_BUSY
+        assert n["a"].server.statistics().rejected_busy_by_peer == {"me": 1}
+        # a fetch that wants more streams than allowed still completes with the allowed ones
+        for ch in channels:
+            await ch.aclose()
+        await trio.sleep(0.05)
+        r = await fetch_blob(me, sha, ["a"], n["me"].store, limits=FetchLimits(streams_per_holder=4))
+        assert r.chunks_fetched == 9 and n["me"].store.read(sha) == data
+        assert n["a"].server.statistics().rejected_busy_by_peer["me"] >= 2
+
+
+async def test_stalled_reader_does_not_stall_server(tmp_path: Path) -> None:
+    data, sha = blob(64)
+    limits = ServeLimits(send_timeout=0.5)
+    async with memory_nodes(tmp_path, ["a", "stall", "me"], limits=limits) as (_, n):
+        n["a"].store.put_bytes(data)
+        ch = StreamChannel(await n["stall"].transport.open_stream("a", PROTOCOL_ID))
+        await ch.send_frame({"t": "get_chunks", "sha256": sha, "idx": list(range(64))})
+        # never read: the server's send blocks on the full stream buffer
+        with trio.fail_after(20):
+            r = await fetch_blob(n["me"].transport, sha, ["a"], n["me"].store)
+        assert r.chunks_fetched == 65
+        with trio.fail_after(5):
+            while n["a"].server.statistics().aborted_by_reason.get("send_timeout", 0) < 1:
+                await trio.sleep(0.05)
+        await ch.aclose()
