@@ -106,6 +106,8 @@ PROFILES: dict[str, TaskSpec] = {
 }
 
 _TUPLE_FIELDS = ("target_modules", "modules_to_save")
+# Spellings used by fednode.config's [learning]/[round] sections -> TaskSpec field names.
+KEY_ALIASES = {"task": "profile", "max_length": "max_len", "lora_rank": "lora_r"}
 
 
 def get_task(profile: str = DEFAULT_PROFILE, **overrides: Any) -> TaskSpec:
@@ -119,8 +121,12 @@ def get_task(profile: str = DEFAULT_PROFILE, **overrides: Any) -> TaskSpec:
 
 def task_from_mapping(table: Mapping[str, Any]) -> TaskSpec:
     """Build a TaskSpec from a TOML `[learning]` table: `profile` picks the base, other keys override
-    TaskSpec fields of the same name. Other keys (trainer settings such as torch_threads or
+    TaskSpec fields of the same name (config spellings task/max_length/lora_rank are accepted, and
+    an empty base_model_id means the profile's own model). Other keys (trainer settings such as torch_threads or
     partition) are kept in `extra` for the caller; they do not change the task's identity."""
+    table = {KEY_ALIASES.get(k, k): v for k, v in table.items()}
+    if table.get("base_model_id") == "":
+        del table["base_model_id"]  # empty = the profile's embedded model
     profile = str(table.get("profile", DEFAULT_PROFILE))
     if profile not in PROFILES:
         raise ConfigError(f"[learning] profile: unknown {profile!r}; known: {sorted(PROFILES)}")

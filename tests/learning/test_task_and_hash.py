@@ -30,6 +30,14 @@ def test_task_from_toml_table() -> None:
     assert task == get_task("smollm2-lm", batch_size=2, target_modules=("q_proj",))
 
 
+def test_config_spellings_are_accepted() -> None:
+    task = task_from_mapping(
+        {"task": "smollm2-lm", "max_length": 32, "lora_rank": 8, "base_model_id": "", "partition": "iid"}
+    )
+    assert (task.name, task.max_len, task.lora_r) == ("smollm2-lm", 32, 8)
+    assert task.base_model_id == BUILTIN_SMOLLM2 and task.extra == {"partition": "iid"}
+
+
 @pytest.mark.parametrize(
     ("table", "match"),
     [
