@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from fednode.blobs.lane import connect_lane
+from fednode.blobs.lane import connect_lane, stream_remote_host
 from fednode.blobs.manifest import (
     DEFAULT_MAX_BLOB_BYTES,
     BlobManifest,
@@ -61,8 +61,7 @@ Progress = Callable[[int, int], None]  # (verified bytes, total bytes)
 
 
 def default_lane_host(stream: Stream) -> str | None:
-    host = getattr(stream, "remote_host", None)
-    return host if isinstance(host, str) else None
+    return stream_remote_host(stream)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ the fast lane (lane.py) and its requests are then served there.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from fednode.blobs.lane import open_lane_listener
+from fednode.blobs.lane import open_lane_listener, stream_remote_host
 from fednode.blobs.manifest import BlobManifest, check_hex_digest
 from fednode.blobs.protocol import (
     CHUNK,
@@ -53,9 +54,18 @@ DEFAULT_IDLE_TIMEOUT = 60.0  # seconds a stream may wait for its next request
 
 
 def default_lane_bind_host(stream: Stream) -> str | None:
-    """The local IP the stream's connection uses, if the transport tells us (libp2p does)."""
-    host = getattr(stream, "local_host", None)
-    return host if isinstance(host, str) else None
+    """Where to listen for a lane: the loopback address a local peer reached us on, else the
+    wildcard of the peer's address family (the lane authenticates with its one-time key)."""
+    host = stream_remote_host(stream)
+    if host is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_loopback:
+        return host
+    return "::" if ip.version == 6 else "0.0.0.0"
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,3 +170,33 @@ async def test_stalled_reader_does_not_stall_server(tmp_path: Path) -> None:
             while n["a"].server.statistics().aborted_by_reason.get("send_timeout", 0) < 1:
                 await trio.sleep(0.05)
         await ch.aclose()
+
+
+def _loopback(_: object) -> str:
+    return "127.0.0.1"
+
+
+async def test_fast_lane_carries_the_chunks(tmp_path: Path) -> None:
+    data, sha = blob(30)
+    async with memory_nodes(tmp_path, ["a", "me"], lane_bind_host=_loopback) as (_, n):
+        n["a"].store.put_bytes(data)
+        r = await fetch_blob(n["me"].transport, sha, ["a"], n["me"].store, lane_host=_loopback)
+        assert n["me"].store.read(sha) == data
+        assert r.lanes_opened == 2 and n["a"].server.statistics().lanes == 2
+        assert r.chunks_fetched == 31
+        # the memory stream carried the manifest and lane set-up only, not the chunks
+        assert n["me"].transport.statistics().bytes_received < len(data) // 10
+
+
+async def test_lane_falls_back_to_the_stream(tmp_path: Path) -> None:
+    data, sha = blob(12)
+    async with memory_nodes(tmp_path, ["a", "b", "me"], lane_bind_host=_loopback) as (_, n):
+        n["a"].store.put_bytes(data)
+        # the holder listens on 127.0.0.1 but we dial 127.0.0.2: the lane cannot open
+        r = await fetch_blob(n["me"].transport, sha, ["a"], n["me"].store, lane_host=lambda _: "127.0.0.2")
+        assert r.lanes_opened == 0 and r.chunks_fetched == 13 and n["me"].store.read(sha) == data
+        # a holder that offers no lane (no bind host): plain stream
+        async with memory_nodes(tmp_path / "x", ["c", "me2"]) as (_, m):
+            m["c"].store.put_bytes(data)
+            r2 = await fetch_blob(m["me2"].transport, sha, ["c"], m["me2"].store, lane_host=_loopback)
+            assert r2.lanes_opened == 0 and r2.chunks_fetched == 13
