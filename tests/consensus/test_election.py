@@ -1,0 +1,248 @@
+"""Election: unit rules, failover time on trio's virtual clock, and agreement under any delivery."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fednode.consensus import (
+    ClaimSeen,
+    CoordinatorChanged,
+    ElectionConfig,
+    ElectionState,
+    HeartbeatSeen,
+    PublishClaim,
+    Tick,
+    rank,
+)
+from fednode.errors import ConfigError
+from fednode.wire import CoordinatorClaim, Heartbeat, codec
+
+from .helpers import COMMUNITY, EPOCH, identity
+from .sim import Simulation
+
+IDS = [identity(i) for i in range(8)]
+INTERVAL = 1.0
+CONFIG = ElectionConfig(heartbeat_interval=INTERVAL, liveness_timeout=2.5 * INTERVAL)
+
+
+def hb(who: str, now: float, *, term: int = 0, coordinator: str = "", federated: bool = True) -> Heartbeat:
+    return Heartbeat(community_id=COMMUNITY, node_id=who, term=term, seq=1, sent_at=now,
+                     federated_learning=federated, coordinator_node_id=coordinator)
+
+
+def claim(who: str, term: int, now: float) -> CoordinatorClaim:
+    return CoordinatorClaim(community_id=COMMUNITY, node_id=who, term=term, claimed_at=now)
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ConfigError):
+        ElectionConfig(mode="vote")
+    with pytest.raises(ConfigError):
+        ElectionConfig(mode="fixed")
+    with pytest.raises(ConfigError):
+        ElectionConfig(heartbeat_interval=2.0, liveness_timeout=1.0)
+
+
+def test_fixed_mode_names_the_configured_peer_and_ignores_claims() -> None:
+    fixed = IDS[3].node_id
+    state = ElectionState(IDS[0].node_id, ElectionConfig(mode="fixed", fixed_node_id=fixed), now=EPOCH)
+    assert state.coordinator == fixed and state.next_timer() is None
+    out = state.handle(ClaimSeen(claim(IDS[1].node_id, 5, EPOCH), EPOCH))
+    assert out.validation.reason == "fixed_mode" and state.coordinator == fixed and state.term == 0
+
+
+def test_smallest_rank_wins_a_term_and_terms_only_grow() -> None:
+    me, a, b = (i.node_id for i in IDS[:3])
+    lo, hi = sorted([a, b], key=lambda n: rank(4, n))
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    out = state.handle(ClaimSeen(claim(hi, 4, EPOCH + 1), EPOCH + 1))
+    assert out.effects == (CoordinatorChanged(4, hi, EPOCH + 1, ""),)
+    state.handle(ClaimSeen(claim(lo, 4, EPOCH + 1.1), EPOCH + 1.1))
+    assert (state.term, state.coordinator) == (4, lo)
+    state.handle(ClaimSeen(claim(hi, 4, EPOCH + 1.2), EPOCH + 1.2))  # a worse claim changes nothing
+    assert state.coordinator == lo
+    stale = state.handle(ClaimSeen(claim(hi, 2, EPOCH + 1.3), EPOCH + 1.3))
+    assert stale.validation.reason == "stale_term" and state.term == 4
+    assert state.coordinator_of(2) == hi  # recorded for the per-term history
+    jump = state.handle(ClaimSeen(claim(hi, 4 + CONFIG.max_term_jump + 1, EPOCH + 2), EPOCH + 2))
+    assert jump.validation.reason == "term_jump" and state.term == 4
+
+
+def test_a_node_claims_only_when_it_is_the_live_candidate() -> None:
+    nodes = [i.node_id for i in IDS[:3]]
+    best = min(nodes, key=lambda n: rank(1, n))
+    for me in nodes:
+        state = ElectionState(me, CONFIG, now=EPOCH)
+        for other in nodes:
+            if other != me:
+                state.handle(HeartbeatSeen(hb(other, EPOCH + 0.5), EPOCH + 0.5))
+        assert state.next_timer() == EPOCH + CONFIG.liveness_timeout  # startup grace
+        out = state.handle(Tick(EPOCH + CONFIG.liveness_timeout))
+        claimed = [e for e in out.effects if isinstance(e, PublishClaim)]
+        assert claimed == ([PublishClaim(1)] if me == best else [])
+
+
+def test_a_coordinator_heartbeat_renews_its_claim_for_late_joiners() -> None:
+    coord, me = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    state.handle(HeartbeatSeen(hb(coord, EPOCH, term=7, coordinator=coord), EPOCH))
+    assert (state.term, state.coordinator) == (7, coord)
+    state.handle(HeartbeatSeen(hb(IDS[2].node_id, EPOCH, term=9, coordinator=coord), EPOCH))  # hearsay: not adopted
+    assert state.term == 7
+
+
+def test_non_federated_members_are_never_candidates() -> None:
+    me, other = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH, federated=False)
+    state.handle(HeartbeatSeen(hb(other, EPOCH, federated=False), EPOCH))
+    assert state.live_members(EPOCH) == []
+    assert state.handle(Tick(EPOCH + 100)).effects == ()
+
+
+# ---- failover on trio's virtual clock ----------------------------------------------------------
+
+LATENCY = 0.05
+
+
+class TrioNet:
+    def __init__(self, nursery: trio.Nursery, origin: float) -> None:
+        self.nursery, self.origin = nursery, origin
+        self.inboxes: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self.dead: set[str] = set()
+        self.changes: list[tuple[float, str, int, str]] = []  # (virtual time, node, term, coordinator)
+        self.last_heartbeat: dict[str, float] = {}
+
+    def now(self) -> float:
+        return EPOCH + trio.current_time() - self.origin
+
+    def publish(self, sender: str, data: bytes) -> None:
+        for node, inbox in self.inboxes.items():
+            if node != sender:
+                self.nursery.start_soon(self._deliver, inbox, data)
+
+    async def _deliver(self, inbox: trio.MemorySendChannel[bytes], data: bytes) -> None:
+        await trio.sleep(LATENCY)
+        inbox.send_nowait(data)
+
+    async def run_node(self, n: int, cancel: trio.CancelScope) -> None:
+        me = IDS[n]
+        state = ElectionState(me.node_id, CONFIG, now=self.now())
+        send, receive = trio.open_memory_channel[bytes](math.inf)
+        self.inboxes[me.node_id] = send
+
+        def apply(effects: tuple[object, ...]) -> None:
+            for e in effects:
+                if isinstance(e, PublishClaim):
+                    c = claim(me.node_id, e.term, self.now())
+                    self.publish(me.node_id, codec.encode(codec.sign(c, me)))
+                elif isinstance(e, CoordinatorChanged):
+                    self.changes.append((trio.current_time() - self.origin, me.node_id, e.term, e.coordinator_node_id))
+
+        async def heartbeats() -> None:
+            await trio.sleep(0.137 * n)  # nodes beat out of phase
+            seq = 0
+            while True:
+                seq += 1
+                term, coordinator = state.heartbeat_fields()
+                beat = hb(me.node_id, self.now(), term=term, coordinator=coordinator)
+                beat = Heartbeat(**{**beat.__dict__, "seq": seq})
+                self.publish(me.node_id, codec.encode(codec.sign(beat, me)))
+                self.last_heartbeat[me.node_id] = trio.current_time() - self.origin
+                await trio.sleep(INTERVAL)
+
+        with cancel:
+            async with trio.open_nursery() as own:  # dies with the node
+                own.start_soon(heartbeats)
+                await self._events(state, receive, apply)
+
+    async def _events(self, state: ElectionState, receive: trio.MemoryReceiveChannel[bytes],
+                      apply: Callable[[tuple[object, ...]], None]) -> None:
+        while True:
+            timer = state.next_timer()
+            with trio.move_on_at(self.origin + (timer - EPOCH) if timer else math.inf):
+                msg = codec.decode(await receive.receive())
+                assert codec.verify(msg)
+                event = HeartbeatSeen(msg, self.now()) if isinstance(msg, Heartbeat) else ClaimSeen(msg, self.now())  # type: ignore[arg-type]
+                apply(state.handle(event).effects)
+                continue
+            apply(state.handle(Tick(self.now())).effects)
+
+    def views(self) -> dict[str, tuple[int, str]]:
+        latest: dict[str, tuple[int, str]] = {}
+        for _, node, term, coordinator in self.changes:
+            latest[node] = (term, coordinator)
+        return {n: v for n, v in latest.items() if n not in self.dead}
+
+
+async def test_failover_within_three_heartbeat_intervals(autojump_clock: trio.abc.Clock) -> None:
+    origin = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        net = TrioNet(nursery, origin)
+        scopes = {i.node_id: trio.CancelScope() for i in IDS[:4]}
+        for n in range(4):
+            nursery.start_soon(net.run_node, n, scopes[IDS[n].node_id])
+        await trio.sleep(10.0)
+        (first,) = set(net.views().values())
+        assert len(net.views()) == 4 and first[0] >= 1
+        coordinator = first[1]
+        await trio.sleep(0.3)
+        scopes[coordinator].cancel()  # the coordinator dies (its heartbeat task with it)
+        net.dead.add(coordinator)
+        killed_at = trio.current_time() - origin
+        last_beat = net.last_heartbeat[coordinator]
+        while True:  # bounded by the virtual-time fail_after below
+            await trio.sleep(0.01)
+            assert trio.current_time() - origin < killed_at + 30.0, "no failover"
+            views = net.views()
+            if len(set(views.values())) == 1 and next(iter(views.values()))[1] != coordinator:
+                break
+        agreed_at = trio.current_time() - origin
+        (second,) = set(net.views().values())
+        assert second[0] > first[0] and second[1] in scopes and second[1] != coordinator
+        assert killed_at < last_beat + INTERVAL  # it really missed its next beat
+        # nobody gave up on the coordinator early, and all agreed within 3 intervals of its last beat
+        assert agreed_at - last_beat >= CONFIG.liveness_timeout
+        assert agreed_at - last_beat <= 3 * INTERVAL, (agreed_at, last_beat)
+        print(f"failover: agreed {agreed_at - last_beat:.3f} s after the last heartbeat")
+        await trio.sleep(5 * INTERVAL)  # and it stays settled
+        assert set(net.views().values()) == {second}
+        nursery.cancel_scope.cancel()
+
+
+# ---- agreement under any delivery order and delay ----------------------------------------------
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(2, 6),
+    delays=st.lists(st.floats(0.0, 6.0 * INTERVAL, allow_nan=False), min_size=1, max_size=40),
+    phases=st.lists(st.floats(0.0, INTERVAL, allow_nan=False), min_size=6, max_size=6),
+    crashes=st.lists(st.one_of(st.none(), st.floats(0.0, 20.0 * INTERVAL, allow_nan=False)), min_size=6, max_size=6),
+)
+def test_live_nodes_agree_on_one_coordinator_per_term_once_delivery_settles(
+    n: int, delays: list[float], phases: list[float], crashes: list[float | None],
+) -> None:
+    node_ids = [i.node_id for i in IDS[:n]]
+    crash_at = {node: t for node, t in zip(node_ids, crashes, strict=False) if t is not None}
+    if len(crash_at) == n:
+        del crash_at[node_ids[0]]  # someone stays alive
+    chaos_end = 20.0 * INTERVAL
+
+    def delay(index: int, sent_at: float) -> float:
+        return delays[index % len(delays)] if sent_at < chaos_end else 0.2 * delays[index % len(delays)] / 6.0
+
+    sim = Simulation(node_ids, CONFIG, delay, phases[:n], crash_at)
+    sim.run_until(chaos_end + 30.0 * INTERVAL)
+    live = sim.live()
+    current = {(s.term, s.coordinator) for s in live}
+    assert len(current) == 1, current
+    ((term, coordinator),) = current
+    assert term >= 1 and coordinator is not None and sim.alive(coordinator)
+    for t in range(max(1, term - CONFIG.term_history), term + 1):
+        named = {s.coordinator_of(t) for s in live}
+        assert len(named) == 1, (t, named)
