@@ -53,6 +53,7 @@ class CommunitySection:
     members: list[str] = _opt([], doc="allowlist of peer ids; empty = open community")
     replay_window_seconds: float = _opt(300.0, lo=1.0, hi=86400.0, doc="oldest message accepted")
     max_clock_skew_seconds: float = _opt(30.0, lo=0.0, hi=3600.0, doc="newest (future) message accepted")
+    seen_cache_size: int = _opt(65536, lo=1, hi=10_000_000, doc="message ids remembered to drop duplicates")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class CoordinatorSection:
     mode: str = _opt("elect", choices=("elect", "fixed"), doc="elect a coordinator, or follow a fixed one")
     fixed_peer_id: str = _opt("", doc="with mode = fixed: the coordinator's peer id")
     heartbeat_interval_seconds: float = _opt(2.0, lo=0.05, hi=600.0, doc="signed heartbeat period")
-    liveness_timeout_heartbeats: int = _opt(3, lo=2, hi=100, doc="missed heartbeats before a peer is dead")
+    liveness_timeout_heartbeats: float = _opt(2.5, lo=1.5, hi=100.0,
+                                              doc="heartbeat intervals of silence before a peer counts as dead")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class RoundSection:
     aggregation: str = _opt("fedavg", choices=_AGGREGATIONS, doc="aggregation rule")
     max_rounds: int = _opt(0, lo=0, hi=10**9, doc="stop after this many rounds (0 = run forever)")
     pause_seconds: float = _opt(0.0, lo=0.0, hi=86400.0, doc="pause between rounds")
+    wait_for_members: int = _opt(0, lo=0, hi=10000,
+                                 doc="coordinator starts a round once this many federated members are live "
+                                     "(0 = min_participants)")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class LearningSection:
     batch_size: int = _opt(16, lo=1, hi=4096, doc="training batch size")
     max_length: int = _opt(64, lo=8, hi=8192, doc="tokens per example")
     torch_threads: int = _opt(1, lo=1, hi=256, doc="torch intra-op threads")
+    evaluate: bool = _opt(True, doc="evaluate local and merged adapters on the held-out split each round")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS members (
 CREATE TABLE IF NOT EXISTS rounds (
     round_id TEXT PRIMARY KEY, round_number INTEGER NOT NULL, term INTEGER NOT NULL,
     coordinator TEXT NOT NULL, manifest BLOB NOT NULL, state TEXT NOT NULL,
-    merged_sha256 TEXT NOT NULL DEFAULT '', outcome BLOB, record TEXT, updated_at REAL NOT NULL
+    merged_sha256 TEXT NOT NULL DEFAULT '', outcome BLOB, record TEXT, updated_at REAL NOT NULL,
+    snapshot TEXT
 );
 CREATE INDEX IF NOT EXISTS rounds_by_number ON rounds (round_number);
 CREATE TABLE IF NOT EXISTS submissions (
@@ -90,8 +91,8 @@ class StateDB:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.executescript(_SCHEMA)  # idempotent; executescript commits on its own
         with self._tx() as c:
-            c.executescript(_SCHEMA)
             c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -138,13 +139,24 @@ class StateDB:
                   state: str, now: float) -> bool:
         """Insert a round; False (and no change) if it is already known."""
         with self._tx() as c:
-            cur = c.execute("INSERT OR IGNORE INTO rounds VALUES (?, ?, ?, ?, ?, ?, '', NULL, NULL, ?)",
+            cur = c.execute("INSERT OR IGNORE INTO rounds VALUES (?, ?, ?, ?, ?, ?, '', NULL, NULL, ?, NULL)",
                             (round_id, round_number, term, coordinator, manifest, state, now))
             return cur.rowcount == 1
 
     def set_round_state(self, round_id: str, state: str, now: float) -> None:
         with self._tx() as c:
             c.execute("UPDATE rounds SET state = ?, updated_at = ? WHERE round_id = ?", (state, now, round_id))
+
+    def save_snapshot(self, round_id: str, *, state: str, term: int, coordinator: str, snapshot: dict[str, Any],
+                      now: float) -> None:
+        """Persist a round state machine's snapshot (and its phase) in one transaction."""
+        with self._tx() as c:
+            c.execute("UPDATE rounds SET state = ?, term = ?, coordinator = ?, snapshot = ?, updated_at = ? "
+                      "WHERE round_id = ?", (state, term, coordinator, json.dumps(snapshot), now, round_id))
+
+    def load_snapshot(self, round_id: str) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT snapshot FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
 
     def finish_round(self, round_id: str, *, state: str, merged_sha256: str, outcome: bytes,
                      record: dict[str, Any], now: float) -> None:
@@ -162,8 +174,18 @@ class StateDB:
         out = [_round_row(r) for r in rows]
         return [r for r in out if states is None or r.state in states]
 
+    def set_outcome(self, round_id: str, outcome: bytes) -> None:
+        """Remember the signed AggregateAnnounce / RoundFailed we published or received."""
+        with self._tx() as c:
+            c.execute("UPDATE rounds SET outcome = ? WHERE round_id = ?", (outcome, round_id))
+
+    def unfinished_rounds(self) -> list[RoundRow]:
+        """Rounds still open, or decided but not yet installed/recorded (a crash came in between)."""
+        rows = self._conn.execute("SELECT * FROM rounds WHERE record IS NULL ORDER BY round_number, term").fetchall()
+        return [_round_row(r) for r in rows]
+
     def latest_published(self) -> RoundRow | None:
-        row = self._conn.execute("SELECT * FROM rounds WHERE state = 'published' "
+        row = self._conn.execute("SELECT * FROM rounds WHERE state = 'published' AND record IS NOT NULL "
                                  "ORDER BY round_number DESC, term DESC LIMIT 1").fetchone()
         return _round_row(row) if row else None
 

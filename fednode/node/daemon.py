@@ -1,0 +1,357 @@
+"""The node daemon: one trio nursery of services, each started with `nursery.start`.
+
+    transport (memory or libp2p) -> blob server, sync server, gossip reader, heartbeat,
+    timer (election + round clocks + starting rounds), control socket, metrics (optional)
+
+Every message from the topic passes `fednode.wire.validate` inside the transport's validator
+(so a REJECTed message is neither delivered nor forwarded), then goes to the election or the
+round driver. With `[research] federated_learning = false` the node still joins the community
+(heartbeats, serving blobs and status) but never creates, joins or coordinates a round.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from fednode.blobs.serve import ServeLimits, serve_blobs
+from fednode.blobs.store import BlobStore
+from fednode.config import Config
+from fednode.consensus import (
+    ClaimSeen,
+    CoordinatorChanged,
+    ElectionConfig,
+    ElectionState,
+    HeartbeatSeen,
+    PublishClaim,
+    Tick,
+)
+from fednode.identity import Identity
+from fednode.node.control import serve_control
+from fednode.node.rounds import RoundDriver
+from fednode.node.sync import request_sync, serve_sync
+from fednode.node.trainers import Trainer
+from fednode.state import StateDB
+from fednode.transport.base import Transport
+from fednode.wire import codec
+from fednode.wire.messages import CoordinatorClaim, Heartbeat, Message, RoundManifest
+from fednode.wire.validate import MessageValidator, ValidationPolicy
+from fednode.wire.verdict import Validation, Verdict
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+logger = logging.getLogger("fednode.node")
+
+TransportFactory = Callable[[Identity], AbstractAsyncContextManager[Transport]]
+MAX_TIMER_SLEEP_SECONDS = 0.5  # the timer loop looks around at least this often
+MAX_HOLDERS_TRACKED = 1024
+MAX_SYNCS_IN_FLIGHT = 4
+MEMBER_PERSIST_INTERVAL_SECONDS = 30.0
+
+
+def topic_for(community_id: str) -> str:
+    return f"fednode/{community_id}/1"
+
+
+def libp2p_factory(config: Config) -> TransportFactory:
+    def factory(identity: Identity) -> AbstractAsyncContextManager[Transport]:
+        from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
+
+        limits = Libp2pLimits(heartbeat_interval=max(1, round(config.network.gossip_heartbeat_seconds)),
+                              max_message_size=config.network.max_message_bytes)
+        return open_libp2p_transport(identity, listen_addrs=config.network.listen,
+                                     bootstrap=config.network.bootstrap, limits=limits)
+
+    return factory
+
+
+class Node:
+    def __init__(self, config: Config, identity: Identity, *, trainer: Trainer | None = None,
+                 transport_factory: TransportFactory | None = None, clock: Callable[[], float] = time.time,
+                 inline_training: bool = False) -> None:
+        self.config = config
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.clock = clock
+        self.topic = topic_for(config.community.id)
+        self.transport_factory = transport_factory or libp2p_factory(config)
+        self.transport: Transport | None = None
+        self.enabled = config.research.federated_learning
+        self.trainer = trainer if self.enabled else None
+        data = config.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = BlobStore(data / "blobs")
+        self.db = StateDB(data / "state.sqlite")
+        members = config.community.members
+        self.validator = MessageValidator(ValidationPolicy(
+            community_id=config.community.id, max_message_bytes=config.network.max_message_bytes,
+            replay_window_seconds=config.community.replay_window_seconds,
+            max_clock_skew_seconds=config.community.max_clock_skew_seconds,
+            allowlist=frozenset(members) if members else None, seen_cache_size=config.community.seen_cache_size))
+        c = config.coordinator
+        self.election = ElectionState(self.node_id, ElectionConfig(
+            mode=c.mode, fixed_node_id=c.fixed_peer_id, heartbeat_interval=c.heartbeat_interval_seconds,
+            liveness_timeout=c.heartbeat_interval_seconds * c.liveness_timeout_heartbeats), now=clock(),
+            federated=self.enabled)
+        self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
+                                  trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
+                                  live_members=self._live_federated, inline_training=inline_training)
+        self.counters: dict[str, collections.Counter[str]] = {
+            "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
+        self._holders: dict[str, str] = {}  # node id -> merged sha256 it announced holding
+        self._heard: dict[str, dict[str, Any]] = {}  # node id -> what its last heartbeat said
+        self._seq = 0
+        self._wake = trio.Event()
+        self._syncing: set[str] = set()
+        self._members_persisted_at = 0.0
+        self.started = trio.Event()
+        if c.mode == "fixed":
+            self.driver.coordinator, self.driver.term = c.fixed_peer_id, 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with self.transport_factory(self.identity) as transport, trio.open_nursery() as nursery:
+                self.transport = transport
+                self.driver.attach(transport, nursery)
+                bc = self.config.blobs
+                limits = ServeLimits(max_streams_per_peer=bc.max_streams_per_peer)
+                self.blob_server = await nursery.start(functools.partial(serve_blobs, transport, self.store,
+                                                                         limits=limits))
+                serve_sync(transport, self._sync_lookup)
+                subscription = await transport.subscribe(self.topic, validator=self._validate)
+                nursery.start_soon(self._read_gossip, subscription)
+                if self.enabled:
+                    self.driver.restore()
+                    self.driver.resume_effects()
+                nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(self._timer_loop)
+                await nursery.start(serve_control, self.config.control_socket_path, self.status)
+                metrics = None
+                if self.config.metrics.enabled:
+                    from fednode.node.metrics import MetricsServer
+
+                    metrics = MetricsServer(self.config.metrics.port, self.status)
+                try:
+                    self.started.set()
+                    task_status.started(self)
+                    await trio.sleep_forever()
+                finally:
+                    if metrics is not None:
+                        metrics.close()
+        finally:
+            self._persist_members(force=True)
+            self.db.close()
+
+    # -- gossip in ---------------------------------------------------------------------------
+    def _validate(self, data: bytes, received_from: str) -> Validation:
+        checked = self.validator.check(data, self.clock())
+        v = checked.validation
+        if v.verdict is Verdict.REJECT:
+            self.counters["rejected"][v.reason] += 1
+            logger.info("REJECT %s from %s: %s", v.reason, received_from[-8:], v.detail[:120])
+        elif v.verdict is Verdict.IGNORE:
+            self.counters["ignored"][v.reason] += 1
+        else:
+            self.counters["accepted"][checked.message.TYPE if checked.message else "?"] += 1
+        return v
+
+    async def _read_gossip(self, subscription: Any) -> None:
+        async for gossip in subscription:
+            try:
+                message = codec.decode(gossip.data, max_bytes=self.config.network.max_message_bytes)
+            except Exception:  # validated already; a decode failure here is a bug worth a log, not a crash
+                logger.exception("validated message failed to decode")
+                continue
+            self.dispatch(message)
+
+    def dispatch(self, message: Message) -> Validation:
+        """Route a validated message. Returns what the consumer made of it."""
+        now = self.clock()
+        if isinstance(message, Heartbeat):
+            self._on_heartbeat(message, now)
+            return self._election_event(HeartbeatSeen(message, now))
+        if isinstance(message, CoordinatorClaim):
+            return self._election_event(ClaimSeen(message, now))
+        verdict = self.driver.on_message(message)
+        if not verdict.accepted and verdict.reason not in ("duplicate",):
+            kind = "ignored" if verdict.verdict is Verdict.IGNORE else "rejected"
+            self.counters[kind][f"round:{verdict.reason}"] += 1
+        self._wake.set()
+        return verdict
+
+    def _on_heartbeat(self, hb: Heartbeat, now: float) -> None:
+        if hb.node_id == self.node_id:
+            return
+        if hb.node_id not in self._heard and len(self._heard) >= MAX_HOLDERS_TRACKED:
+            return
+        self._heard[hb.node_id] = {"seen": now, "federated_learning": hb.federated_learning, "term": hb.term,
+                                   "coordinator": hb.coordinator_node_id, "open_round_id": hb.open_round_id,
+                                   "last_round_number": hb.last_round_number}
+        if hb.latest_merged_sha256:
+            self._holders[hb.node_id] = hb.latest_merged_sha256
+        self._persist_members()
+        want = hb.open_round_id
+        if (self.enabled and want and want not in self.driver.rounds and want not in self._syncing
+                and len(self._syncing) < MAX_SYNCS_IN_FLIGHT and self.db.get_round(want) is None
+                and self.driver.nursery is not None):
+            self._syncing.add(want)
+            self.driver.nursery.start_soon(self._sync_round, hb.node_id, want)
+
+    def _persist_members(self, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self._members_persisted_at < MEMBER_PERSIST_INTERVAL_SECONDS:
+            return
+        self._members_persisted_at = now
+        for node_id, heard in self._heard.items():
+            self.db.touch_member(node_id, heard["seen"], federated_learning=heard["federated_learning"],
+                                 term=heard["term"])
+
+    async def _sync_round(self, peer: str, round_id: str) -> None:
+        assert self.transport is not None
+        try:
+            for data in await request_sync(self.transport, peer, round_id):
+                checked = self.validator.check(data, self.clock(), check_window=False)
+                if checked.message is not None:
+                    self.dispatch(checked.message)
+        except Exception as exc:  # a peer that can't sync us is not fatal; the next heartbeat retries
+            logger.info("sync of %s from %s failed: %s", round_id, peer[-8:], exc)
+        finally:
+            self._syncing.discard(round_id)
+
+    def _sync_lookup(self, round_id: str) -> list[bytes]:
+        row = self.db.get_round(round_id)
+        if row is None:
+            return []
+        out = [row.manifest]
+        if row.outcome:
+            out.append(row.outcome)
+        return out
+
+    def _election_event(self, event: HeartbeatSeen | ClaimSeen | Tick) -> Validation:
+        outcome = self.election.handle(event)
+        for effect in outcome.effects:
+            if isinstance(effect, PublishClaim):
+                claim = codec.sign(CoordinatorClaim(
+                    community_id=self.config.community.id, node_id=self.node_id, term=effect.term,
+                    claimed_at=self.clock(), last_round_number=self._last_round_number()), self.identity)
+                self._publish_soon(claim)
+            elif isinstance(effect, CoordinatorChanged):
+                logger.info("coordinator is now %s (term %d)", effect.coordinator_node_id[-8:], effect.term)
+                self.driver.on_coordinator_changed(effect)
+                self._wake.set()
+        return outcome.validation
+
+    # -- gossip out --------------------------------------------------------------------------
+    async def publish(self, message: Message) -> None:
+        assert self.transport is not None
+        await self.transport.publish(self.topic, codec.encode(message))
+
+    def _publish_soon(self, message: Message) -> None:
+        if self.driver.nursery is not None:
+            self.driver.nursery.start_soon(self.publish, message)
+
+    def _last_round_number(self) -> int:
+        latest = self.db.latest_published()
+        return latest.round_number if latest else 0
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.coordinator.heartbeat_interval_seconds
+        while True:
+            term, coordinator = self.election.heartbeat_fields()
+            open_round = self.driver.open_round()
+            latest = self.db.latest_published()
+            self._seq += 1
+            hb = codec.sign(Heartbeat(
+                community_id=self.config.community.id, node_id=self.node_id, term=term, seq=self._seq,
+                sent_at=self.clock(), federated_learning=self.enabled, coordinator_node_id=coordinator,
+                last_round_number=latest.round_number if latest else 0,
+                latest_merged_sha256=latest.merged_sha256 if latest else "",
+                open_round_id=open_round.round_id if open_round else ""), self.identity)
+            with contextlib.suppress(Exception):
+                await self.publish(hb)
+            await trio.sleep(interval)
+
+    # -- clocks ------------------------------------------------------------------------------
+    async def _timer_loop(self) -> None:
+        while True:
+            now = self.clock()
+            self._election_event(Tick(now))
+            if self.enabled:
+                self.driver.tick(now)
+                live = len(self._live_federated())
+                if self.driver.maybe_start_round(now, live) is not None:
+                    manifest = self.driver.open_round()
+                    if manifest is not None:
+                        await self.publish(manifest.manifest)
+            timers = [t for t in (self.election.next_timer(), self.driver.next_timer()) if t is not None]
+            delay = min([MAX_TIMER_SLEEP_SECONDS, *[t - now for t in timers]])
+            self._wake = trio.Event()
+            with trio.move_on_after(max(0.0, delay) + 1e-3):
+                await self._wake.wait()
+
+    # -- queries -----------------------------------------------------------------------------
+    def _live_federated(self) -> list[str]:
+        return self.election.live_members(self.clock()) if self.enabled else []
+
+    def _holders_of(self, sha: str) -> list[str]:
+        return sorted(n for n, s in self._holders.items() if s == sha)
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        liveness = self.election.config.liveness_timeout
+        members = [{"node_id": n, "federated_learning": h["federated_learning"], "last_seen_seconds_ago":
+                    round(now - h["seen"], 3), "alive": now - h["seen"] < liveness}
+                   for n, h in sorted(self._heard.items())]
+        transport_stats = self.transport.statistics() if self.transport is not None else None
+        out: dict[str, Any] = {
+            "node_id": self.node_id,
+            "name": self.config.node.name,
+            "community_id": self.config.community.id,
+            "federated_learning": self.enabled,
+            "members": members,
+            "coordinator": self.election.coordinator or "",
+            "term": self.election.term,
+            "counters": {k: dict(v) for k, v in self.counters.items()},
+            "peers": sorted(self.transport.peers()) if self.transport is not None else [],
+        }
+        blob_stats = self.blob_server.statistics() if hasattr(self, "blob_server") else None
+        out["bytes"] = {
+            "transport_sent": transport_stats.bytes_sent if transport_stats else 0,
+            "transport_received": transport_stats.bytes_received if transport_stats else 0,
+            "blob_served": getattr(blob_stats, "bytes_served", 0),
+            "blob_fetched": self.driver.progress.bytes_fetched,
+        }
+        out["gossip_dropped"] = transport_stats.dropped if transport_stats else 0
+        if self.enabled:
+            out.update(self.driver.status())
+        else:
+            out["rounds"] = "disabled: [research] federated_learning = false in " + self.config.source
+            out["current_round"] = None
+            out["rounds_completed"] = 0
+        return out
+
+
+@contextlib.asynccontextmanager
+async def running_node(node: Node) -> AsyncIterator[Node]:
+    """Run `node` for the duration of the block (tests and the harness use this)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def manifest_of(node: Node) -> RoundManifest | None:
+    state = node.driver.open_round()
+    return state.manifest if state else None

@@ -1,0 +1,656 @@
+"""The round driver: performs what the pure round state machines ask for.
+
+One `RoundState` (fednode.consensus) per round; this module feeds it validated messages and
+clock ticks, persists its snapshot after every change, and carries out its effects with I/O:
+training in a worker thread, fetching and validating delta blobs, aggregating, publishing,
+installing the merged adapter and writing the round record. Nothing here decides protocol
+questions; those live in the state machine and the election.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from fednode.blobs.fetch import fetch_blob
+from fednode.blobs.store import BlobStore
+from fednode.config import Config
+from fednode.consensus import (
+    AggregateSeen,
+    AggregationDone,
+    AggregationFailed,
+    CloseSubmissions,
+    ContributionRejected,
+    CoordinatorChanged,
+    Effect,
+    FailureSeen,
+    InstallAdapter,
+    ManifestSeen,
+    Phase,
+    PublishAggregate,
+    PublishFailure,
+    Reannounce,
+    Role,
+    RoundState,
+    StartAggregation,
+    SubmissionReceived,
+    Tick,
+    TrainAndSubmit,
+)
+from fednode.errors import FednodeError, InvalidUpdate
+from fednode.identity import Identity
+from fednode.node.records import round_record, write_record
+from fednode.node.trainers import Trainer
+from fednode.state import OwnUpdate, StateDB
+from fednode.transport.base import Transport
+from fednode.wire import codec
+from fednode.wire.messages import (
+    AggregateAnnounce,
+    Message,
+    RoundFailed,
+    RoundManifest,
+    SubmissionAnnounce,
+)
+from fednode.wire.verdict import Validation, Verdict
+
+if TYPE_CHECKING:
+    from fednode.consensus.round_events import RoundEvent
+
+logger = logging.getLogger("fednode.rounds")
+
+MAX_ROUNDS_IN_MEMORY = 16  # finished rounds kept in memory (all of them stay in state.sqlite)
+MAX_PENDING_MANIFESTS = 8  # manifests from a coordinator we have not yet seen elected
+DEFAULT_PREFETCH_CONCURRENCY = 4
+
+Publish = Callable[[Message], Awaitable[None]]
+
+
+@dataclass
+class Progress:
+    """What the node is doing now, for `fednode status` and the harness's live view."""
+
+    training: dict[str, Any] = field(default_factory=dict)
+    transfer: dict[str, Any] = field(default_factory=dict)
+    rounds_completed: int = 0
+    rounds_failed: int = 0
+    last_merged: dict[str, Any] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)
+    bytes_fetched: int = 0
+
+
+class RoundDriver:
+    def __init__(self, *, config: Config, identity: Identity, store: BlobStore, db: StateDB, trainer: Trainer | None,
+                 publish: Publish, clock: Callable[[], float], holders: Callable[[str], list[str]],
+                 live_members: Callable[[], list[str]], inline_training: bool = False) -> None:
+        self.config = config
+        self.identity = identity
+        self.me = identity.node_id
+        self.store = store
+        self.db = db
+        self.trainer = trainer
+        self.publish = publish
+        self.clock = clock
+        self.holders = holders
+        self.live_members = live_members
+        self.inline_training = inline_training
+        self.transport: Transport | None = None
+        self.nursery: trio.Nursery | None = None
+        self.rounds: dict[str, RoundState] = {}
+        self.pending_manifests: dict[str, RoundManifest] = {}
+        self.coordinator = ""
+        self.term = 0
+        self.progress = Progress()
+        self._train_lock = trio.Lock()
+        self._prefetch_limiter = trio.CapacityLimiter(DEFAULT_PREFETCH_CONCURRENCY)
+        self._prefetched: dict[tuple[str, str], trio.Event] = {}  # (round_id, node_id) -> blob checked
+        self._update_errors: dict[tuple[str, str], str] = {}
+        self._aggregating: set[str] = set()
+        self._installing: set[str] = set()
+        self._discarded: dict[str, float | None] = {}
+        self._fetch_locks: dict[str, trio.Lock] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.research.federated_learning
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def attach(self, transport: Transport, nursery: trio.Nursery) -> None:
+        self.transport, self.nursery = transport, nursery
+
+    def restore(self) -> None:
+        """Reload unfinished rounds from state.sqlite after a restart."""
+        for row in self.db.unfinished_rounds():
+            snap = self.db.load_snapshot(row.round_id)
+            if snap is None:
+                manifest = codec.decode(row.manifest)
+                assert isinstance(manifest, RoundManifest)
+                state = RoundState(manifest, node_id=self.me)
+            else:
+                state = RoundState.restore(snap)
+            self.rounds[row.round_id] = state
+            logger.info("restored round %s (%s, %s, %d accepted)", row.round_id, state.phase.value,
+                        state.role.value, len(state.accepted))
+        self.progress.rounds_completed = self._count_installed()
+        latest = self.db.latest_published()
+        if latest is not None:
+            self.progress.last_merged = {"round_number": latest.round_number, "sha256": latest.merged_sha256,
+                                         "path": str(self.adapter_dir(latest.round_number))}
+
+    def resume_effects(self) -> None:
+        """After restore: re-issue the work that died with the old process."""
+        now = self.clock()
+        for state in list(self.rounds.values()):
+            if state.phase is Phase.COLLECTING and state.own_submission is None:
+                self._spawn(self._train_and_submit, state.manifest)
+            elif state.own_submission is not None and state.is_open:
+                self._spawn(self._publish_message, state.own_submission)
+            elif state.phase is Phase.PUBLISHED and state.merged_sha256:
+                if state.role is Role.COORDINATOR:
+                    self._spawn(self._republish_and_install, state)
+                else:
+                    self._spawn(self._install, InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))
+            elif state.phase is Phase.FAILED:
+                self._finish_failed(state)
+            self._feed(state, Tick(now))
+
+    async def _republish_and_install(self, state: RoundState) -> None:
+        """A coordinator restarted after aggregating: announce again (same merged blob) and install."""
+        row = self.db.get_round(state.round_id)
+        if row is not None and row.outcome:
+            await self.publish(codec.decode(row.outcome))
+        else:
+            await self._publish_aggregate(state)
+        await self._install(InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))
+
+    async def _publish_aggregate(self, state: RoundState) -> AggregateAnnounce:
+        announce = codec.sign(AggregateAnnounce(
+            community_id=state.manifest.community_id, round_id=state.round_id,
+            round_number=state.manifest.round_number, coordinator_node_id=self.me, term=state.term,
+            merged_sha256=state.merged_sha256, merged_size=state.merged_size, aggregation=state.manifest.aggregation,
+            contributions=state.contributions(), announced_at=self.clock()), self.identity)
+        self.db.set_outcome(state.round_id, codec.encode(announce))
+        await self.publish(announce)
+        return announce
+
+    def _count_installed(self) -> int:
+        return sum(1 for r in self.db.rounds(states=("published",)) if r.record)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        assert self.nursery is not None
+        self.nursery.start_soon(self._guard, fn, *args)
+
+    async def _guard(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except (FednodeError, OSError, trio.TooSlowError) as exc:
+            logger.warning("%s failed: %s", getattr(fn, "__name__", fn), exc)
+
+    async def _publish_message(self, message: Message) -> None:
+        await self.publish(message)
+
+    def adapter_dir(self, round_number: int) -> Any:
+        return self.config.data_dir / "adapters" / f"round-{round_number}"
+
+    def _persist(self, state: RoundState, *, new: bool = False) -> None:
+        now = self.clock()
+        if new:
+            self.db.put_round(round_id=state.round_id, round_number=state.manifest.round_number, term=state.term,
+                              coordinator=state.coordinator_node_id, manifest=codec.encode(state.manifest),
+                              state=state.phase.value, now=now)
+        self.db.save_snapshot(state.round_id, state=state.phase.value, term=state.term,
+                              coordinator=state.coordinator_node_id, snapshot=state.snapshot(), now=now)
+
+    def _feed(self, state: RoundState, event: RoundEvent) -> Validation:
+        before = (state.phase, len(state.accepted), len(state.rejections), state.term, state.role)
+        outcome = state.handle(event)
+        after = (state.phase, len(state.accepted), len(state.rejections), state.term, state.role)
+        if before != after:
+            self._persist(state)
+        for effect in outcome.effects:
+            self._perform(state, effect)
+        self._forget_old_rounds()
+        return outcome.validation
+
+    def _forget_old_rounds(self) -> None:
+        finished = [r for r in self.rounds.values() if r.phase in (Phase.PUBLISHED, Phase.FAILED)]
+        if len(finished) > MAX_ROUNDS_IN_MEMORY:
+            finished.sort(key=lambda r: (r.manifest.round_number, r.term))
+            for r in finished[: len(finished) - MAX_ROUNDS_IN_MEMORY]:
+                if r.round_id not in self._installing:
+                    del self.rounds[r.round_id]
+
+    def _perform(self, state: RoundState, effect: Effect) -> None:
+        if isinstance(effect, TrainAndSubmit):
+            self._spawn(self._train_and_submit, effect.manifest)
+        elif isinstance(effect, StartAggregation):
+            if state.round_id not in self._aggregating:
+                self._aggregating.add(state.round_id)
+                self._spawn(self._aggregate, state, effect)
+        elif isinstance(effect, PublishAggregate):
+            self._spawn(self._on_published, state, effect.announce)
+        elif isinstance(effect, PublishFailure):
+            self._spawn(self._on_failed, state, effect.failure)
+        elif isinstance(effect, InstallAdapter):
+            self._spawn(self._install, effect)
+        elif isinstance(effect, Reannounce):
+            self._spawn(self._publish_message, effect.announce)
+
+    # -- open rounds -------------------------------------------------------------------------
+    def open_round(self) -> RoundState | None:
+        opened = [r for r in self.rounds.values() if r.phase not in (Phase.PUBLISHED, Phase.FAILED)]
+        return max(opened, key=lambda r: (r.manifest.round_number, r.term)) if opened else None
+
+    def next_timer(self) -> float | None:
+        timers = [t for r in self.rounds.values() if (t := r.next_timer()) is not None]
+        return min(timers) if timers else None
+
+    def tick(self, now: float) -> None:
+        for state in list(self.rounds.values()):
+            if state.phase not in (Phase.PUBLISHED, Phase.FAILED) or state.role is Role.COORDINATOR:
+                self._feed(state, Tick(now))
+            self._maybe_close_early(state, now)
+
+    def _maybe_close_early(self, state: RoundState, now: float) -> None:
+        """Coordinator: once every live federated member has submitted (and at least min_participants
+        have), waiting for the deadline gains nothing."""
+        if state.role is not Role.COORDINATOR or not state.is_open:
+            return
+        if len(state.accepted) < state.manifest.min_participants:
+            return
+        if set(self.live_members()) <= set(state.accepted):
+            self._feed(state, CloseSubmissions(now))
+
+    # -- messages from the network (already validated: signature, community, window) ----------
+    def on_message(self, message: Message) -> Validation:
+        if not self.enabled:
+            return Validation(Verdict.IGNORE, "federated_learning_off")
+        now = self.clock()
+        if isinstance(message, RoundManifest):
+            return self._on_manifest(message, now)
+        round_id = getattr(message, "round_id", "")
+        state = self.rounds.get(round_id)
+        if state is None:
+            return Validation(Verdict.IGNORE, "unknown_round", round_id)
+        if isinstance(message, SubmissionAnnounce):
+            verdict = self._feed(state, SubmissionReceived(message, now))
+            if verdict.accepted and state.role is Role.COORDINATOR:
+                self._record_submission(state, message, "accepted", "")
+                self._start_prefetch(state, message)
+            elif not verdict.accepted and state.role is Role.COORDINATOR:
+                self._record_submission(state, message, "rejected", verdict.reason)
+            return verdict
+        if isinstance(message, AggregateAnnounce):
+            return self._feed(state, AggregateSeen(message, now))
+        if isinstance(message, RoundFailed):
+            return self._feed(state, FailureSeen(message, now))
+        return Validation(Verdict.IGNORE, "not_a_round_message")
+
+    def _record_submission(self, state: RoundState, a: SubmissionAnnounce, status: str, reason: str) -> None:
+        self.db.add_submission(round_id=state.round_id, node_id=a.participant_node_id, announce=codec.encode(a),
+                               delta_sha256=a.delta_sha256, num_samples=a.num_samples, status=status, reason=reason,
+                               now=self.clock())
+
+    def _on_manifest(self, manifest: RoundManifest, now: float) -> Validation:
+        if manifest.round_id in self.rounds:
+            return self._feed(self.rounds[manifest.round_id], ManifestSeen(now, manifest))
+        if self.db.get_round(manifest.round_id) is not None:
+            return Validation(Verdict.IGNORE, "round_finished", manifest.round_id)
+        if manifest.coordinator_node_id != self.coordinator or manifest.term < self.term:
+            if len(self.pending_manifests) < MAX_PENDING_MANIFESTS or manifest.round_id in self.pending_manifests:
+                self.pending_manifests[manifest.round_id] = manifest
+            return Validation(Verdict.IGNORE, "not_coordinator",
+                              f"{manifest.coordinator_node_id} term {manifest.term}; following {self.coordinator}")
+        current = self.open_round()
+        if current is not None and (current.manifest.round_number, current.term) >= (manifest.round_number,
+                                                                                     manifest.term):
+            return Validation(Verdict.IGNORE, "superseded", manifest.round_id)
+        return self._adopt(manifest, now)
+
+    def _adopt(self, manifest: RoundManifest, now: float) -> Validation:
+        if self.trainer is not None and manifest.base_model_hash and \
+                manifest.base_model_hash != self.trainer.base_model_hash:
+            reason = (f"base model hash {manifest.base_model_hash[:16]}... differs from ours "
+                      f"{self.trainer.base_model_hash[:16]}...; refusing round {manifest.round_id}")
+            logger.warning(reason)
+            self.progress.refused["base_model_mismatch"] = self.progress.refused.get("base_model_mismatch", 0) + 1
+            return Validation(Verdict.IGNORE, "base_model_mismatch", reason)
+        state = RoundState(manifest, node_id=self.me)
+        if state.coordinator_node_id != self.coordinator and self.coordinator:
+            state.handle(CoordinatorChanged(self.term, self.coordinator, now))
+        self.rounds[manifest.round_id] = state
+        self._persist(state, new=True)
+        verdict = self._feed(state, ManifestSeen(now, manifest))
+        if state.role is Role.COORDINATOR:  # the coordinator holds data too: it trains like everyone
+            self._spawn(self._train_and_submit, manifest)
+        return verdict
+
+    def on_coordinator_changed(self, change: CoordinatorChanged) -> None:
+        self.coordinator, self.term = change.coordinator_node_id, change.term
+        for state in list(self.rounds.values()):
+            if state.phase not in (Phase.PUBLISHED, Phase.FAILED):
+                self._feed(state, change)
+        for round_id, manifest in list(self.pending_manifests.items()):
+            if manifest.coordinator_node_id == self.coordinator:
+                del self.pending_manifests[round_id]
+                if self.enabled and round_id not in self.rounds:
+                    self._on_manifest(manifest, change.now)
+
+    # -- coordinator: start a round ---------------------------------------------------------
+    def maybe_start_round(self, now: float, live_federated: int) -> RoundManifest | None:
+        """The coordinator's decision to open the next round (None = not now)."""
+        cfg = self.config.round
+        if not self.enabled or self.coordinator != self.me or self.open_round() is not None:
+            return None
+        finished = self.db.rounds(states=("published", "failed"))
+        if cfg.max_rounds and sum(1 for r in finished if r.state == "published") >= cfg.max_rounds:
+            return None
+        if finished and now - self._finished_at(finished[-1]) < cfg.pause_seconds:
+            return None
+        if live_federated < (cfg.wait_for_members or cfg.min_participants):
+            return None
+        latest = self.db.latest_published()
+        number = max((r.round_number for r in self.db.rounds()), default=0) + 1
+        assert self.trainer is not None
+        manifest = RoundManifest(
+            round_id=f"r{number}-t{self.term}", base_model_id=self.trainer.base_model_id,
+            coordinator_node_id=self.me, community_id=self.config.community.id, lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha, learning_rate=cfg.learning_rate, min_participants=cfg.min_participants,
+            max_participants=cfg.max_participants, round_timeout_seconds=cfg.round_timeout_seconds, created_at=now,
+            term=self.term, round_number=number, base_model_hash=self.trainer.base_model_hash,
+            start_adapter_sha256=latest.merged_sha256 if latest else "",
+            start_adapter_size=self.store.size(latest.merged_sha256) if latest else 0,
+            local_steps=cfg.local_steps, aggregation=cfg.aggregation,
+        )
+        manifest = codec.sign(manifest, self.identity)
+        self._adopt(manifest, now)
+        return manifest
+
+    @staticmethod
+    def _finished_at(row: Any) -> float:
+        return float((row.record or {}).get("finished_at", 0.0))
+
+    # -- participant: train and submit --------------------------------------------------------
+    async def _train_and_submit(self, manifest: RoundManifest) -> None:
+        if self.trainer is None:
+            return
+        async with self._train_lock:
+            start = await self._start_adapter(manifest)
+            cached = self.db.get_own_update(manifest.round_number, manifest.start_adapter_sha256)
+            if cached is not None and self.store.has(cached.delta_sha256):
+                update = cached
+            else:
+                update = await self._train(manifest, start)
+            state = self.rounds.get(manifest.round_id)
+            if state is None or not state.is_open:
+                logger.info("round %s closed while training; not submitting", manifest.round_id)
+                return
+            announce = codec.sign(SubmissionAnnounce(
+                round_id=manifest.round_id, participant_node_id=self.me, num_samples=update.num_samples,
+                submitted_at=self.clock(), community_id=manifest.community_id, delta_sha256=update.delta_sha256,
+                delta_size=self.store.size(update.delta_sha256), train_loss=_finite(update.train_loss),
+            ), self.identity)
+            await self.publish(announce)
+
+    async def _train(self, manifest: RoundManifest, start: bytes | None) -> OwnUpdate:
+        assert self.trainer is not None
+        trainer = self.trainer
+        total = manifest.local_steps
+        self.progress.training = {"round_id": manifest.round_id, "round_number": manifest.round_number,
+                                  "step": 0, "steps": total, "loss": None, "state": "training"}
+
+        def progress(step: int, loss: float) -> None:
+            self.progress.training.update(step=step, loss=loss)
+
+        def work() -> tuple[Any, dict[str, float]]:
+            out = trainer.train(start, round_number=manifest.round_number, steps=total,
+                                learning_rate=manifest.learning_rate, seed=self.config.learning.seed,
+                                progress=progress)
+            local_eval = trainer.evaluate(out.delta_bytes) if self.config.learning.evaluate else {}
+            return out, local_eval
+
+        if self.inline_training:
+            out, local_eval = work()
+        else:
+            out, local_eval = await trio.to_thread.run_sync(work)
+        sha = self.store.put_bytes(out.delta_bytes)
+        metrics = {**{f"train_{k}": v for k, v in out.metrics.items()},
+                   **{f"local_{k}": v for k, v in local_eval.items()}}
+        update = OwnUpdate(manifest.round_number, manifest.start_adapter_sha256, sha, out.num_samples,
+                           float(out.metrics.get("loss", 0.0)), metrics)
+        self.db.put_own_update(update)
+        self.progress.training.update(state="submitted", metrics=metrics)
+        return update
+
+    async def _start_adapter(self, manifest: RoundManifest) -> bytes | None:
+        sha = manifest.start_adapter_sha256
+        if not sha:
+            return None
+        if not self.store.has(sha):
+            await self._fetch(sha, manifest.start_adapter_size, [manifest.coordinator_node_id, *self.holders(sha)])
+        return self.store.read(sha)
+
+    async def _fetch(self, sha: str, size: int, holders: list[str]) -> None:
+        """Fetch a blob once: concurrent callers for the same sha256 wait for the first one."""
+        lock = self._fetch_locks.setdefault(sha, trio.Lock())
+        try:
+            async with lock:
+                if not self.store.has(sha):
+                    await self._fetch_now(sha, size, holders)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._fetch_locks.pop(sha, None)
+
+    async def _fetch_now(self, sha: str, size: int, holders: list[str]) -> None:
+        assert self.transport is not None
+        peers = [h for h in dict.fromkeys(holders) if h and h != self.me]
+        self.progress.transfer = {"sha256": sha, "size": size, "done": 0}
+
+        def progress(done: int, total: int) -> None:
+            self.progress.transfer.update(done=done, size=total)
+
+        with trio.fail_after(self.config.blobs.fetch_timeout_seconds):
+            await fetch_blob(self.transport, sha, peers, self.store, expected_size=size,
+                             max_size=self.config.blobs.max_blob_bytes, progress=progress)
+        self.progress.bytes_fetched += size
+        self.progress.transfer.update(done=size, state="verified")
+
+    # -- coordinator: collect and aggregate ---------------------------------------------------
+    def _start_prefetch(self, state: RoundState, a: SubmissionAnnounce) -> None:
+        key = (state.round_id, a.participant_node_id)
+        if key not in self._prefetched:
+            self._prefetched[key] = trio.Event()
+            self._spawn(self._prefetch, state, a)
+
+    async def _prefetch(self, state: RoundState, a: SubmissionAnnounce) -> None:
+        key = (state.round_id, a.participant_node_id)
+        try:
+            async with self._prefetch_limiter:
+                await self._check_delta(a)
+        except (FednodeError, trio.TooSlowError, OSError) as exc:
+            self._update_errors[key] = f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            self._prefetched[key].set()
+
+    async def _check_delta(self, a: SubmissionAnnounce) -> None:
+        if not self.store.has(a.delta_sha256):
+            await self._fetch(a.delta_sha256, a.delta_size, [a.participant_node_id, *self.holders(a.delta_sha256)])
+        if self.store.size(a.delta_sha256) != a.delta_size:
+            raise InvalidUpdate(f"blob is {self.store.size(a.delta_sha256)} bytes, announced {a.delta_size}")
+        if self.trainer is not None:
+            data = self.store.read(a.delta_sha256)
+            trainer = self.trainer
+            max_norm = self.config.aggregation.max_update_norm
+            if self.inline_training:
+                trainer.check_update(data, max_norm=max_norm)
+            else:
+                await trio.to_thread.run_sync(lambda: trainer.check_update(data, max_norm=max_norm))
+
+    async def _aggregate(self, state: RoundState, effect: StartAggregation) -> None:
+        try:
+            await self._aggregate_inner(state, effect)
+        finally:
+            self._aggregating.discard(state.round_id)
+
+    async def _aggregate_inner(self, state: RoundState, effect: StartAggregation) -> None:
+        for a in effect.announces:
+            self._start_prefetch(state, a)
+        for a in effect.announces:
+            await self._prefetched[(state.round_id, a.participant_node_id)].wait()
+        bad = [(a, self._update_errors[(state.round_id, a.participant_node_id)]) for a in effect.announces
+               if (state.round_id, a.participant_node_id) in self._update_errors]
+        if bad:
+            for a, reason in bad:
+                kind = "invalid_update" if "InvalidUpdate" in reason or "DecodeError" in reason else "unavailable"
+                self._record_submission_rejected(state, a, kind, reason)
+                self._feed(state, ContributionRejected(a.participant_node_id, kind, self.clock(), reason))
+            return  # the state machine re-plans: a fresh StartAggregation, or failure
+        datas = [self.store.read(a.delta_sha256) for a in effect.announces]
+        weights = [float(a.num_samples) for a in effect.announces]
+        cfg = self.config
+        from fednode.aggregation import AggregationOptions, aggregate, dump_delta
+
+        options = AggregationOptions(trim_beta=cfg.aggregation.trim_beta, clip_norm=cfg.aggregation.clip_norm or None,
+                                     dp_noise_multiplier=cfg.aggregation.dp_noise_multiplier)
+
+        def work() -> tuple[bytes, float | None]:
+            result = aggregate(datas, weights, effect.method, rank=state.manifest.lora_rank,
+                               alpha=state.manifest.lora_alpha, options=options)
+            return dump_delta(result.tensors), result.discarded_energy
+
+        try:
+            if self.inline_training:
+                merged, discarded = work()
+            else:
+                merged, discarded = await trio.to_thread.run_sync(work)
+        except FednodeError as exc:
+            self._feed(state, AggregationFailed(f"aggregation failed: {exc}"[:200], self.clock()))
+            return
+        sha = self.store.put_bytes(merged)
+        self._discarded[state.round_id] = discarded
+        self._feed(state, AggregationDone(sha, len(merged), self.clock()))
+
+    def _record_submission_rejected(self, state: RoundState, a: SubmissionAnnounce, kind: str, reason: str) -> None:
+        self.db.add_submission(round_id=state.round_id, node_id=a.participant_node_id, announce=codec.encode(a),
+                               delta_sha256=a.delta_sha256, num_samples=a.num_samples, status="rejected",
+                               reason=f"{kind}: {reason}"[:200], now=self.clock())
+
+    async def _on_published(self, state: RoundState, announce: AggregateAnnounce) -> None:
+        signed = codec.sign(announce, self.identity)
+        self.db.set_outcome(state.round_id, codec.encode(signed))
+        await self.publish(signed)
+        await self._install(InstallAdapter(state.round_id, announce.merged_sha256, announce.merged_size))
+
+    async def _on_failed(self, state: RoundState, failure: RoundFailed) -> None:
+        signed = codec.sign(failure, self.identity)
+        self.db.set_outcome(state.round_id, codec.encode(signed))
+        await self.publish(signed)
+        self._finish_failed(state)
+
+    def _finish_failed(self, state: RoundState) -> None:
+        record = self._record(state, "failed", "", 0)
+        row = self.db.get_round(state.round_id)
+        self.db.finish_round(state.round_id, state="failed", merged_sha256="", outcome=(row.outcome or b"")
+                             if row else b"", record=record, now=self.clock())
+        write_record(self.config.data_dir, record)
+        self.progress.rounds_failed += 1
+
+    async def _install(self, effect: InstallAdapter) -> None:
+        state = self.rounds.get(effect.round_id)
+        if state is None or effect.round_id in self._installing:
+            return
+        self._installing.add(effect.round_id)
+        try:
+            if not self.store.has(effect.sha256):
+                holders = [state.coordinator_node_id, *self.holders(effect.sha256),
+                           *(a.participant_node_id for a in state.accepted.values())]
+                await self._fetch(effect.sha256, effect.size, holders)
+            merged = self.store.read(effect.sha256)
+            number = state.manifest.round_number
+            target = self.adapter_dir(number)
+            metrics: dict[str, Any] = {}
+            if self.trainer is not None:
+                trainer = self.trainer
+
+                def work() -> dict[str, Any]:
+                    trainer.install(merged, target, lora_rank=state.manifest.lora_rank,
+                                    lora_alpha=state.manifest.lora_alpha)
+                    return trainer.evaluate(merged) if self.config.learning.evaluate else {}
+
+                evaluation = work() if self.inline_training else await trio.to_thread.run_sync(work)
+                metrics["merged"] = evaluation
+            _point_latest(self.config.data_dir / "adapters", target.name)
+            own = self.db.get_own_update(number, state.manifest.start_adapter_sha256)
+            if own is not None:
+                metrics["local"] = {k[len("local_"):]: v for k, v in own.metrics.items() if k.startswith("local_")}
+                metrics["train"] = {k[len("train_"):]: v for k, v in own.metrics.items() if k.startswith("train_")}
+            record = self._record(state, "published", effect.sha256, effect.size, metrics)
+            row = self.db.get_round(state.round_id)
+            self.db.finish_round(state.round_id, state="published", merged_sha256=effect.sha256,
+                                 outcome=(row.outcome or b"") if row else b"", record=record, now=self.clock())
+            write_record(self.config.data_dir, record)
+            self.progress.rounds_completed = self._count_installed()
+            self.progress.last_merged = {"round_number": number, "sha256": effect.sha256, "path": str(target),
+                                         "metrics": metrics.get("merged", {})}
+            logger.info("round %s installed: merged %s", state.round_id, effect.sha256[:16])
+        finally:
+            self._installing.discard(effect.round_id)
+
+    def _record(self, state: RoundState, outcome: str, sha: str, size: int,
+                metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        accepted = [{"node_id": c.node_id, "blob_sha256": c.delta_sha256, "num_samples": c.num_samples}
+                    for c in state.contributions()]
+        rejected = [{"node_id": r.node_id, "reason": r.reason, "detail": r.detail, "blob_sha256": r.delta_sha256}
+                    for r in state.rejections]
+        record = round_record(manifest=state.manifest, state=outcome, accepted=accepted, rejected=rejected,
+                              merged_sha256=sha, merged_size=size,
+                              discarded_energy=self._discarded.get(state.round_id), reason=state.failure_reason,
+                              metrics=metrics)
+        record["final_coordinator_node_id"] = state.coordinator_node_id
+        record["final_term"] = state.term
+        record["recorded_by"] = self.me
+        record["finished_at"] = self.clock()
+        return record
+
+    def status(self) -> dict[str, Any]:
+        current = self.open_round()
+        last = max(self.rounds.values(), key=lambda r: (r.manifest.round_number, r.term), default=None)
+        shown = current or last
+        out: dict[str, Any] = {
+            "rounds_completed": self.progress.rounds_completed,
+            "rounds_failed": self.progress.rounds_failed,
+            "last_merged": self.progress.last_merged,
+            "training": self.progress.training,
+            "transfer": self.progress.transfer,
+            "refused": self.progress.refused,
+        }
+        if shown is not None:
+            now = self.clock()
+            out["current_round"] = {
+                "round_id": shown.round_id, "round_number": shown.manifest.round_number,
+                "state": shown.phase.value, "role": shown.role.value, "term": shown.term,
+                "coordinator_node_id": shown.coordinator_node_id, "submissions": len(shown.accepted),
+                "min_participants": shown.manifest.min_participants,
+                "deadline_in_seconds": max(0.0, shown.deadline - now) if shown.is_open else 0.0,
+            }
+        else:
+            out["current_round"] = None
+        return out
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) and x >= 0 else 0.0
+
+
+def _point_latest(adapters: Any, name: str) -> None:
+    """adapters/latest -> round-<n>, replaced atomically."""
+    tmp = adapters / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(name, tmp)
+    os.replace(tmp, adapters / "latest")

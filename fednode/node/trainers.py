@@ -1,0 +1,160 @@
+"""What the daemon needs from local training, and two implementations.
+
+`LearningTrainer` wraps fednode.learning (a real model on real data); `FakeTrainer` is a fast,
+deterministic stand-in with the same adapter shape conventions (lora_A / lora_B pairs plus a
+plain head tensor), used by simulations with many nodes and by protocol tests. Training is
+blocking CPU work: the daemon runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fednode.config import Config
+
+ProgressCallback = Callable[[int, float], None]  # (step, loss)
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    delta_bytes: bytes
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer(Protocol):
+    base_model_id: str
+    base_model_hash: str
+
+    def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
+              seed: int, progress: ProgressCallback | None = None) -> TrainOutput: ...
+
+    def evaluate(self, adapter: bytes | None) -> dict[str, float]: ...
+
+    def check_update(self, delta_bytes: bytes, *, max_norm: float) -> None:
+        """Raise fednode.errors.InvalidUpdate if the update does not fit this task's adapter layout."""
+
+    def install(self, adapter: bytes, directory: Path, *, lora_rank: int, lora_alpha: float) -> None:
+        """Write `adapter` as a loadable adapter folder at `directory` (atomically)."""
+
+
+# FakeTrainer's adapter: two adapted "modules" and a head, small enough for 100s of nodes.
+FAKE_LAYOUT: dict[str, tuple[int, ...]] = {
+    "base_model.model.layer.0.q.lora_A.weight": (4, 12),
+    "base_model.model.layer.0.q.lora_B.weight": (10, 4),
+    "base_model.model.layer.0.v.lora_A.weight": (4, 12),
+    "base_model.model.layer.0.v.lora_B.weight": (10, 4),
+    "base_model.model.head.weight": (3, 10),
+}
+
+
+class FakeTrainer:
+    """Deterministic: the update is the start adapter plus noise seeded by (node, round, start)."""
+
+    base_model_id = "fake-model"
+    base_model_hash = hashlib.sha256(b"fednode fake base model v1").hexdigest()
+
+    def __init__(self, node_index: int, *, num_samples: int | None = None) -> None:
+        self.node_index = node_index
+        self.num_samples = num_samples if num_samples is not None else 10 + 7 * node_index
+
+    def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
+              seed: int, progress: ProgressCallback | None = None) -> TrainOutput:
+        import torch
+
+        from fednode.aggregation.delta import dump_delta, load_delta
+
+        start = load_delta(start_adapter) if start_adapter else {k: torch.zeros(s) for k, s in FAKE_LAYOUT.items()}
+        digest = hashlib.sha256(f"{self.node_index}/{round_number}/{seed}".encode() + (start_adapter or b""))
+        gen = torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little"))
+        out = {k: (start[k] + 0.1 * torch.randn(s, generator=gen)).float() for k, s in FAKE_LAYOUT.items()}
+        for step in range(1, steps + 1):
+            if progress is not None:
+                progress(step, 1.0 / step)
+        return TrainOutput(dump_delta(out), self.num_samples, {"loss": 1.0 / max(steps, 1)})
+
+    def evaluate(self, adapter: bytes | None) -> dict[str, float]:
+        if adapter is None:
+            return {"accuracy": 0.0, "loss": 1.0, "n": 1}
+        from fednode.aggregation.delta import load_delta
+
+        tensors = load_delta(adapter)
+        norm = float(sum(float(t.float().norm()) ** 2 for t in tensors.values())) ** 0.5
+        return {"accuracy": 1.0 / (1.0 + norm), "loss": norm, "n": 1}
+
+    def check_update(self, delta_bytes: bytes, *, max_norm: float) -> None:
+        import torch
+
+        from fednode.aggregation.delta import AdapterLayout, load_delta, validate_update
+
+        layout = AdapterLayout.from_tensors({k: torch.zeros(s) for k, s in FAKE_LAYOUT.items()})
+        validate_update(load_delta(delta_bytes), layout, max_norm=max_norm)
+
+    def install(self, adapter: bytes, directory: Path, *, lora_rank: int, lora_alpha: float) -> None:
+        import json
+        import tempfile
+
+        from fednode.fsutil import atomic_replace_dir
+
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        (build / "adapter_model.safetensors").write_bytes(adapter)
+        (build / "adapter_config.json").write_text(json.dumps({"fake": True, "r": lora_rank, "lora_alpha": lora_alpha}))
+        atomic_replace_dir(build, directory)
+
+
+class LearningTrainer:
+    """The real thing: fednode.learning's LocalTrainer on the configured task and data share."""
+
+    def __init__(self, config: Config) -> None:
+        from fednode.learning.task import get_task
+        from fednode.learning.trainer import LocalTrainer
+
+        lc = config.learning
+        overrides: dict[str, Any] = {"lora_rank": config.round.lora_rank, "lora_alpha": config.round.lora_alpha,
+                                     "batch_size": lc.batch_size, "max_length": lc.max_length}
+        if lc.base_model_id:
+            overrides["base_model_id"] = lc.base_model_id
+        self.task = get_task(lc.task, **overrides)
+        self._trainer = LocalTrainer(
+            self.task, lc.node_index, lc.num_nodes, partition_scheme=lc.partition,  # type: ignore[arg-type]
+            dirichlet_alpha=lc.dirichlet_alpha, partition_seed=lc.seed, torch_threads=lc.torch_threads,
+        )
+        self.base_model_id = lc.base_model_id or lc.task
+        self.base_model_hash = self._trainer.base_hash
+
+    def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
+              seed: int, progress: ProgressCallback | None = None) -> TrainOutput:
+        result = self._trainer.train(start_adapter, steps=steps, learning_rate=learning_rate,
+                                     seed=seed + 1000 * round_number, progress=progress)
+        return TrainOutput(result.delta_bytes, result.num_samples, dict(result.metrics))
+
+    def evaluate(self, adapter: bytes | None) -> dict[str, float]:
+        return dict(self._trainer.evaluate(adapter))
+
+    def check_update(self, delta_bytes: bytes, *, max_norm: float) -> None:
+        from fednode.aggregation.delta import AdapterLayout, load_delta, validate_update
+
+        tensors = load_delta(delta_bytes)
+        layout = AdapterLayout.from_tensors(self._initial_state())
+        validate_update(tensors, layout, max_norm=max_norm)
+
+    def _initial_state(self) -> dict[str, Any]:
+        from fednode.aggregation.delta import load_delta
+
+        return load_delta(self._trainer.initial_adapter_bytes())
+
+    def install(self, adapter: bytes, directory: Path, *, lora_rank: int, lora_alpha: float) -> None:
+        from fednode.learning.adapter_io import save_adapter_dir
+
+        save_adapter_dir(adapter, directory, self.task)
+
+
+def make_trainer(config: Config) -> Trainer:
+    if config.learning.task == "fake":
+        return FakeTrainer(config.learning.node_index)
+    return LearningTrainer(config)

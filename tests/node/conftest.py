@@ -1,0 +1,106 @@
+"""Helpers for daemon tests: nodes on the memory transport with the fake trainer, on trio's clock."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from fednode.config import Config, parse_config
+from fednode.identity import Identity
+from fednode.node.daemon import Node
+from fednode.node.trainers import FakeTrainer
+from fednode.transport.memory import MemoryNetwork, open_memory_transport
+
+EPOCH = 1_800_000_000.0  # virtual wall clock = EPOCH + trio.current_time()
+
+
+def clock() -> float:
+    return EPOCH + trio.current_time()
+
+
+def node_config(data_dir: Path, index: int, n: int, **sections: dict[str, Any]) -> Config:
+    base: dict[str, dict[str, Any]] = {
+        "node": {"data_dir": str(data_dir), "name": f"node-{index}"},
+        "community": {"id": "test"},
+        "research": {"federated_learning": True},
+        "coordinator": {"heartbeat_interval_seconds": 1.0},
+        "round": {"min_participants": min(2, n), "max_participants": n, "round_timeout_seconds": 60.0,
+                  "local_steps": 3, "max_rounds": 2, "wait_for_members": n},
+        "learning": {"task": "fake", "node_index": index, "num_nodes": n},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml(value)}")
+    return parse_config("\n".join(lines), source=f"node-{index}.toml")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def seed_identity(i: int) -> Identity:
+    return Identity.from_seed(bytes([i + 1]) * 32)
+
+
+@dataclasses.dataclass
+class Cluster:
+    network: MemoryNetwork
+    tmp: Path
+    nursery: trio.Nursery
+    nodes: dict[int, Node] = dataclasses.field(default_factory=dict)
+    scopes: dict[int, trio.CancelScope] = dataclasses.field(default_factory=dict)
+
+    def make(self, i: int, n: int, **sections: dict[str, Any]) -> Node:
+        cfg = node_config(self.tmp / f"node-{i}", i, n, **sections)
+        identity = seed_identity(i)
+        trainer = FakeTrainer(i) if cfg.research.federated_learning else None
+        return Node(cfg, identity, trainer=trainer, clock=clock, inline_training=True,
+                    transport_factory=lambda ident: open_memory_transport(self.network, ident))
+
+    async def start(self, i: int, n: int, **sections: dict[str, Any]) -> Node:
+        node = self.make(i, n, **sections)
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[assignment]
+            with scope:
+                await node.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        self.nodes[i], self.scopes[i] = node, scope
+        return node
+
+    def kill(self, i: int) -> None:
+        """Abandon node i at whatever await point it is in (like a crash: no goodbye messages)."""
+        self.network.vanish(self.nodes[i].node_id)
+        self.scopes[i].cancel()
+
+
+@asynccontextmanager
+async def cluster(tmp: Path, *, seed: int = 0) -> AsyncIterator[Cluster]:
+    async with trio.open_nursery() as nursery:
+        c = Cluster(MemoryNetwork(seed=seed), tmp, nursery)
+        try:
+            yield c
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def wait_until(predicate: Any, timeout: float = 600.0, step: float = 0.25) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(step)
