@@ -43,10 +43,18 @@ from fednode.blobs.protocol import (
     OPEN_LANE,
     PROTOCOL_ID,
     FrameChannel,
+    Opener,
     StreamChannel,
 )
 from fednode.blobs.store import BlobStore, PartialBlob
-from fednode.errors import BlobIntegrityError, LimitExceeded, PeerUnavailable, RemoteProtocolError, TransferError
+from fednode.errors import (
+    BlobIntegrityError,
+    DecodeError,
+    LimitExceeded,
+    PeerUnavailable,
+    RemoteProtocolError,
+    TransferError,
+)
 from fednode.transport.base import Stream, Transport
 
 DEFAULT_STREAMS_PER_HOLDER = 2
@@ -89,6 +97,9 @@ class FetchResult:
     dropped_peers: dict[str, str] = field(default_factory=dict)  # peer -> reason
     lanes_opened: int = 0
     seconds: float = 0.0
+
+
+_Spooled = tuple[int, bytes, Opener, str]  # chunk index, payload as received, its opener, holder
 
 
 class _Busy(Exception):
@@ -210,22 +221,22 @@ class _Fetch:
 
     # -- chunks -----------------------------------------------------------------------------
     async def request(self, channel: FrameChannel, peer: str, batch: list[int], manifest: BlobManifest,
-                      spool: trio.MemorySendChannel[tuple[int, bytes, str]]) -> None:
+                      spool: trio.MemorySendChannel[_Spooled]) -> None:
         in_flight = set(batch)
         try:
             await channel.send_frame({"t": GET_CHUNKS, "sha256": self.sha256, "idx": batch})
             while True:
                 with trio.fail_after(self.limits.receive_timeout):
-                    frame = await channel.receive_frame(manifest.chunk_size)
+                    frame = await channel.receive_frame_deferred(manifest.chunk_size)
                 if frame is None:
                     raise PeerUnavailable("stream ended during a chunk request")
-                header, payload = frame
+                header, payload, opener = frame
                 kind = header["t"]
                 if kind == CHUNK:
                     i = header.get("i")
                     if type(i) is not int or i not in in_flight:
                         raise RemoteProtocolError(f"unrequested chunk {i!r:.20}")
-                    await spool.send((i, payload, peer))  # if cancelled here, i stays in flight
+                    await spool.send((i, payload, opener, peer))  # if cancelled here, i stays in flight
                     in_flight.discard(i)
                 elif kind == DONE:
                     if in_flight:
@@ -241,7 +252,7 @@ class _Fetch:
                 self.notify()
 
     async def worker(self, peer: str, channel: FrameChannel | None, manifest: BlobManifest,
-                     spool: trio.MemorySendChannel[tuple[int, bytes, str]]) -> None:
+                     spool: trio.MemorySendChannel[_Spooled]) -> None:
         extra: FrameChannel | None = None
         busy = 0
         try:
@@ -275,42 +286,48 @@ class _Fetch:
                         await ch.aclose()
 
     async def holder(self, peer: str, channel: FrameChannel, manifest: BlobManifest,
-                     spool: trio.MemorySendChannel[tuple[int, bytes, str]]) -> None:
+                     spool: trio.MemorySendChannel[_Spooled]) -> None:
         with self.scopes[peer]:
             async with trio.open_nursery() as nursery:
                 for k in range(self.limits.streams_per_holder):
                     nursery.start_soon(self.worker, peer, channel if k == 0 else None, manifest, spool)
 
-    async def spool(self, partial: PartialBlob, receive: trio.MemoryReceiveChannel[tuple[int, bytes, str]],
+    async def spool(self, partial: PartialBlob, receive: trio.MemoryReceiveChannel[_Spooled],
                     ) -> None:
         m = partial.manifest
         verified = partial.verified_count()
         async with receive:
-            async for i, data, peer in receive:
+            async for i, sealed, opener, peer in receive:
                 if partial.has_chunk(i):
                     continue
                 try:
-                    await trio.to_thread.run_sync(partial.write_chunk, i, data)
-                except BlobIntegrityError:
+                    length = await trio.to_thread.run_sync(self._open_and_write, partial, i, sealed, opener)
+                except (BlobIntegrityError, DecodeError):
                     self.bad_by_peer[peer] += 1
                     self.pending.append(i)
                     self.drop(peer, f"bad bytes for chunk {i}")
                     continue
                 verified += 1
                 self.chunks_by_peer[peer] += 1
-                self.bytes_fetched += len(data)
+                self.bytes_fetched += length
                 if self.progress is not None:
                     self.progress(min(verified * m.chunk_size, m.size), m.size)
                 if verified == m.num_chunks:
                     self.done = True
                     self.notify()
 
+    @staticmethod
+    def _open_and_write(partial: PartialBlob, i: int, sealed: bytes, opener: Opener) -> int:
+        data = opener(sealed)
+        partial.write_chunk(i, data)
+        return len(data)
+
     async def fetch_chunks(self, partial: PartialBlob, channels: dict[str, FrameChannel]) -> None:
         self.pending = collections.deque(partial.missing())
         self.done = not self.pending
         if self.done:
             return
-        send, receive = trio.open_memory_channel[tuple[int, bytes, str]](self.limits.spool_queue_chunks)
+        send, receive = trio.open_memory_channel[_Spooled](self.limits.spool_queue_chunks)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.spool, partial, receive)
             async with send, trio.open_nursery() as holders:

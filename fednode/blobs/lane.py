@@ -11,13 +11,22 @@ Whenever the lane cannot be opened the fetcher keeps using the libp2p stream.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import nacl.bindings
 import nacl.exceptions
 import trio
 
-from fednode.blobs.protocol import DEFAULT_MAX_HEADER_BYTES, FrameReader, Header, decode_header, encode_header
+from fednode.blobs.protocol import (
+    DEFAULT_MAX_HEADER_BYTES,
+    FrameReader,
+    Header,
+    Opener,
+    decode_header,
+    encode_header,
+    plain_opener,
+)
 from fednode.errors import DecodeError, LimitExceeded, PeerUnavailable
 
 KEY_BYTES = nacl.bindings.crypto_secretbox_KEYBYTES
@@ -52,8 +61,19 @@ def _nonce(direction: int, counter: int) -> bytes:
     return bytes([direction]) + bytes(15) + counter.to_bytes(8, "big")
 
 
+def _open(sealed: bytes, nonce: bytes, key: bytes) -> bytes:
+    try:
+        plain: bytes = nacl.bindings.crypto_secretbox_open(sealed, nonce, key)
+    except nacl.exceptions.CryptoError:
+        raise DecodeError("lane frame fails authentication") from None
+    return plain
+
+
 class LaneChannel:
-    """A FrameChannel over TCP; each frame is `u32be len | SecretBox(u32be hlen | header | payload)`."""
+    """A FrameChannel over TCP. A frame is `u32be hlen | SecretBox(header) | SecretBox(payload)`,
+    where hlen is the sealed header's length and the header's `n` the sealed payload's length
+    (absent when there is no payload). Header and payload have consecutive nonces, so the
+    payload can be opened later, in a worker thread."""
 
     def __init__(
         self, sock: trio.SocketStream, key: bytes, role: int, remote_peer_id: str,
@@ -75,43 +95,64 @@ class LaneChannel:
     def remote_peer_id(self) -> str:
         return self._peer
 
-    async def send_frame(self, header: Header, payload: bytes = b"") -> None:
-        if payload:
-            header = {**header, "n": len(payload)}
-        plain = encode_header(header, self._max_header) + payload
-        sealed = nacl.bindings.crypto_secretbox(plain, _nonce(self._send_dir, self._send_ctr), self._key)
+    def _seal(self, data: bytes) -> bytes:
+        sealed: bytes = nacl.bindings.crypto_secretbox(data, _nonce(self._send_dir, self._send_ctr), self._key)
         self._send_ctr += 1
+        return sealed
+
+    def encode_frame(self, header: Header, payload: bytes = b"") -> bytes:
+        sealed_payload = b""
+        ctr = self._send_ctr
+        if payload:
+            # the payload takes the nonce after the header's
+            self._send_ctr += 1
+            sealed_payload = self._seal(payload)
+            self._send_ctr = ctr
+            header = {**header, "n": len(sealed_payload)}
+        packed = encode_header(header, self._max_header)[4:]
+        sealed_header = self._seal(packed)
+        if payload:
+            self._send_ctr += 1
+        return _U32.pack(len(sealed_header)) + sealed_header + sealed_payload
+
+    async def send_raw(self, frame: bytes) -> None:
         try:
-            await self._sock.send_all(_U32.pack(len(sealed)) + sealed)
+            await self._sock.send_all(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise PeerUnavailable(f"lane broke: {exc!r}") from None
 
-    async def receive_frame(self, max_payload: int) -> tuple[Header, bytes] | None:
+    async def send_frame(self, header: Header, payload: bytes = b"") -> None:
+        await self.send_raw(self.encode_frame(header, payload))
+
+    async def receive_frame_deferred(self, max_payload: int) -> tuple[Header, bytes, Opener] | None:
         try:
-            head = await self._reader.read_frame_prefix()
+            hlen = await self._reader.read_frame_prefix()
         except OSError as exc:
             raise PeerUnavailable(f"lane broke: {exc!r}") from None
-        if head is None:
+        if hlen is None:
             return None
-        limit = 4 + self._max_header + max_payload + MAC_BYTES + 32  # +32: msgpack "n" field slack
-        if head > limit:
-            raise LimitExceeded(f"lane frame of {head} bytes > {limit}")
-        sealed = await self._reader.read_exact(head)
-        try:
-            plain = nacl.bindings.crypto_secretbox_open(sealed, _nonce(self._recv_dir, self._recv_ctr), self._key)
-        except nacl.exceptions.CryptoError:
-            raise DecodeError("lane frame fails authentication") from None
+        if hlen > self._max_header + MAC_BYTES:
+            raise LimitExceeded(f"lane frame header of {hlen} bytes > {self._max_header + MAC_BYTES}")
+        sealed = await self._reader.read_exact(hlen)
+        key, ctr = self._key, self._recv_ctr
+        header = decode_header(_open(sealed, _nonce(self._recv_dir, ctr), key))
         self._recv_ctr += 1
-        (hlen,) = _U32.unpack_from(plain)
-        if hlen > self._max_header or 4 + hlen > len(plain):
-            raise DecodeError("lane frame header length is inconsistent")
-        header = decode_header(plain[4 : 4 + hlen])
-        payload = plain[4 + hlen :]
-        if header.get("n", 0) != len(payload):
-            raise DecodeError("lane frame payload length does not match its header")
-        if len(payload) > max_payload:
-            raise LimitExceeded(f"lane payload of {len(payload)} bytes > {max_payload}")
-        return header, payload
+        n = header.get("n", 0)
+        if not n:
+            return header, b"", plain_opener
+        if n > max_payload + MAC_BYTES or n < MAC_BYTES:
+            raise LimitExceeded(f"lane payload of {n} bytes > {max_payload + MAC_BYTES}")
+        payload = await self._reader.read_exact(n)
+        nonce = _nonce(self._recv_dir, self._recv_ctr)
+        self._recv_ctr += 1
+        return header, payload, functools.partial(_open, nonce=nonce, key=key)
+
+    async def receive_frame(self, max_payload: int) -> tuple[Header, bytes] | None:
+        frame = await self.receive_frame_deferred(max_payload)
+        if frame is None:
+            return None
+        header, payload, opener = frame
+        return header, opener(payload)
 
     async def aclose(self) -> None:
         await self._sock.aclose()

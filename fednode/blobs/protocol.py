@@ -65,15 +65,32 @@ def decode_header(data: bytes) -> Header:
     return obj
 
 
+Opener = Callable[[bytes], bytes]  # turns a received payload into plaintext; pure, thread-safe
+
+
+def plain_opener(payload: bytes) -> bytes:
+    return payload
+
+
 class FrameChannel(Protocol):
     @property
     def remote_peer_id(self) -> str: ...
+
+    def encode_frame(self, header: Header, payload: bytes = b"") -> bytes:
+        """The bytes of one frame, ready for send_raw. Frames must be sent in the order they were
+        encoded (the lane's nonces count); may run in a worker thread."""
+
+    async def send_raw(self, frame: bytes) -> None: ...
 
     async def send_frame(self, header: Header, payload: bytes = b"") -> None: ...
 
     async def receive_frame(self, max_payload: int) -> tuple[Header, bytes] | None:
         """None at a clean end of stream between frames; DecodeError/LimitExceeded on bad input;
         PeerUnavailable when the stream breaks (also mid-frame)."""
+
+    async def receive_frame_deferred(self, max_payload: int) -> tuple[Header, bytes, Opener] | None:
+        """Like receive_frame, but the payload is returned as received, with the function that
+        opens it (decryption on the lane), so the caller can do that work off the event loop."""
 
     async def aclose(self) -> None: ...
 
@@ -141,22 +158,26 @@ class StreamChannel:
     def remote_peer_id(self) -> str:
         return self.stream.remote_peer_id
 
-    async def send_frame(self, header: Header, payload: bytes = b"") -> None:
+    def encode_frame(self, header: Header, payload: bytes = b"") -> bytes:
         if payload:
             header = {**header, "n": len(payload)}
-        data = encode_header(header, self._max_header)
+        return encode_header(header, self._max_header) + payload
+
+    async def send_raw(self, frame: bytes) -> None:
         try:
-            if payload and len(payload) <= 64 * 1024:
-                await self.stream.send_all(data + payload)
-            else:
-                await self.stream.send_all(data)
-                if payload:
-                    await self.stream.send_all(payload)
+            await self.stream.send_all(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerUnavailable(f"stream broke: {exc!r}") from None
 
+    async def send_frame(self, header: Header, payload: bytes = b"") -> None:
+        await self.send_raw(self.encode_frame(header, payload))
+
     async def receive_frame(self, max_payload: int) -> tuple[Header, bytes] | None:
         return await self._reader.read_frame(max_payload)
+
+    async def receive_frame_deferred(self, max_payload: int) -> tuple[Header, bytes, Opener] | None:
+        frame = await self._reader.read_frame(max_payload)
+        return None if frame is None else (frame[0], frame[1], plain_opener)
 
     async def aclose(self) -> None:
         await self.stream.aclose()

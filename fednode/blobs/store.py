@@ -171,6 +171,8 @@ class PartialBlob:
             _atomic_write(bitmap_path, bytes(bits))
             _atomic_write(existing, manifest.encode())
         self._bits = bits
+        self._whole = hashlib.sha256()
+        self._hash_next = 0  # chunks [0, _hash_next) are in _whole
         self._data: BinaryIO = open(self.dir / "data", "r+b")  # noqa: SIM115 - closed in close()
 
     def has_chunk(self, index: int) -> bool:
@@ -190,6 +192,14 @@ class PartialBlob:
         os.pwrite(self._data.fileno(), data, offset)
         self._bits[index >> 3] |= 1 << (index & 7)
         self._unflushed += len(data)
+        # hash the verified prefix as it grows, so complete() need not read the blob again
+        while self._hash_next < self.manifest.num_chunks and self.has_chunk(self._hash_next):
+            if self._hash_next == index:
+                self._whole.update(data)
+            else:
+                off, length = self.manifest.chunk_range(self._hash_next)
+                self._whole.update(os.pread(self._data.fileno(), length, off))
+            self._hash_next += 1
         if self._unflushed >= self._flush_bytes:
             self.flush()
 
@@ -208,10 +218,12 @@ class PartialBlob:
             raise FednodeError(f"partial {self.manifest.sha256} still misses chunks")
         self._data.flush()
         os.fsync(self._data.fileno())
-        self._data.seek(0)
-        h = hashlib.sha256()
-        while block := self._data.read(DEFAULT_READ_BLOCK):
-            h.update(block)
+        h = self._whole
+        if self._hash_next < self.manifest.num_chunks:  # e.g. an empty blob, or nothing written here
+            h = hashlib.sha256()
+            self._data.seek(0)
+            while block := self._data.read(DEFAULT_READ_BLOCK):
+                h.update(block)
         self._data.close()
         if h.hexdigest() != self.manifest.sha256:
             self.discard()
