@@ -299,9 +299,9 @@ class RoundState:
     def _judge(self, a: SubmissionAnnounce, now: float) -> Validation:
         m = self.manifest
         if a.round_id != m.round_id:
-            return self._record(a, Validation(Verdict.IGNORE, "wrong_round", a.round_id[:64]))
+            return self._refuse(a, Validation(Verdict.IGNORE, "wrong_round", a.round_id[:64]))
         if a.community_id != m.community_id:
-            return self._record(a, Validation(Verdict.IGNORE, "wrong_community", a.community_id[:64]))
+            return self._refuse(a, Validation(Verdict.IGNORE, "wrong_community", a.community_id[:64]))
         if a.participant_node_id in self.excluded:
             return self.excluded[a.participant_node_id]
         known = self.accepted.get(a.participant_node_id)
@@ -309,7 +309,7 @@ class RoundState:
             if (known.delta_sha256, known.delta_size, known.num_samples) == (a.delta_sha256, a.delta_size,
                                                                               a.num_samples):
                 return Validation(Verdict.ACCEPT, "duplicate", "already accepted; counted once")
-            return self._record(a, Validation(Verdict.REJECT, "equivocation",
+            return self._refuse(a, Validation(Verdict.REJECT, "equivocation",
                                               f"second, different delta; keeping {known.delta_sha256}"))
         if not self.is_open:  # closed by the clock, by max_participants, or by CloseSubmissions
             if now >= self.deadline:
@@ -318,16 +318,21 @@ class RoundState:
                 v = Validation(Verdict.IGNORE, "full", f"max_participants={m.max_participants} already accepted")
             else:
                 v = Validation(Verdict.IGNORE, "closed", f"round is {self.phase.value}")
-            return self._record(a, v)
+            return self._refuse(a, v)
         self.accepted[a.participant_node_id] = a
         if a.participant_node_id == self.node_id:
             self.own_submission = a
         return ACCEPTED
 
-    def _record(self, a: SubmissionAnnounce, v: Validation) -> Validation:
+    def _refuse(self, a: SubmissionAnnounce, v: Validation) -> Validation:
+        return self.record_rejection(a.participant_node_id, v, a.delta_sha256)
+
+    def record_rejection(self, node_id: str, v: Validation, delta_sha256: str = "") -> Validation:
+        """Record a submission the driver refused before it reached the machine (bad blob, bad
+        signature) in the round record; counted per reason, bounded by max_recorded_rejections."""
         self.rejected_by_reason[v.reason] = self.rejected_by_reason.get(v.reason, 0) + 1
         if len(self.rejections) < self.max_recorded_rejections:
-            self.rejections.append(Rejection(a.participant_node_id, v.reason, v.detail, a.delta_sha256))
+            self.rejections.append(Rejection(node_id[:64], v.reason, v.detail, delta_sha256))
         return v
 
     def _on_contribution_rejected(self, event: ContributionRejected, effects: list[Effect]) -> Validation:
@@ -335,7 +340,7 @@ class RoundState:
         a = self.accepted.pop(event.node_id, None)
         if a is None:
             raise LocalProtocolError(f"round {self.round_id}: {event.node_id} has no accepted submission")
-        v = self._record(a, Validation(Verdict.REJECT, event.reason, event.detail))
+        v = self._refuse(a, Validation(Verdict.REJECT, event.reason, event.detail))
         self.excluded[event.node_id] = v
         if self.phase is Phase.AGGREGATING and self.role is Role.COORDINATOR:
             self.aggregation_started = False  # re-plan with what is left: aggregate again or fail

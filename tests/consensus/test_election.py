@@ -246,3 +246,20 @@ def test_live_nodes_agree_on_one_coordinator_per_term_once_delivery_settles(
     for t in range(max(1, term - CONFIG.term_history), term + 1):
         named = {s.coordinator_of(t) for s in live}
         assert len(named) == 1, (t, named)
+
+
+def test_rank_vectors_in_the_spec() -> None:
+    import pathlib
+    import re
+
+    spec = (pathlib.Path(__file__).parents[2] / "protocols" / "election-v1.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+)\s+\| `(\w+)` \| `([0-9a-f]{16})` \|$", spec.split("<!-- rank-vectors -->")[1],
+                      flags=re.M)
+    assert len(rows) == 6
+    for term, node_id, prefix in rows:
+        assert rank(int(term), node_id).hex()[:16] == prefix
+    ids = {identity(i).node_id for i in range(3)}
+    assert {node for _, node, _ in rows} == ids
+    by_term = {t: min((r for r in rows if r[0] == t), key=lambda r: r[2])[1] for t in ("1", "2")}
+    assert by_term == {"1": "12D3KooWP3YuV6tAbk9KeArKrGv1DTvpjkVtraZSV55W9brcZtLY",
+                       "2": "12D3KooWL5Tu1NWUnQ3dzF4Dhkvx2Xn4BZYFUnZM3UUjdNUkSaLp"}
