@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fednode.consensus import round_snapshot
 from fednode.consensus.common import Effect, Outcome, Tick
 from fednode.consensus.round_events import (
     AggregateSeen,
@@ -68,7 +69,6 @@ from fednode.wire.messages import (
 from fednode.wire.verdict import ACCEPTED, Validation, Verdict
 
 DEFAULT_MAX_RECORDED_REJECTIONS = 1024  # rejected/ignored submissions kept for the round record
-SNAPSHOT_VERSION = 1
 
 
 class Role(enum.Enum):
@@ -388,54 +388,14 @@ class RoundState:
             effects.append(Reannounce(self.own_submission))
         return ACCEPTED
 
-    # -- persistence ---------------------------------------------------------------------------
+    # -- persistence (round_snapshot.py) -------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """Plain data (JSON-able): signed messages as hex of their canonical bytes."""
-        return {
-            "version": SNAPSHOT_VERSION,
-            "node_id": self.node_id,
-            "role": self.role.value,
-            "phase": self.phase.value,
-            "term": self.term,
-            "coordinator_node_id": self.coordinator_node_id,
-            "manifest": codec.encode(self.manifest).hex(),
-            "accepted": [codec.encode(a).hex() for _, a in sorted(self.accepted.items())],
-            "excluded": {n: [v.verdict.value, v.reason, v.detail] for n, v in sorted(self.excluded.items())},
-            "own_submission": codec.encode(self.own_submission).hex() if self.own_submission else "",
-            "rejections": [[r.node_id, r.reason, r.detail, r.delta_sha256] for r in self.rejections],
-            "rejected_by_reason": dict(self.rejected_by_reason),
-            "aggregation_started": self.aggregation_started,
-            "merged_sha256": self.merged_sha256,
-            "merged_size": self.merged_size,
-            "failure_reason": self.failure_reason,
-        }
+        return round_snapshot.snapshot(self)
 
     @classmethod
     def restore(cls, data: Mapping[str, Any], *,
                 max_recorded_rejections: int = DEFAULT_MAX_RECORDED_REJECTIONS) -> RoundState:
         """Inverse of snapshot(). A restored coordinator that was AGGREGATING re-plans the aggregation
         on its next event (the work in flight died with the process)."""
-        if data.get("version") != SNAPSHOT_VERSION:
-            raise LocalProtocolError(f"round snapshot version {data.get('version')!r} is not {SNAPSHOT_VERSION}")
-        manifest = codec.decode(bytes.fromhex(data["manifest"]))
-        if not isinstance(manifest, RoundManifest):
-            raise LocalProtocolError("round snapshot: manifest is not a RoundManifest")
-        state = cls(manifest, node_id=data["node_id"], role=Role(data["role"]),
-                    max_recorded_rejections=max_recorded_rejections)
-        state.phase = Phase(data["phase"])
-        state.term, state.coordinator_node_id = int(data["term"]), str(data["coordinator_node_id"])
-        for hexed in data["accepted"]:
-            a = codec.decode(bytes.fromhex(hexed))
-            if not isinstance(a, SubmissionAnnounce):
-                raise LocalProtocolError("round snapshot: accepted entry is not a SubmissionAnnounce")
-            state.accepted[a.participant_node_id] = a
-        state.excluded = {n: Validation(Verdict(v), r, d) for n, (v, r, d) in data["excluded"].items()}
-        if data["own_submission"]:
-            own = codec.decode(bytes.fromhex(data["own_submission"]))
-            state.own_submission = own if isinstance(own, SubmissionAnnounce) else None
-        state.rejections = [Rejection(*r) for r in data["rejections"]][:max_recorded_rejections]
-        state.rejected_by_reason = {str(k): int(v) for k, v in data["rejected_by_reason"].items()}
-        state.aggregation_started = bool(data["aggregation_started"]) and state.phase is not Phase.AGGREGATING
-        state.merged_sha256, state.merged_size = str(data["merged_sha256"]), int(data["merged_size"])
-        state.failure_reason = str(data["failure_reason"])
-        return state
+        return round_snapshot.restore(cls, data, max_recorded_rejections=max_recorded_rejections)
