@@ -67,12 +67,14 @@ async def hold(args: argparse.Namespace) -> None:
         emit("ready", peer_id=t.local_peer_id, addrs=t.listen_addrs(), sha256=sha, size=args.size)
         announcement = json.dumps({"have": sha, "peer": t.local_peer_id, "size": args.size}).encode()
         nursery.start_soon(_print_control, sub, t.local_peer_id)
-        while True:
+        deadline = trio.current_time() + args.lifetime
+        while trio.current_time() < deadline:
             await t.publish(CONTROL_TOPIC, announcement)
             stats = server.statistics()
             if stats.chunks_served:
                 emit("served", chunks=stats.chunks_served, bytes=stats.bytes_served, lanes=stats.lanes)
             await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
 
 
 async def _print_control(sub: Any, me: str) -> None:
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--progress-bytes", type=int, default=4 << 20)
     p.add_argument("--no-lane", action="store_true")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--lifetime", type=float, default=float("inf"), help="hold: exit after this many seconds")
     args = p.parse_args(argv)
     role = {"hold": hold, "fetch": fetch, "tcp-source": tcp_source}[args.role]
     try:

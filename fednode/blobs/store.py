@@ -37,7 +37,8 @@ from fednode.blobs.manifest import (
 from fednode.errors import BlobIntegrityError, DecodeError, FednodeError, LimitExceeded
 
 DEFAULT_READ_BLOCK = 1 << 20
-DEFAULT_PARTIAL_FLUSH_BYTES = 16 << 20  # fsync data + persist the bitmap at least this often
+# fsync data + persist the bitmap at least this often: a crash re-fetches at most this much
+DEFAULT_PARTIAL_FLUSH_BYTES = 64 << 20
 
 
 def _fsync_dir(path: Path) -> None:
