@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from fednode.errors import FednodeError
 
@@ -34,6 +35,121 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fednode.config import example_toml
+    from fednode.identity import write_key_file
+
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = root / "node.toml"
+    if config_path.exists():
+        print(f"fednode init: {config_path} already exists; refusing to overwrite it", file=sys.stderr)
+        return 1
+    identity = write_key_file(root / "node.key")
+    text = example_toml().replace('data_dir = "./fednode-data"', 'data_dir = "."')
+    text = text.replace('id = "default"', f'id = "{args.community}"')
+    if args.federated_learning:
+        text = text.replace("federated_learning = false", "federated_learning = true")
+    config_path.write_text(text)
+    print(f"node id:  {identity.node_id}\nkey:      {root / 'node.key'} (mode 0600)\nconfig:   {config_path}")
+    print(f"next:     edit [network] bootstrap, then: fednode run --config {config_path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fednode.config import load_config
+    from fednode.node.runner import main as run_main
+
+    return run_main(load_config(args.config))
+
+
+def _control_path(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from fednode.config import load_config
+
+    if args.socket:
+        return Path(args.socket)
+    return load_config(args.config).control_socket_path
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    import trio
+
+    from fednode.node.control import query_control
+
+    status = trio.run(query_control, _control_path(args))
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(_format_status(status))
+    return 0
+
+
+def _format_status(s: dict[str, Any]) -> str:
+    lines = [f"node        {s.get('node_id')} {s.get('name') or ''}".rstrip(),
+             f"community   {s.get('community_id')}   federated_learning={s.get('federated_learning')}",
+             f"coordinator {s.get('coordinator') or '-'} (term {s.get('term')})",
+             f"members     {sum(1 for m in s.get('members', []) if m.get('alive'))} alive of "
+             f"{len(s.get('members', []))} seen; {len(s.get('peers', []))} connected"]
+    cur = s.get("current_round")
+    if cur:
+        lines.append(f"round       #{cur['round_number']} {cur['round_id']} {cur['state']} as {cur['role']}, "
+                     f"{cur['submissions']} submissions (min {cur['min_participants']})")
+    else:
+        lines.append(f"round       {s.get('rounds', 'none yet')}")
+    last = s.get("last_merged") or {}
+    if last:
+        lines.append(f"last merged round {last.get('round_number')}: {last.get('sha256', '')[:16]}… {last.get('path')}")
+    lines.append(f"completed   {s.get('rounds_completed', 0)} rounds")
+    for verdict in ("rejected", "ignored"):
+        counts = s.get("counters", {}).get(verdict, {})
+        if counts:
+            lines.append(f"{verdict:<11} " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    b = s.get("bytes", {})
+    lines.append("bytes       " + ", ".join(f"{k}={v}" for k, v in sorted(b.items())))
+    return "\n".join(lines)
+
+
+def _cmd_rounds(args: argparse.Namespace) -> int:
+    import json
+
+    from fednode.config import load_config
+
+    config = load_config(args.config)
+    folder = config.data_dir / "rounds"
+    if args.number is not None:
+        path = folder / f"round-{args.number}.json"
+        if not path.exists():
+            print(f"fednode rounds: no record {path}", file=sys.stderr)
+            return 1
+        sys.stdout.write(path.read_text())
+        return 0
+    records = sorted(folder.glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    print(json.dumps([json.loads(p.read_text()) for p in records], indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_start_round(args: argparse.Namespace) -> int:
+    import trio
+
+    from fednode.config import load_config
+    from fednode.errors import GateClosed
+    from fednode.node.control import query_control
+
+    config = load_config(args.config)
+    if not config.research.federated_learning:
+        raise GateClosed(f"{config.source}: [research] federated_learning = false; this node takes part in no "
+                         "round. Set federated_learning = true in the [research] section to start or join rounds.")
+    answer = trio.run(query_control, config.control_socket_path, "start_round")
+    print(answer.get("result") or answer.get("error"))
+    return 0 if "result" in answer else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fednode",
@@ -58,6 +174,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--example", action="store_true", help="print the example config (configs/node.toml)")
     g.add_argument("--check", metavar="FILE", help="validate FILE and print a summary")
     p.set_defaults(handler=_cmd_config)
+
+    p = sub.add_parser("init", help="create a node folder: key (0600) and a commented config",
+                       description="Create DIR with a new node key (node.key, mode 0600) and node.toml, a "
+                       "commented config with every key (data_dir = DIR).")
+    p.add_argument("dir", help="folder to create")
+    p.add_argument("--community", default="default", help="community id (default: %(default)s)")
+    p.add_argument("--federated-learning", action="store_true",
+                   help="set [research] federated_learning = true (off by default)")
+    p.set_defaults(handler=_cmd_init)
+
+    p = sub.add_parser("run", help="run the node daemon until SIGINT/SIGTERM",
+                       description="Run the long-lived node: join the community over libp2p, heartbeat, elect "
+                       "or follow a coordinator, and, with [research] federated_learning = true, train and "
+                       "exchange adapter deltas round after round. SIGINT/SIGTERM stop it cleanly.")
+    p.add_argument("--config", required=True, metavar="FILE", help="node config (see fednode config --example)")
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("status", help="ask a running daemon for its status",
+                       description="Ask the daemon over its local control socket: members, coordinator, term, "
+                       "current round and state, last merged adapter, counters of accepted/rejected messages by "
+                       "reason, bytes moved.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", metavar="FILE", help="the daemon's config (finds its control socket)")
+    g.add_argument("--socket", metavar="PATH", help="the control socket itself")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(handler=_cmd_status)
+
+    p = sub.add_parser("rounds", help="print the per-round records (JSON) from the data dir",
+                       description="Print rounds/round-<n>.json: manifest, accepted submissions (node id, blob "
+                       "sha256, num_samples, weight), rejected ones with reasons, aggregation method and the "
+                       "merged blob sha256. Without N, all rounds as one JSON array.")
+    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("number", nargs="?", type=int, help="round number")
+    p.set_defaults(handler=_cmd_rounds)
+
+    p = sub.add_parser("start-round", help="ask the running coordinator to open a round now",
+                       description="Ask the daemon to open the next round now (only the coordinator can). "
+                       "Refused when [research] federated_learning = false.")
+    p.add_argument("--config", required=True, metavar="FILE")
+    p.set_defaults(handler=_cmd_start_round)
 
     return parser
 

@@ -274,6 +274,21 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """Write a {section: {key: value}} mapping (the shape of our configs) as TOML."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    return {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(Config)
+            if f.name != "source"}
+
+
 def example_toml() -> str:
     """The documented example config (configs/node.toml is this text; a test keeps them equal)."""
     lines = [

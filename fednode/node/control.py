@@ -1,6 +1,6 @@
 """The local control endpoint: a unix socket (mode 0600) in the data dir.
 
-Protocol: the client sends one line naming a command (`status`), the daemon answers one line
+Protocol: the client sends one line naming a command (`status`, `start_round`), the daemon answers one line
 of JSON and closes. Only local users who can open the socket file can ask.
 """
 
@@ -30,7 +30,7 @@ class ControlError(FednodeError):
     """The control endpoint could not be reached or answered badly."""
 
 
-async def serve_control(path: Path, status: StatusFn, *,
+async def serve_control(path: Path, commands: dict[str, StatusFn], *,
                         task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # a stale socket from a killed daemon
@@ -53,10 +53,11 @@ async def serve_control(path: Path, status: StatusFn, *,
                         break
                     request += data
                 command = request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
-                if command == "status":
-                    body: dict[str, Any] = status()
+                fn = commands.get(command)
+                if fn is not None:
+                    body: dict[str, Any] = fn()
                 else:
-                    body = {"error": f"unknown command {command[:40]!r}; known: status"}
+                    body = {"error": f"unknown command {command[:40]!r}; known: {', '.join(sorted(commands))}"}
                 await stream.send_all(json.dumps(body, sort_keys=True, default=str).encode() + b"\n")
 
     try:

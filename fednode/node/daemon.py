@@ -135,7 +135,8 @@ class Node:
                     self.driver.resume_effects()
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._timer_loop)
-                await nursery.start(serve_control, self.config.control_socket_path, self.status)
+                await nursery.start(serve_control, self.config.control_socket_path,
+                                    {"status": self.status, "start_round": self._start_round_now})
                 metrics = None
                 if self.config.metrics.enabled:
                     from fednode.node.metrics import MetricsServer
@@ -289,15 +290,25 @@ class Node:
             if self.enabled:
                 self.driver.tick(now)
                 live = len(self._live_federated())
-                if self.driver.maybe_start_round(now, live) is not None:
-                    manifest = self.driver.open_round()
-                    if manifest is not None:
-                        await self.publish(manifest.manifest)
+                manifest = self.driver.maybe_start_round(now, live)
+                if manifest is not None:
+                    await self.publish(manifest)
             timers = [t for t in (self.election.next_timer(), self.driver.next_timer()) if t is not None]
             delay = min([MAX_TIMER_SLEEP_SECONDS, *[t - now for t in timers]])
             self._wake = trio.Event()
             with trio.move_on_after(max(0.0, delay) + 1e-3):
                 await self._wake.wait()
+
+    def _start_round_now(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {"error": "[research] federated_learning = false: this node starts no round"}
+        if self.election.coordinator != self.node_id:
+            return {"error": f"not the coordinator; ask {self.election.coordinator or 'nobody (none elected yet)'}"}
+        manifest = self.driver.maybe_start_round(self.clock(), len(self._live_federated()), force=True)
+        if manifest is None:
+            return {"error": "a round is already open"}
+        self._publish_soon(manifest)
+        return {"result": f"started round {manifest.round_number} ({manifest.round_id})"}
 
     # -- queries -----------------------------------------------------------------------------
     def _live_federated(self) -> list[str]:

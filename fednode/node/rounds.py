@@ -343,21 +343,24 @@ class RoundDriver:
                     self._on_manifest(manifest, change.now)
 
     # -- coordinator: start a round ---------------------------------------------------------
-    def maybe_start_round(self, now: float, live_federated: int) -> RoundManifest | None:
-        """The coordinator's decision to open the next round (None = not now)."""
+    def maybe_start_round(self, now: float, live_federated: int, *, force: bool = False) -> RoundManifest | None:
+        """The coordinator's decision to open the next round (None = not now). `force` skips the
+        round budget, the pause and the member quorum (an operator's `fednode start-round`)."""
         cfg = self.config.round
         if not self.enabled or self.coordinator != self.me or self.open_round() is not None:
             return None
+        if self.trainer is None:
+            return None
         finished = self.db.rounds(states=("published", "failed"))
-        if cfg.max_rounds and sum(1 for r in finished if r.state == "published") >= cfg.max_rounds:
-            return None
-        if finished and now - self._finished_at(finished[-1]) < cfg.pause_seconds:
-            return None
-        if live_federated < (cfg.wait_for_members or cfg.min_participants):
-            return None
+        if not force:
+            if cfg.max_rounds and sum(1 for r in finished if r.state == "published") >= cfg.max_rounds:
+                return None
+            if finished and now - self._finished_at(finished[-1]) < cfg.pause_seconds:
+                return None
+            if live_federated < (cfg.wait_for_members or cfg.min_participants):
+                return None
         latest = self.db.latest_published()
         number = max((r.round_number for r in self.db.rounds()), default=0) + 1
-        assert self.trainer is not None
         manifest = RoundManifest(
             round_id=f"r{number}-t{self.term}", base_model_id=self.trainer.base_model_id,
             coordinator_node_id=self.me, community_id=self.config.community.id, lora_rank=cfg.lora_rank,

@@ -1,0 +1,58 @@
+"""`fednode run`: the daemon process around a Node (logging, signals, clean shutdown)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+import trio
+
+from fednode.config import Config
+from fednode.identity import load_key_file
+from fednode.node.daemon import Node
+from fednode.node.trainers import Trainer, make_trainer
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+logger = logging.getLogger("fednode.run")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("libp2p", "multiaddr", "async_service"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+async def run_daemon(config: Config) -> None:
+    identity = load_key_file(config.key_path)
+    trainer: Trainer | None = None
+    if config.research.federated_learning:
+        logger.info("loading the %s task (federated_learning = true)", config.learning.task)
+        trainer = await trio.to_thread.run_sync(make_trainer, config)
+    else:
+        logger.info("[research] federated_learning = false: joining as a member only; no rounds")
+    node = Node(config, identity, trainer=trainer)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            logger.info("node %s up; community %s; control socket %s", node.node_id, config.community.id,
+                        config.control_socket_path)
+            print(f"fednode: node {node.node_id} running (status: fednode status --config {config.source})",
+                  file=sys.stderr, flush=True)
+            async for signum in signals:
+                logger.info("signal %s: shutting down", signal.Signals(signum).name)
+                started = time.monotonic()
+                nursery.cancel_scope.cancel()
+                break
+    logger.info("stopped cleanly in %.2f s", time.monotonic() - started)
+
+
+def main(config: Config) -> int:
+    setup_logging()
+    trio.run(run_daemon, config)
+    return 0
