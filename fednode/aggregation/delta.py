@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import safetensors.torch
 import torch
 
 from fednode.errors import DecodeError, InvalidUpdate, LimitExceeded
@@ -85,36 +84,81 @@ def _entry(key: str, spec: object, data_len: int) -> tuple[torch.dtype, tuple[in
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
-def delta_views(
-    data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_DELTA_BYTES
-) -> TensorDict:
-    """Decode without copying: READ-ONLY tensors that view `data` (which they keep alive).
-    Callers must not write into them; `load_delta` returns owned copies."""
+_Parsed = tuple[int, list[tuple[str, torch.dtype, tuple[int, ...], int, int]]]
+
+
+def _parse(data: bytes | bytearray | memoryview, max_bytes: int) -> _Parsed:
+    """Validate the whole header; return the data start and the entries in data-offset order."""
     header, start = _header(data, max_bytes)
     data_len = len(data) - start
     header.pop("__metadata__", None)
     if len(header) > DEFAULT_MAX_TENSORS:
         raise LimitExceeded(f"delta holds {len(header)} tensors, over DEFAULT_MAX_TENSORS")
-    entries = {key: _entry(key, spec, data_len) for key, spec in header.items()}
+    entries = sorted(((key, *_entry(key, spec, data_len)) for key, spec in header.items()),
+                     key=lambda e: (e[3], e[4]))
     cursor = 0
-    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+    for key, _, _, begin, end in entries:
         if begin != cursor:
             raise DecodeError(f"{key}: data_offsets leave a gap or overlap at byte {cursor}")
         cursor = end
     if cursor != data_len:
         raise DecodeError(f"tensors cover {cursor} of {data_len} data bytes")
-    out: TensorDict = {}
+    return start, entries
+
+
+def _frombuffer(data: bytes | bytearray | memoryview, dtype: torch.dtype, offset: int, nbytes: int) -> torch.Tensor:
     with warnings.catch_warnings():
-        # frombuffer warns that `bytes` is not writable; these views are documented read-only.
+        # frombuffer warns that `bytes` is not writable; our views are documented read-only.
         warnings.simplefilter("ignore", UserWarning)
-        for key, (dtype, shape, begin, end) in entries.items():
-            if begin == end:
-                out[key] = torch.zeros(shape, dtype=dtype)
-            else:
-                flat = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                        offset=start + begin)
-                out[key] = flat.view(shape)
+        return torch.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+
+
+def delta_views(
+    data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_DELTA_BYTES
+) -> TensorDict:
+    """Decode without copying: READ-ONLY tensors that view `data` (which they keep alive).
+    Callers must not write into them; `load_delta` returns owned copies."""
+    start, entries = _parse(data, max_bytes)
+    out: TensorDict = {}
+    for key, dtype, shape, begin, end in entries:
+        if begin == end:
+            out[key] = torch.zeros(shape, dtype=dtype)
+        else:
+            out[key] = _frombuffer(data, dtype, start + begin, end - begin).view(shape)
     return out
+
+
+@dataclass(frozen=True)
+class FlatDelta:
+    layout: tuple[LayoutEntry, ...]
+    """Entries in storage order."""
+    flat: torch.Tensor
+    """One read-only fp32 view of the whole data section (the entries' concatenation)."""
+    prefix: bytes
+    """Length prefix + header, to recognise a blob with the same header without parsing it again."""
+    size: int
+
+
+def delta_flat(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int = DEFAULT_MAX_DELTA_BYTES,
+    template: FlatDelta | None = None,
+) -> FlatDelta | None:
+    """If every tensor is fp32: a `FlatDelta`, so FedAvg adds a client in one operation; else None.
+    A blob of `template`'s size whose header bytes equal `template`'s is not parsed again."""
+    if template is not None and len(data) == template.size and len(data) <= max_bytes:
+        start = len(template.prefix)
+        if bytes(data[:start]) == template.prefix:
+            flat = _frombuffer(data, torch.float32, start, len(data) - start) if len(data) > start else torch.zeros(0)
+            return FlatDelta(template.layout, flat, template.prefix, template.size)
+    start, entries = _parse(data, max_bytes)
+    if not entries or any(dtype != torch.float32 for _, dtype, _, _, _ in entries):
+        return None
+    layout = tuple(LayoutEntry(key, shape, dtype) for key, dtype, shape, _, _ in entries)
+    nbytes = len(data) - start
+    flat = _frombuffer(data, torch.float32, start, nbytes) if nbytes else torch.zeros(0)
+    return FlatDelta(layout, flat, bytes(data[:start]), len(data))
 
 
 def load_delta(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_DELTA_BYTES) -> TensorDict:
@@ -124,9 +168,25 @@ def load_delta(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT
 
 
 def dump_delta(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Encode as safetensors: contiguous fp32 CPU tensors, no metadata. Equal input gives equal bytes."""
-    plain = {key: tensors[key].detach().to("cpu", torch.float32).contiguous() for key in sorted(tensors)}
-    return bytes(safetensors.torch.save(plain))
+    """Encode as safetensors: contiguous fp32 CPU tensors in key order, no metadata, header padded
+    with spaces to 8 bytes (as the reference writer does). Equal input gives equal bytes."""
+    keys = sorted(tensors)
+    plain = [tensors[k].detach().to("cpu", torch.float32) for k in keys]
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, t in zip(keys, plain, strict=True):
+        n = t.numel() * 4
+        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    out = bytearray(8 + len(head) + offset)
+    out[:8] = len(head).to_bytes(8, "little")
+    out[8 : 8 + len(head)] = head
+    if offset:
+        data = torch.frombuffer(out, dtype=torch.float32, offset=8 + len(head))
+        torch.cat([t.reshape(-1) for t in plain], out=data)
+    return bytes(out)
 
 
 @dataclass(frozen=True)

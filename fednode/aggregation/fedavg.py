@@ -5,12 +5,21 @@ gate (Flower style: keys, shapes and dtypes must agree across clients)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from fednode.aggregation.delta import DEFAULT_MAX_DELTA_BYTES, AdapterLayout, TensorDict, delta_views
+from fednode.aggregation.delta import (
+    DEFAULT_MAX_DELTA_BYTES,
+    AdapterLayout,
+    FlatDelta,
+    LayoutEntry,
+    TensorDict,
+    delta_flat,
+    delta_views,
+)
 from fednode.errors import InconsistentUpdates, InvalidUpdate
 
 Update = bytes | bytearray | memoryview | Mapping[str, torch.Tensor]
@@ -68,33 +77,108 @@ def materialize(
     return clients
 
 
+DEFAULT_FP32_GROUP = 8
+"""Clients summed in a float32 partial before it is folded into the float64 total: float32 adds run
+~5x faster than mixed float64 += float32, and a group of 8 keeps the rounding error near 1e-7."""
+
+
+class _Accumulator:
+    """sum_i w_i u_i in one flat float64 buffer (plus a float32 partial), with per-key views."""
+
+    def __init__(self, entries: Sequence[LayoutEntry], group: int) -> None:
+        self.entries = tuple(entries)
+        self.layout = AdapterLayout(tuple(sorted(entries, key=lambda e: e.key)))
+        total = sum(math.prod(e.shape) for e in entries)
+        self.total: torch.Tensor | None = None  # allocated at the first fold: K <= group stays in fp32
+        self.size = total
+        self.partial = torch.zeros(total, dtype=torch.float32)
+        self.views: dict[str, torch.Tensor] = {}
+        offset = 0
+        for e in entries:
+            n = math.prod(e.shape)
+            self.views[e.key] = self.partial[offset : offset + n].view(e.shape)
+            offset += n
+        self.group, self.pending = max(1, group), 0
+
+    def add_flat(self, flat: torch.Tensor, weight: float) -> None:
+        self.partial.add_(flat, alpha=weight)
+        self._tick()
+
+    def add_tensors(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
+        for key, t in tensors.items():
+            self.views[key].add_(t if t.dtype == torch.float32 else t.float(), alpha=weight)
+        self._tick()
+
+    def _tick(self) -> None:
+        self.pending += 1
+        if self.pending >= self.group:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self.pending:
+            if self.total is None:
+                self.total = self.partial.double()
+            else:
+                self.total.add_(self.partial.double())
+            self.partial.zero_()
+            self.pending = 0
+
+    def mean(self, weight_sum: float) -> TensorDict:
+        if self.total is None:  # one group only: a single fp32 rounding per term, no fp64 pass needed
+            flat = self.partial.div_(weight_sum)
+        else:
+            self._fold()
+            assert self.total is not None
+            flat = self.total.div_(weight_sum).to(torch.float32)
+        out: TensorDict = {}
+        offset = 0
+        for e in self.entries:
+            n = math.prod(e.shape)
+            out[e.key] = flat[offset : offset + n].view(e.shape)
+            offset += n
+        return {key: out[key] for key in sorted(out)}
+
+
 def fedavg(
-    weighted_updates: Iterable[tuple[Update, float]], *, max_bytes: int = DEFAULT_MAX_DELTA_BYTES
+    weighted_updates: Iterable[tuple[Update, float]],
+    *,
+    max_bytes: int = DEFAULT_MAX_DELTA_BYTES,
+    fp32_group: int = DEFAULT_FP32_GROUP,
 ) -> TensorDict:
     """sum_i w_i u_i / sum_i w_i for every tensor, output fp32. Consumes the iterable once and holds
-    only one client's update at a time plus the float64 accumulator."""
-    acc: dict[str, torch.Tensor] = {}
-    layout: AdapterLayout | None = None
+    only one client's update at a time plus the accumulator. A safetensors blob whose tensors are all
+    fp32 and stored in the first client's order is added as one flat vector (no per-tensor work)."""
+    acc: _Accumulator | None = None
+    template: FlatDelta | None = None
     weights: list[float] = []
     index = -1
     for pair in weighted_updates:  # no enumerate: its reused tuple would pin the previous client
         index += 1
         update, w = pair[0], check_weight(index, pair[1])
         del pair
-        tensors = as_tensors(update, max_bytes=max_bytes)
-        if layout is None:
-            layout = AdapterLayout.from_tensors(tensors)
-            acc = {e.key: torch.zeros(e.shape, dtype=torch.float64) for e in layout.entries}
+        flat = None
+        if isinstance(update, bytes | bytearray | memoryview):
+            flat = delta_flat(update, max_bytes=max_bytes, template=template)
+        if flat is not None and (acc is None or flat.layout == acc.entries):
+            if acc is None:
+                acc = _Accumulator(flat.layout, fp32_group)
+                template = dataclasses.replace(flat, flat=torch.zeros(0))  # must not pin client 0's bytes
+            if w > 0.0:
+                acc.add_flat(flat.flat, w)
         else:
-            check_consistent(index, tensors, layout)
-        if w > 0.0:
-            for key, t in tensors.items():
-                acc[key].add_(t, alpha=w)
+            tensors = as_tensors(update, max_bytes=max_bytes)
+            if acc is None:
+                acc = _Accumulator(AdapterLayout.from_tensors(tensors).entries, fp32_group)
+            else:
+                check_consistent(index, tensors, acc.layout)
+            if w > 0.0:
+                acc.add_tensors(tensors, w)
+            del tensors
         weights.append(w)
-        del tensors, update  # hold one client at a time
-    if layout is None:
+        del flat, update  # hold one client at a time
+    if acc is None:
         raise InconsistentUpdates("no updates to aggregate")
     total = math.fsum(weights)
     if total <= 0.0:
         raise InconsistentUpdates(f"weights of {len(weights)} clients sum to {total}; nothing to aggregate")
-    return {key: a.div_(total).to(torch.float32) for key, a in acc.items()}
+    return acc.mean(total)

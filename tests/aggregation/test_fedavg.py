@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import struct
 import tracemalloc
 import weakref
 from collections.abc import Iterator
@@ -113,3 +115,26 @@ def test_fedavg_peak_memory_flat_in_k() -> None:
     small, large = _peak_python_bytes(4), _peak_python_bytes(64)
     assert large < small + one_blob // 2  # 16x the clients, not even half a blob more memory
     assert large < 4 * one_blob  # the generator briefly holds 2 copies (bytearray, bytes) + the current blob
+
+
+def _blob(tensors: dict[str, torch.Tensor], order: list[str], dtype: str = "F32") -> bytes:
+    """safetensors bytes with the tensors stored in `order` (our writer always sorts)."""
+    header, data, offset = {}, b"", 0
+    for key in order:
+        raw = tensors[key].to(torch.float16 if dtype == "F16" else torch.float32).numpy().tobytes()
+        header[key] = {"dtype": dtype, "shape": list(tensors[key].shape), "data_offsets": [offset, offset + len(raw)]}
+        data += raw
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + data
+
+
+def test_fedavg_mixes_storage_orders_dtypes_and_dicts() -> None:
+    a = {"x": torch.tensor([1.0, 2.0]), "y": torch.tensor([[4.0, 8.0]])}
+    b = {"x": torch.tensor([3.0, 0.0]), "y": torch.tensor([[0.0, -8.0]])}
+    updates = [_blob(a, ["x", "y"]), _blob(b, ["y", "x"]), a, b, dump_delta(a)]
+    got = aggregate(updates, [1, 1, 1, 1, 1], "fedavg").tensors
+    torch.testing.assert_close(got["x"], torch.tensor([9 / 5, 6 / 5]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got["y"], torch.tensor([[12 / 5, 8 / 5]]), rtol=0, atol=1e-6)
+    with pytest.raises(InconsistentUpdates, match=r"client 1: x is .*float16"):
+        aggregate([dump_delta(a), _blob(a, ["x", "y"], "F16")], [1, 1], "fedavg")
