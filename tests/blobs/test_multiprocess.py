@@ -19,7 +19,8 @@ MIB = 1 << 20
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_fetch_survives_sigkill_of_a_holder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["lane", "stream"])
+def test_fetch_survives_sigkill_of_a_holder(tmp_path: Path, path: str) -> None:
     expected = hashlib.sha256(pseudo_random_bytes(SIZE, 7)).hexdigest()
     # each holder serves a chunk per 0.15 s per stream, so the kill lands mid-transfer
     hold = ["hold", "--size", str(SIZE), "--data-seed", "7", "--serve-delay", "0.15"]
@@ -32,8 +33,9 @@ def test_fetch_survives_sigkill_of_a_holder(tmp_path: Path) -> None:
         procs.append(h2)
         r2 = h2.wait_for(lambda e: e["event"] == "ready", 60)
         assert r1["sha256"] == r2["sha256"] == expected
+        lane_flag = ["--no-lane"] if path == "stream" else []
         f = PeerProc("fetch", "--root", str(tmp_path / "f"), "--want-holders", "2", "--progress-bytes", str(MIB),
-                     "--bootstrap", r1["addrs"][0], r2["addrs"][0])
+                     *lane_flag, "--bootstrap", r1["addrs"][0], r2["addrs"][0])
         procs.append(f)
         # control messages: the fetcher learns both holders from their gossip announcements...
         holders = f.wait_for(lambda e: e["event"] == "holders", 60)
@@ -46,6 +48,7 @@ def test_fetch_survives_sigkill_of_a_holder(tmp_path: Path) -> None:
         done = f.wait_for(lambda e: e["event"] == "done", 90)
         result = done["result"]
         assert done["verified"] and result["sha256"] == expected
+        assert (result["lanes_opened"] > 0) == (path == "lane")
         assert r1["peer_id"] in result["dropped_peers"]
         by_peer = result["chunks_by_peer"]
         assert by_peer.get(r1["peer_id"], 0) >= 3  # h1 was being read from when it died
