@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ from fednode.errors import BlobIntegrityError, DecodeError, FednodeError, LimitE
 
 DEFAULT_READ_BLOCK = 1 << 20
 # fsync data + persist the bitmap at least this often: a crash re-fetches at most this much
-DEFAULT_PARTIAL_FLUSH_BYTES = 64 << 20
+DEFAULT_PARTIAL_FLUSH_BYTES = 32 << 20
 
 
 def _fsync_dir(path: Path) -> None:
@@ -172,6 +173,7 @@ class PartialBlob:
             _atomic_write(bitmap_path, bytes(bits))
             _atomic_write(existing, manifest.encode())
         self._bits = bits
+        self._flusher: threading.Thread | None = None
         self._whole = hashlib.sha256()
         self._hash_next = 0  # chunks [0, _hash_next) are in _whole
         self._data: BinaryIO = open(self.dir / "data", "r+b")  # noqa: SIM115 - closed in close()
@@ -201,22 +203,40 @@ class PartialBlob:
                 off, length = self.manifest.chunk_range(self._hash_next)
                 self._whole.update(os.pread(self._data.fileno(), length, off))
             self._hash_next += 1
-        if self._unflushed >= self._flush_bytes:
-            self.flush()
+        if self._unflushed >= self._flush_bytes and (self._flusher is None or not self._flusher.is_alive()):
+            # fsync in the background (it can take a disk's worth of time) so writes go on; the
+            # bitmap it records is a snapshot taken before the fsync, so it never claims a chunk
+            # that is not yet durable
+            self._unflushed = 0
+            self._flusher = threading.Thread(target=self._checkpoint, args=(bytes(self._bits),), daemon=True)
+            self._flusher.start()
+
+    def _checkpoint(self, bits: bytes) -> None:
+        try:
+            os.fsync(self._data.fileno())
+            _atomic_write(self.dir / "bitmap", bits)
+        except (OSError, ValueError):  # closed or discarded meanwhile: the next flush retries
+            self._unflushed = max(self._unflushed, 1)
+
+    def _join_flusher(self) -> None:
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
 
     def flush(self) -> None:
         """Makes every chunk written so far durable, then records it in the bitmap."""
+        self._join_flusher()
         if not self._unflushed:
             return
-        os.fsync(self._data.fileno())
-        _atomic_write(self.dir / "bitmap", bytes(self._bits))
         self._unflushed = 0
+        self._checkpoint(bytes(self._bits))
 
     def complete(self) -> str:
         """Hashes the whole data file and promotes it to a complete blob. A mismatch (a manifest
         whose chunk hashes do not add up to its address) discards the partial and raises."""
         if self.missing():
             raise FednodeError(f"partial {self.manifest.sha256} still misses chunks")
+        self._join_flusher()
         self._data.flush()
         os.fsync(self._data.fileno())
         h = self._whole
@@ -245,6 +265,7 @@ class PartialBlob:
             self._data.close()
 
     def discard(self) -> None:
+        self._join_flusher()
         if not self._data.closed:
             self._data.close()
         self._remove_dir()
