@@ -6,6 +6,7 @@ first, so trainers that share the cached model never see each other's state."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class _LoadedModel:
     initial_state: dict[str, torch.Tensor]
     input_ids: torch.Tensor  # the whole data set, tokenized once per process
     attention_mask: torch.Tensor
+    # Trainers of one task share this model; a daemon may train/evaluate from worker threads.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _loaded: dict[tuple[TaskSpec, str], _LoadedModel] = {}
@@ -143,6 +146,17 @@ class LocalTrainer:
             raise ConfigError(f"steps must be in 1..{self.max_steps} (max_steps), got {steps}")
         if not learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+        with self._entry.lock:
+            return self._train_locked(start_adapter, steps, learning_rate, seed, progress)
+
+    def _train_locked(
+        self,
+        start_adapter: bytes | None,
+        steps: int,
+        learning_rate: float,
+        seed: int,
+        progress: ProgressCallback | None,
+    ) -> TrainResult:
         model = self._entry.model
         self._install(start_adapter)
         torch.manual_seed(seed * 1_000_003 + self.node_index)
@@ -180,10 +194,14 @@ class LocalTrainer:
         return TrainResult(delta, len(self.train_indices), metrics)
 
     # -- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, adapter_bytes: bytes | None) -> dict[str, float]:
         """Held-out accuracy and loss (None = the fresh adapter). For a causal LM: next-token
         accuracy and mean token cross-entropy; n counts samples (texts)."""
+        with self._entry.lock:
+            return self._evaluate_locked(adapter_bytes)
+
+    @torch.no_grad()
+    def _evaluate_locked(self, adapter_bytes: bytes | None) -> dict[str, float]:
         self._install(adapter_bytes)
         model = self._entry.model
         model.eval()
