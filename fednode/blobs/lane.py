@@ -63,7 +63,7 @@ def _nonce(direction: int, counter: int) -> bytes:
 
 def _open(sealed: bytes, nonce: bytes, key: bytes) -> bytes:
     try:
-        plain: bytes = nacl.bindings.crypto_secretbox_open(sealed, nonce, key)
+        plain: bytes = nacl.bindings.crypto_secretbox_open_easy(sealed, nonce, key)
     except nacl.exceptions.CryptoError:
         raise DecodeError("lane frame fails authentication") from None
     return plain
@@ -96,7 +96,7 @@ class LaneChannel:
         return self._peer
 
     def _seal(self, data: bytes) -> bytes:
-        sealed: bytes = nacl.bindings.crypto_secretbox(data, _nonce(self._send_dir, self._send_ctr), self._key)
+        sealed: bytes = nacl.bindings.crypto_secretbox_easy(data, _nonce(self._send_dir, self._send_ctr), self._key)
         self._send_ctr += 1
         return sealed
 

@@ -122,8 +122,28 @@ class FrameReader:
         return out
 
     async def read_exact(self, n: int) -> bytes:
-        await self._fill(n, at_boundary=False)
-        return self._take(n)
+        if len(self._buf) >= n or n <= DEFAULT_RECEIVE_BLOCK:
+            await self._fill(n, at_boundary=False)
+            return self._take(n)
+        # a large payload: collect the pieces and join them once (one copy, not three)
+        parts: list[bytes] = [bytes(self._buf)]
+        have = len(self._buf)
+        self._buf = bytearray()
+        while have < n:
+            try:
+                data = await self._receive_some(n - have)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise PeerUnavailable(f"stream broke: {exc!r}") from None
+            if not data:
+                raise PeerUnavailable("stream ended in the middle of a frame")
+            parts.append(data)
+            have += len(data)
+        extra = have - n
+        if extra:
+            last = parts[-1]
+            parts[-1] = last[: len(last) - extra]
+            self._buf = bytearray(last[len(last) - extra :])
+        return b"".join(parts)
 
     async def read_frame_prefix(self) -> int | None:
         """The next u32be length prefix, or None at a clean end of stream."""
