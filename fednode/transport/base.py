@@ -61,6 +61,9 @@ class Subscription(Protocol):
 
     def __aiter__(self) -> AsyncIterator[GossipMessage]: ...
 
+    async def receive(self) -> GossipMessage:
+        """The next message; trio.EndOfChannel once the subscription or transport is closed."""
+
     async def aclose(self) -> None: ...
 
 

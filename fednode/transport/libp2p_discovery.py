@@ -15,6 +15,7 @@ backoff). A dropped link to a bootstrap peer is therefore re-dialled with backof
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # trio-typing's stubs shadow trio's own annotations under myp
 PEER_EXCHANGE_PROTOCOL = protocol("/fednode/peers/1.0.0")
 MAX_ADDRS_PER_PEER = 8
 MAX_RESPONSE_BYTES = 64 * 1024
+MAX_CONCURRENT_DIALS = 32
 
 logger = logging.getLogger("fednode.transport.libp2p")
 
@@ -78,21 +80,28 @@ def parse_bootstrap(addrs: list[str]) -> list[PeerInfo]:
 
 def make_peer_exchange_handler(host: IHost, max_peers: int) -> Callable[[INetStream], Awaitable[None]]:
     async def handle(stream: INetStream) -> None:
-        requester = stream.muxed_conn.peer_id
-        entries = []
-        for peer_id in list(host.get_network().connections):
-            if peer_id == requester:
-                continue
-            addrs = [str(a) for a in host.get_peerstore().addrs(peer_id)[:MAX_ADDRS_PER_PEER]]
-            if addrs:
-                entries.append([peer_id.to_base58(), addrs])
-            if len(entries) >= max_peers:
-                break
+        # An exception escaping a py-libp2p stream handler tears down the whole host: catch all.
         try:
+            requester = stream.muxed_conn.peer_id
+            entries = []
+            for peer_id in list(host.get_network().connections):
+                if peer_id == requester:
+                    continue
+                try:
+                    known = host.get_peerstore().addrs(peer_id)
+                except Exception:  # PeerStoreError: no addresses (yet) for a connected peer
+                    continue
+                addrs = [str(a) for a in known[:MAX_ADDRS_PER_PEER]]
+                if addrs:
+                    entries.append([peer_id.to_base58(), addrs])
+                if len(entries) >= max_peers:
+                    break
             await stream.write(msgpack.packb(entries))
             await stream.close()
-        except Exception:
-            await stream.reset()
+        except Exception as exc:
+            logger.debug("peer exchange answer failed: %r", exc)
+            with contextlib.suppress(Exception):
+                await stream.reset()
 
     return handle
 
@@ -138,9 +147,11 @@ async def maintain_links(
     task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     me = host.get_id()
+    in_flight: dict[ID, float] = {}  # peer -> when its dial started
 
     async def dial(info: PeerInfo) -> None:
         backoff = state.backoff.setdefault(info.peer_id, _Backoff())
+        started = in_flight[info.peer_id] = trio.current_time()
         try:
             with trio.fail_after(dial_timeout):
                 await host.connect(info)
@@ -151,27 +162,59 @@ async def maintain_links(
         else:
             state.dials_ok += 1
             backoff.succeeded()
+        finally:
+            if in_flight.get(info.peer_id) == started:
+                del in_flight[info.peer_id]
+
+    def reap_hung_dials() -> None:
+        # py-libp2p 0.8.1: a dial to a peer we have just disconnected from can hang and ignore
+        # its deadline. Count it as failed and let a new attempt start; the hung task is bounded
+        # by MAX_CONCURRENT_DIALS and cancelled with the transport.
+        now = trio.current_time()
+        for peer_id, started in list(in_flight.items()):
+            if now - started > dial_timeout + interval:
+                del in_flight[peer_id]
+                state.dials_failed += 1
+                state.backoff.setdefault(peer_id, _Backoff()).failed(now, backoff_min, backoff_max)
+                logger.info("dial %s hung past its %.1f s deadline; will retry", peer_id, dial_timeout)
 
     def due(peer_id: ID) -> bool:
         b = state.backoff.get(peer_id)
-        return peer_id != me and peer_id not in host.get_network().connections and (
-            b is None or b.not_before <= trio.current_time())
+        # py-libp2p can leave a peer in `connections` with an empty list after a drop
+        return (peer_id != me and peer_id not in in_flight
+                and not host.get_network().connections.get(peer_id)
+                and (b is None or b.not_before <= trio.current_time()))
 
-    first = True
-    while True:
-        connected = set(host.get_network().connections)
-        to_dial = [i for i in state.bootstrap if due(i.peer_id)]
-        if peer_exchange and connected and len(connected) < target_peers:
-            found = await ask_for_peers(host, random.choice(list(connected)), max_peers, dial_timeout)
-            state.known.update(found)
-            room = target_peers - len(connected) - len(to_dial)
-            extra = [PeerInfo(p, a) for p, a in state.known.items() if due(p) and p not in
-                     {i.peer_id for i in to_dial}]
-            to_dial += extra[:max(room, 0)]
-        async with trio.open_nursery() as nursery:
-            for info in to_dial:
-                nursery.start_soon(dial, info)
-        if first:
-            task_status.started()
-            first = False
-        await trio.sleep(interval)
+    running = 0
+
+    async def counted_dial(info: PeerInfo) -> None:
+        nonlocal running
+        running += 1
+        try:
+            await dial(info)
+        finally:
+            running -= 1
+
+    async with trio.open_nursery() as nursery:
+        first = True
+        while True:
+            reap_hung_dials()
+            connected = {p for p, conns in host.get_network().connections.items() if conns}
+            to_dial = [i for i in state.bootstrap if due(i.peer_id)]
+            if peer_exchange and connected and len(connected) < target_peers:
+                found = await ask_for_peers(host, random.choice(list(connected)), max_peers, dial_timeout)
+                state.known.update(found)
+                room = target_peers - len(connected) - len(to_dial)
+                chosen = {i.peer_id for i in to_dial}
+                extra = [PeerInfo(p, a) for p, a in state.known.items() if due(p) and p not in chosen]
+                to_dial += extra[:max(room, 0)]
+            for info in to_dial[:max(MAX_CONCURRENT_DIALS - running, 0)]:
+                in_flight[info.peer_id] = trio.current_time()
+                nursery.start_soon(counted_dial, info)
+            if first:
+                with trio.move_on_after(dial_timeout):
+                    while in_flight:  # the first bootstrap round finishes before start-up returns
+                        await trio.sleep(0.01)
+                task_status.started()
+                first = False
+            await trio.sleep(interval)
