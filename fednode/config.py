@@ -41,10 +41,15 @@ class NodeSection:
 class NetworkSection:
     listen: list[str] = _opt(["/ip4/0.0.0.0/tcp/4001"], doc="libp2p listen multiaddrs")
     bootstrap: list[str] = _opt([], doc="multiaddrs with /p2p/<peer id> dialled at start")
-    gossip_heartbeat_seconds: float = _opt(1.0, lo=0.05, hi=60.0, doc="gossipsub mesh heartbeat")
+    gossip_heartbeat_seconds: float = _opt(1.0, lo=1.0, hi=60.0, doc="gossipsub mesh heartbeat (whole seconds)")
     max_message_bytes: int = _opt(65536, lo=1024, hi=1048576, doc="largest control message accepted")
     reconnect_backoff_max_seconds: float = _opt(30.0, lo=0.1, hi=3600.0, doc="cap of reconnect backoff")
-    max_peers: int = _opt(64, lo=1, hi=10000, doc="connections kept at most")
+    target_peers: int = _opt(8, lo=1, hi=10000, doc="dial peers learned by peer exchange until this many")
+    peer_exchange: bool = _opt(True, doc="learn peers beyond the bootstrap list (/fednode/peers/1.0.0)")
+    dial_timeout_seconds: float = _opt(10.0, lo=0.1, hi=600.0, doc="give up one dial after this long")
+    subscription_buffer: int = _opt(1024, lo=16, hi=1_000_000, doc="gossip messages buffered per topic "
+                                    "before drops (always counted and logged)")
+    max_messages_per_second: float = _opt(500.0, lo=1.0, hi=1e6, doc="gossipsub spam limit per forwarding peer")
 
 
 @dataclass(frozen=True)

@@ -86,10 +86,10 @@ class LocalCluster:
             cluster.nodes.append(NodeProcess(i, folder, config_path, ids[i], fl, ports[i]))
         return cluster
 
-    def start(self) -> None:
+    def start(self, nodes: list[NodeProcess] | None = None) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        for node in self.nodes:
+        for node in self.nodes if nodes is None else nodes:
             node.log = (node.folder / "log.txt").open("ab")
             node.process = subprocess.Popen(
                 [sys.executable, "-m", "fednode", "run", "--config", str(node.config_path)],

@@ -27,6 +27,7 @@ from fednode.node.control import ControlError, query_control
 logger = logging.getLogger("fednode.harness")
 
 POLL_INTERVAL_SECONDS = 0.5
+BOOTSTRAP_WAIT_SECONDS = 120.0
 DEFAULT_HARNESS_TIMEOUT_SECONDS = 1800.0
 
 
@@ -86,7 +87,13 @@ async def run_harness(opts: HarnessOptions) -> HarnessResult:
     cluster = LocalCluster.create(run_dir, federated=opts.nodes, gate_off=opts.gate_off_nodes, template={},
                                   overrides=overrides)
     started = time.monotonic()
-    cluster.start()
+    # The bootstrap nodes first: peers that dial before anyone listens only back off and retry.
+    seeds = cluster.nodes[:2]
+    cluster.start(seeds)
+    with trio.move_on_after(BOOTSTRAP_WAIT_SECONDS):
+        while len(await poll(cluster)) < len(seeds) and all(n.alive for n in seeds):
+            await trio.sleep(0.2)
+    cluster.start(cluster.nodes[2:])
     view = LiveView(cluster, opts.rounds, enabled=opts.live)
     killed: list[dict[str, Any]] = []
     statuses: dict[int, dict[str, Any]] = {}

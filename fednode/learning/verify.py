@@ -42,8 +42,13 @@ def evaluate_adapter_dir(task_name: str, adapter_dir: str | None) -> dict[str, f
     with torch.no_grad():
         for start in range(0, len(idx), task.eval_batch_size):
             batch = idx[start : start + task.eval_batch_size]
-            enc = tok([data.texts[i] for i in batch], truncation=True, max_length=task.max_len,
-                      padding=True, return_tensors="pt")
+            enc = tok(
+                [data.texts[i] for i in batch],
+                truncation=True,
+                max_length=task.max_len,
+                padding=True,
+                return_tensors="pt",
+            )
             logits = model(**enc).logits
             if task.kind == "seq_cls":
                 labels = torch.as_tensor(data.labels[batch])
@@ -56,16 +61,20 @@ def evaluate_adapter_dir(task_name: str, adapter_dir: str | None) -> dict[str, f
                 flat = logits[:, :-1].reshape(-1, logits.shape[-1])
                 valid = target != -100
                 units = int(valid.sum())
-                loss_sum += float(torch.nn.functional.cross_entropy(flat, target.reshape(-1),
-                                                                    ignore_index=-100)) * units
+                loss_sum += (
+                    float(torch.nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=-100)) * units
+                )
                 correct += int(((logits[:, :-1].argmax(-1) == target) & valid).sum())
                 count += units
     return {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1), "n": float(len(idx))}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fednode.learning.verify", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fednode.learning.verify",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--task", default="minilm-bbc", help="task profile (default: %(default)s)")
     g = parser.add_mutually_exclusive_group(required=True)
     g.add_argument("--adapter", help="PEFT adapter folder to score")

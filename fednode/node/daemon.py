@@ -66,8 +66,13 @@ def libp2p_factory(config: Config) -> TransportFactory:
     def factory(identity: Identity) -> AbstractAsyncContextManager[Transport]:
         from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
 
-        limits = Libp2pLimits(heartbeat_interval=max(1, round(config.network.gossip_heartbeat_seconds)),
-                              max_message_size=config.network.max_message_bytes)
+        net = config.network
+        limits = Libp2pLimits(heartbeat_interval=max(1, round(net.gossip_heartbeat_seconds)),
+                              max_message_size=net.max_message_bytes, target_peers=net.target_peers,
+                              peer_exchange=net.peer_exchange, dial_timeout=net.dial_timeout_seconds,
+                              reconnect_backoff_max=net.reconnect_backoff_max_seconds,
+                              subscription_buffer=net.subscription_buffer,
+                              max_messages_per_topic_per_second=net.max_messages_per_second)
         return open_libp2p_transport(identity, listen_addrs=config.network.listen,
                                      bootstrap=config.network.bootstrap, limits=limits)
 
