@@ -26,6 +26,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.example:
         sys.stdout.write(example_toml())
         return 0
+    if args.markdown:
+        from fednode.config import config_markdown
+
+        sys.stdout.write(config_markdown())
+        return 0
     if not args.check:
         print("fednode config: give --example or --check FILE", file=sys.stderr)
         return 2
@@ -199,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--example", action="store_true", help="print the example config (configs/node.toml)")
     g.add_argument("--check", metavar="FILE", help="validate FILE and print a summary")
+    g.add_argument("--markdown", action="store_true", help="print every key as a Markdown table")
     p.set_defaults(handler=_cmd_config)
 
     p = sub.add_parser("init", help="create a node folder: key (0600) and a commented config",

@@ -308,3 +308,11 @@ def example_toml() -> str:
             current = section
         lines += [f"# {doc}", f"{key} = {_toml_value(default)}"]
     return "\n".join(lines) + "\n"
+
+
+def config_markdown() -> str:
+    """Every key as a Markdown table (README.md embeds it; a test keeps them equal)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section, key, default, doc in config_keys():
+        rows.append(f"| `{section}.{key}` | `{_toml_value(default)}` | {doc} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,1 @@
+"""Local multi-process federations: start daemons, watch them, report."""

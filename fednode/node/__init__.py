@@ -1,0 +1,1 @@
+"""The node daemon: services, round driver, control endpoint, metrics, records."""
