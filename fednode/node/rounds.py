@@ -349,7 +349,9 @@ class RoundDriver:
         cfg = self.config.round
         if not self.enabled or self.coordinator != self.me or self.open_round() is not None:
             return None
-        if self.trainer is None:
+        if self.trainer is None or self._installing or self._aggregating:
+            return None  # the next round must start from the adapter being installed now
+        if any(r.state == "published" for r in self.db.unfinished_rounds()):
             return None
         finished = self.db.rounds(states=("published", "failed"))
         if not force:
@@ -581,13 +583,18 @@ class RoundDriver:
             if self.trainer is not None:
                 trainer = self.trainer
 
+                # Every node scores the same merged adapter on the same held-out split: the
+                # coordinator does it once for the record; the others spend the CPU on training.
+                score = self.config.learning.evaluate and state.role is Role.COORDINATOR
+
                 def work() -> dict[str, Any]:
                     trainer.install(merged, target, lora_rank=state.manifest.lora_rank,
                                     lora_alpha=state.manifest.lora_alpha)
-                    return trainer.evaluate(merged) if self.config.learning.evaluate else {}
+                    return trainer.evaluate(merged) if score else {}
 
                 evaluation = work() if self.inline_training else await trio.to_thread.run_sync(work)
-                metrics["merged"] = evaluation
+                if evaluation:
+                    metrics["merged"] = evaluation
             _point_latest(self.config.data_dir / "adapters", target.name)
             own = self.db.get_own_update(number, state.manifest.start_adapter_sha256)
             if own is not None:
