@@ -91,9 +91,11 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(tmp: Path, *, seed: int = 0) -> AsyncIterator[Cluster]:
+async def cluster(tmp: Path, *, seed: int = 0, auto_link_degree: int | None = None) -> AsyncIterator[Cluster]:
     async with trio.open_nursery() as nursery:
-        c = Cluster(MemoryNetwork(seed=seed), tmp, nursery)
+        network = MemoryNetwork(seed=seed) if auto_link_degree is None else \
+            MemoryNetwork(seed=seed, auto_link_degree=auto_link_degree)
+        c = Cluster(network, tmp, nursery)
         try:
             yield c
         finally:
