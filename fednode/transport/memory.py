@@ -85,6 +85,9 @@ class MemoryNetwork:
         self._links: dict[str, set[str]] = {}
         self._blocked: set[frozenset[str]] = set()
         self._severed: set[frozenset[str]] = set()
+        # Gossip seqnos come from one counter per network, so a node restarted with the same peer id
+        # never reuses a message id its peers remember (libp2p seeds seqnos from the clock for this).
+        self._seqnos = itertools.count(1)
 
     # -- topology -------------------------------------------------------------------------
     def node_ids(self) -> frozenset[str]:
@@ -168,7 +171,7 @@ class MemoryTransport:
         self._subscriptions: dict[str, list[BufferedSubscription]] = collections.defaultdict(list)
         self._handlers: dict[str, StreamHandler] = {}
         self._seen: collections.OrderedDict[_MessageId, None] = collections.OrderedDict()
-        self._seqno = itertools.count(1)
+        self._seqno = network._seqnos
         self._streams: set[MemoryStream] = set()
         self._inbound_send, self._inbound_receive = trio.open_memory_channel[_Envelope](
             limits.inbound_queue
