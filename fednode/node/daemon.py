@@ -15,6 +15,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -34,6 +35,7 @@ from fednode.consensus import (
     PublishClaim,
     Tick,
 )
+from fednode.errors import FednodeError
 from fednode.identity import Identity
 from fednode.node.control import serve_control
 from fednode.node.rounds import RoundDriver
@@ -56,6 +58,7 @@ MAX_TIMER_SLEEP_SECONDS = 0.5  # the timer loop looks around at least this often
 MAX_HOLDERS_TRACKED = 1024
 MAX_SYNCS_IN_FLIGHT = 4
 MEMBER_PERSIST_INTERVAL_SECONDS = 30.0
+SYNC_RETRY_SECONDS = 5.0  # ask again for the outcome of a round we are behind on at most this often
 
 
 def topic_for(community_id: str) -> str:
@@ -117,6 +120,7 @@ class Node:
         self._seq = 0
         self._wake = trio.Event()
         self._syncing: set[str] = set()
+        self._synced_at: dict[str, float] = {}  # round id -> when we last asked a peer for its outcome
         self._members_persisted_at = 0.0
         self.started = trio.Event()
         if c.mode == "fixed":
@@ -207,11 +211,21 @@ class Node:
             self._holders[hb.node_id] = hb.latest_merged_sha256
         self._persist_members()
         want = hb.open_round_id
-        if (self.enabled and want and want not in self.driver.rounds and want not in self._syncing
-                and len(self._syncing) < MAX_SYNCS_IN_FLIGHT and self.db.get_round(want) is None
+        if self.enabled and want and want not in self.driver.rounds and self.db.get_round(want) is None:
+            self._maybe_sync(hb.node_id, want)
+        if self.enabled and hb.last_round_number:
+            # Our round that this peer is already past: we missed its outcome (down, partitioned).
+            # The peer holds the signed AggregateAnnounce / RoundFailed; without it we would wait forever.
+            for round_id in self.driver.rounds_behind(hb.last_round_number):
+                if now - self._synced_at.get(round_id, -math.inf) >= SYNC_RETRY_SECONDS:
+                    self._synced_at[round_id] = now
+                    self._maybe_sync(hb.node_id, round_id)
+
+    def _maybe_sync(self, peer: str, round_id: str) -> None:
+        if (round_id not in self._syncing and len(self._syncing) < MAX_SYNCS_IN_FLIGHT
                 and self.driver.nursery is not None):
-            self._syncing.add(want)
-            self.driver.nursery.start_soon(self._sync_round, hb.node_id, want)
+            self._syncing.add(round_id)
+            self.driver.nursery.start_soon(self._sync_round, peer, round_id)
 
     def _persist_members(self, force: bool = False) -> None:
         now = self.clock()
@@ -264,7 +278,15 @@ class Node:
 
     def _publish_soon(self, message: Message) -> None:
         if self.driver.nursery is not None:
-            self.driver.nursery.start_soon(self.publish, message)
+            self.driver.nursery.start_soon(self._publish_logged, message)
+
+    async def _publish_logged(self, message: Message) -> None:
+        """Publish, and survive a failure: a claim or manifest that did not go out is not worth the
+        daemon (heartbeats renew claims; peers sync an open round named in our heartbeats)."""
+        try:
+            await self.publish(message)
+        except FednodeError as exc:
+            logger.warning("publishing %s failed: %s", message.TYPE, exc)
 
     def _last_round_number(self) -> int:
         latest = self.db.latest_published()
@@ -297,7 +319,7 @@ class Node:
                 live = len(self._live_federated())
                 manifest = self.driver.maybe_start_round(now, live)
                 if manifest is not None:
-                    await self.publish(manifest)
+                    await self._publish_logged(manifest)
             timers = [t for t in (self.election.next_timer(), self.driver.next_timer()) if t is not None]
             delay = min([MAX_TIMER_SLEEP_SECONDS, *[t - now for t in timers]])
             self._wake = trio.Event()

@@ -43,7 +43,7 @@ from fednode.consensus import (
     Tick,
     TrainAndSubmit,
 )
-from fednode.errors import FednodeError, InvalidUpdate
+from fednode.errors import FednodeError, InvalidUpdate, TransportError
 from fednode.identity import Identity
 from fednode.node.records import round_record, write_record
 from fednode.node.trainers import Trainer
@@ -52,6 +52,7 @@ from fednode.transport.base import Transport
 from fednode.wire import codec
 from fednode.wire.messages import (
     AggregateAnnounce,
+    Contribution,
     Message,
     RoundFailed,
     RoundManifest,
@@ -67,6 +68,8 @@ logger = logging.getLogger("fednode.rounds")
 MAX_ROUNDS_IN_MEMORY = 16  # finished rounds kept in memory (all of them stay in state.sqlite)
 MAX_PENDING_MANIFESTS = 8  # manifests from a coordinator we have not yet seen elected
 DEFAULT_PREFETCH_CONCURRENCY = 4
+DEFAULT_INSTALL_RETRY_SECONDS = 1.0  # first wait before fetching a merged adapter again
+DEFAULT_INSTALL_RETRY_MAX_SECONDS = 30.0  # the wait doubles up to this
 
 Publish = Callable[[Message], Awaitable[None]]
 
@@ -111,6 +114,7 @@ class RoundDriver:
         self._prefetched: dict[tuple[str, str], trio.Event] = {}  # (round_id, node_id) -> blob checked
         self._update_errors: dict[tuple[str, str], str] = {}
         self._aggregating: set[str] = set()
+        self._replans: dict[str, StartAggregation] = {}  # re-plans issued while an aggregation ran
         self._installing: set[str] = set()
         self._discarded: dict[str, float | None] = {}
         self._fetch_locks: dict[str, trio.Lock] = {}
@@ -233,6 +237,8 @@ class RoundDriver:
             if state.round_id not in self._aggregating:
                 self._aggregating.add(state.round_id)
                 self._spawn(self._aggregate, state, effect)
+            else:  # the running aggregation is dropping a contribution: run the new plan after it
+                self._replans[state.round_id] = effect
         elif isinstance(effect, PublishAggregate):
             self._spawn(self._on_published, state, effect.announce)
         elif isinstance(effect, PublishFailure):
@@ -246,6 +252,11 @@ class RoundDriver:
     def open_round(self) -> RoundState | None:
         opened = [r for r in self.rounds.values() if r.phase not in (Phase.PUBLISHED, Phase.FAILED)]
         return max(opened, key=lambda r: (r.manifest.round_number, r.term)) if opened else None
+
+    def rounds_behind(self, last_round_number: int) -> list[str]:
+        """Unfinished rounds numbered <= a peer's last finished round (we missed how they ended)."""
+        return [r.round_id for r in self.rounds.values()
+                if r.phase not in (Phase.PUBLISHED, Phase.FAILED) and r.manifest.round_number <= last_round_number]
 
     def next_timer(self) -> float | None:
         timers = [t for r in self.rounds.values() if (t := r.next_timer()) is not None]
@@ -287,7 +298,12 @@ class RoundDriver:
                 self._record_submission(state, message, "rejected", verdict.reason)
             return verdict
         if isinstance(message, AggregateAnnounce):
-            return self._feed(state, AggregateSeen(message, now))
+            verdict = self._feed(state, AggregateSeen(message, now))
+            if verdict.accepted and state.merged_sha256 == message.merged_sha256:
+                # Keep the coordinator's signed word: the round record lists what it aggregated
+                # (our own view of the submissions may differ), and we can serve it to a late node.
+                self.db.set_outcome(state.round_id, codec.encode(message))
+            return verdict
         if isinstance(message, RoundFailed):
             return self._feed(state, FailureSeen(message, now))
         return Validation(Verdict.IGNORE, "not_a_round_message")
@@ -502,6 +518,9 @@ class RoundDriver:
             await self._aggregate_inner(state, effect)
         finally:
             self._aggregating.discard(state.round_id)
+            replan = self._replans.pop(state.round_id, None)
+            if replan is not None and state.phase is Phase.AGGREGATING:
+                self._perform(state, replan)
 
     async def _aggregate_inner(self, state: RoundState, effect: StartAggregation) -> None:
         for a in effect.announces:
@@ -573,9 +592,7 @@ class RoundDriver:
         self._installing.add(effect.round_id)
         try:
             if not self.store.has(effect.sha256):
-                holders = [state.coordinator_node_id, *self.holders(effect.sha256),
-                           *(a.participant_node_id for a in state.accepted.values())]
-                await self._fetch(effect.sha256, effect.size, holders)
+                await self._fetch_merged(state, effect)
             merged = self.store.read(effect.sha256)
             number = state.manifest.round_number
             target = self.adapter_dir(number)
@@ -612,10 +629,37 @@ class RoundDriver:
         finally:
             self._installing.discard(effect.round_id)
 
+    async def _fetch_merged(self, state: RoundState, effect: InstallAdapter) -> None:
+        """Fetch a round's merged adapter, retrying with backoff: its holders (the coordinator, the
+        members that installed it) may be down now and back later, and without it this node can
+        neither record the round nor train the next one. Ends when the node stops."""
+        delay = DEFAULT_INSTALL_RETRY_SECONDS
+        while True:
+            holders = [state.coordinator_node_id, *self.holders(effect.sha256),
+                       *(a.participant_node_id for a in state.accepted.values())]
+            try:
+                await self._fetch(effect.sha256, effect.size, holders)
+                return
+            except (TransportError, trio.TooSlowError) as exc:
+                logger.warning("round %s: merged adapter %s not fetched (%s); retrying in %.0f s",
+                               state.round_id, effect.sha256[:16], str(exc)[:200], delay)
+            await trio.sleep(delay)
+            delay = min(2 * delay, DEFAULT_INSTALL_RETRY_MAX_SECONDS)
+
+    def _aggregated(self, state: RoundState, sha: str) -> tuple[Contribution, ...]:
+        """The contributions the coordinator's signed AggregateAnnounce names, else our own view."""
+        row = self.db.get_round(state.round_id)
+        if row is not None and row.outcome:
+            announce = codec.decode(row.outcome)
+            if isinstance(announce, AggregateAnnounce) and announce.merged_sha256 == sha:
+                return announce.contributions
+        return state.contributions()
+
     def _record(self, state: RoundState, outcome: str, sha: str, size: int,
                 metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        contributions = self._aggregated(state, sha) if outcome == "published" else state.contributions()
         accepted = [{"node_id": c.node_id, "blob_sha256": c.delta_sha256, "num_samples": c.num_samples}
-                    for c in state.contributions()]
+                    for c in contributions]
         rejected = [{"node_id": r.node_id, "reason": r.reason, "detail": r.detail, "blob_sha256": r.delta_sha256}
                     for r in state.rejections]
         record = round_record(manifest=state.manifest, state=outcome, accepted=accepted, rejected=rejected,
