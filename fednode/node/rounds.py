@@ -43,7 +43,7 @@ from fednode.consensus import (
     Tick,
     TrainAndSubmit,
 )
-from fednode.errors import FednodeError, InvalidUpdate, TransportError
+from fednode.errors import FednodeError, InvalidUpdate, TransferError, TransportError
 from fednode.identity import Identity
 from fednode.node.records import round_record, write_record
 from fednode.node.trainers import Trainer
@@ -476,9 +476,15 @@ class RoundDriver:
         def progress(done: int, total: int) -> None:
             self.progress.transfer.update(done=done, size=total)
 
-        with trio.fail_after(self.config.blobs.fetch_timeout_seconds):
-            await fetch_blob(self.transport, sha, peers, self.store, expected_size=size,
-                             max_size=self.config.blobs.max_blob_bytes, progress=progress)
+        try:
+            with trio.fail_after(self.config.blobs.fetch_timeout_seconds):
+                await fetch_blob(self.transport, sha, peers, self.store, expected_size=size,
+                                 max_size=self.config.blobs.max_blob_bytes, progress=progress)
+        except* TransportError as group:  # fetch_blob's worker nursery wraps e.g. our own transport closing
+            first = group.exceptions[0]
+            if isinstance(first, TransferError):
+                raise first from None
+            raise TransferError(f"blob {sha}: {first}"[:300]) from None
         self.progress.bytes_fetched += size
         self.progress.transfer.update(done=size, state="verified")
 
