@@ -95,3 +95,13 @@ def db_submissions(node: Node, round_id: str) -> list[tuple[str, str, str]]:
 
 def data_dir_of(tmp: Path, i: int) -> Path:
     return tmp / f"node-{i}"
+
+
+def db_accepted_all(data_dir: Path) -> dict[str, set[str]]:
+    """round id -> node ids whose submission state.sqlite records as accepted (read-only)."""
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'state.sqlite'}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT round_id, node_id FROM submissions WHERE status = 'accepted'").fetchall()
+    out: dict[str, set[str]] = {}
+    for round_id, node_id in rows:
+        out.setdefault(str(round_id), set()).add(str(node_id))
+    return out
