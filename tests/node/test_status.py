@@ -1,0 +1,87 @@
+"""`fednode status --json` against running daemons, through the real control socket.
+
+The cluster runs on the memory transport and trio's virtual clock until a round is done; then the
+clock is switched to real time (rate 1, no autojump) so the unix-socket I/O and its timeouts behave
+as they do in production.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from fednode.cli import main as cli_main
+from fednode.config import config_to_dict, dump_toml
+from fednode.node.control import query_control
+from fednode.transport.memory import open_memory_transport
+from tests.node.checks import read_record
+from tests.node.conftest import cluster, wait_until
+
+N = 3
+AUTOJUMP_THRESHOLD = 0.01  # see test_crash.py
+
+
+async def test_status_over_the_control_socket(tmp_path: Path, autojump_clock: trio.testing.MockClock,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    autojump_clock.autojump_threshold = AUTOJUMP_THRESHOLD
+    sections: dict[str, dict[str, Any]] = {"round": {"max_rounds": 1}}
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **sections) for i in range(N)]
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes))
+        # an intruder publishes garbage: every node REJECTs it and counts the reason
+        async with open_memory_transport(c.network, "intruder") as intruder:
+            await intruder.publish(nodes[0].topic, b"\x93not a fednode message")
+            await wait_until(lambda: all(sum(n.counters["rejected"].values()) >= 1 for n in nodes))
+        await trio.sleep(2.0)  # a couple of heartbeats after the round
+
+        autojump_clock.autojump_threshold = math.inf  # from here on: real time, real socket I/O
+        autojump_clock.rate = 1.0
+        record = read_record(nodes[0], 1)
+        statuses = [await query_control(n.config.control_socket_path) for n in nodes]
+        coordinator = record["final_coordinator_node_id"]
+        for node, s in zip(nodes, statuses, strict=True):
+            assert s["node_id"] == node.node_id and s["federated_learning"] is True
+            others = {n.node_id for n in nodes} - {node.node_id}
+            assert {m["node_id"] for m in s["members"]} == others
+            assert all(m["alive"] and m["federated_learning"] for m in s["members"])
+            assert s["coordinator"] == coordinator and s["term"] >= 1
+            assert s["current_round"]["round_id"] == record["round_id"]
+            assert s["current_round"]["state"] == "published"
+            assert s["current_round"]["coordinator_node_id"] == coordinator
+            assert s["rounds_completed"] == 1
+            assert s["last_merged"]["round_number"] == 1
+            assert s["last_merged"]["sha256"] == record["merged_sha256"]
+            assert Path(s["last_merged"]["path"]) == node.config.data_dir / "adapters" / "round-1"
+            accepted = s["counters"]["accepted"]
+            assert accepted["heartbeat"] > 0 and accepted["submission_announce"] >= 1
+            assert accepted["round_manifest"] >= 1 and accepted["aggregate_announce"] >= 1
+            rejected = s["counters"]["rejected"]
+            assert sum(rejected.values()) >= 1 and all(isinstance(k, str) and k for k in rejected)
+            b = s["bytes"]
+            assert b["transport_sent"] > 0 and b["transport_received"] > 0
+            if node.node_id == coordinator:  # it pulled every participant's delta
+                assert b["blob_fetched"] > 0
+            else:  # it served its delta to the coordinator and pulled the merged adapter
+                assert b["blob_served"] > 0 and b["blob_fetched"] > 0
+        assert {s["node_id"] for s in statuses} == {n.node_id for n in nodes}
+
+        # the CLI prints the same, given the node's config file
+        node = nodes[1]
+        config_path = tmp_path / "node-1.toml"
+        config_path.write_text(dump_toml(config_to_dict(node.config)))
+        capsys.readouterr()
+        rc = await trio.to_thread.run_sync(cli_main, ["status", "--config", str(config_path), "--json"])
+        assert rc == 0
+        printed = json.loads(capsys.readouterr().out)
+        for key in ("node_id", "coordinator", "term", "last_merged", "rounds_completed"):
+            assert printed[key] == statuses[1][key], key
+        assert [m["node_id"] for m in printed["members"]] == [m["node_id"] for m in statuses[1]["members"]]
+        assert printed["current_round"]["state"] == "published"
+        assert set(printed["counters"]) >= {"accepted", "rejected"} and set(printed["bytes"]) >= {
+            "transport_sent", "transport_received", "blob_served", "blob_fetched"}
