@@ -198,6 +198,13 @@ class StateDB:
                             (round_id, node_id, announce, delta_sha256, num_samples, status, reason, now))
             return cur.rowcount == 1
 
+    def reject_submission(self, round_id: str, node_id: str, reason: str) -> None:
+        """Turn an accepted submission into a rejected one: its blob later proved unavailable or
+        invalid, and the coordinator aggregated without it (the one verdict that may change)."""
+        with self._tx() as c:
+            c.execute("UPDATE submissions SET status = 'rejected', reason = ? WHERE round_id = ? AND node_id = ?",
+                      (reason, round_id, node_id))
+
     def submissions(self, round_id: str, status: str | None = None) -> list[SubmissionRow]:
         rows = self._conn.execute(
             "SELECT round_id, node_id, announce, delta_sha256, num_samples, status, reason FROM submissions "

@@ -291,11 +291,12 @@ class RoundDriver:
             return Validation(Verdict.IGNORE, "unknown_round", round_id)
         if isinstance(message, SubmissionAnnounce):
             verdict = self._feed(state, SubmissionReceived(message, now))
+            # Every role keeps its verdicts: a participant that inherits the round after a failover
+            # must find in state.sqlite what it had accepted, like the coordinator it replaces.
+            self._record_submission(state, message, "accepted" if verdict.accepted else "rejected",
+                                    "" if verdict.accepted else verdict.reason)
             if verdict.accepted and state.role is Role.COORDINATOR:
-                self._record_submission(state, message, "accepted", "")
                 self._start_prefetch(state, message)
-            elif not verdict.accepted and state.role is Role.COORDINATOR:
-                self._record_submission(state, message, "rejected", verdict.reason)
             return verdict
         if isinstance(message, AggregateAnnounce):
             verdict = self._feed(state, AggregateSeen(message, now))
@@ -567,9 +568,11 @@ class RoundDriver:
         self._feed(state, AggregationDone(sha, len(merged), self.clock()))
 
     def _record_submission_rejected(self, state: RoundState, a: SubmissionAnnounce, kind: str, reason: str) -> None:
-        self.db.add_submission(round_id=state.round_id, node_id=a.participant_node_id, announce=codec.encode(a),
-                               delta_sha256=a.delta_sha256, num_samples=a.num_samples, status="rejected",
-                               reason=f"{kind}: {reason}"[:200], now=self.clock())
+        detail = f"{kind}: {reason}"[:200]
+        if not self.db.add_submission(round_id=state.round_id, node_id=a.participant_node_id,
+                                      announce=codec.encode(a), delta_sha256=a.delta_sha256,
+                                      num_samples=a.num_samples, status="rejected", reason=detail, now=self.clock()):
+            self.db.reject_submission(state.round_id, a.participant_node_id, detail)  # it was accepted first
 
     async def _on_published(self, state: RoundState, announce: AggregateAnnounce) -> None:
         signed = codec.sign(announce, self.identity)
