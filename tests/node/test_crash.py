@@ -79,6 +79,7 @@ POINTS: dict[str, tuple[str, Arm]] = {
     # a sweep over the coordinator's message sequence (round 1: manifest, 3 submissions, aggregate;
     # then round 2's): the k-th round message it routes
     **{f"coord-after-message-{k}": (COORDINATOR, functools.partial(arm_dispatch, count=k)) for k in (1, 3, 5, 6, 8)},
+    **{f"part-after-message-{k}": (PARTICIPANT, functools.partial(arm_dispatch, count=k)) for k in (1, 3, 5)},
 }
 
 
