@@ -370,6 +370,9 @@ class Node:
             "blob_fetched": self.driver.progress.bytes_fetched,
         }
         out["gossip_dropped"] = transport_stats.dropped if transport_stats else 0
+        # the transport's verdicts by reason, including what it refuses before our validator runs
+        # (e.g. "too_large": over the transport's message limit)
+        out["gossip_rejected"] = dict(transport_stats.rejected_by_reason) if transport_stats else {}
         if self.enabled:
             out.update(self.driver.status())
         else:
