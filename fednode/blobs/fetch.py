@@ -16,6 +16,7 @@ Verified chunks are never fetched twice, in one call or across calls (the partia
 from __future__ import annotations
 
 import collections
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -259,12 +260,16 @@ class _Fetch:
             if channel is not None:
                 channel, extra = await self.upgrade(channel, peer)
             while not self.done:
-                if channel is None:
-                    channel = await self.open_channel(peer)
-                    channel, extra = await self.upgrade(channel, peer)
+                # `done` and `pending` are only current between awaits: test them and, when
+                # there is nothing to do, wait on the event, with no checkpoint in between, or
+                # the wakeup of the last chunk can be missed (a fetch that never returns).
                 if not self.pending:
                     await self.changed.wait()
                     continue
+                if channel is None:  # a stream only once there is work for it
+                    channel = await self.open_channel(peer)
+                    channel, extra = await self.upgrade(channel, peer)
+                    continue  # awaited: the blob may be complete or the queue empty by now
                 n = self.limits.chunks_per_request
                 batch = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
                 try:
@@ -272,8 +277,10 @@ class _Fetch:
                     busy = 0
                 except _Busy:
                     busy += 1
-                    await channel.aclose()
-                    channel = None
+                    for ch in (channel, extra):
+                        if ch is not None:
+                            await ch.aclose()
+                    channel = extra = None
                     if busy > self.limits.busy_retries:
                         return  # this extra stream is not welcome; the holder's others go on
                     await trio.sleep(self.limits.busy_backoff * busy)
@@ -379,6 +386,10 @@ async def fetch_blob(
             resumed = partial.verified_count()
             try:
                 await f.fetch_chunks(partial, channels)
+            except BaseException:  # cancelled or failed: keep what is verified for a resume
+                with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+                    await trio.to_thread.run_sync(partial.close)
+                raise
             finally:
                 for ch in channels.values():  # the first worker of each holder closed its own
                     with trio.CancelScope(shield=True), trio.move_on_after(1):

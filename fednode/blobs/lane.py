@@ -39,22 +39,10 @@ _U32 = struct.Struct(">I")
 
 
 def stream_remote_host(stream: object) -> str | None:
-    """The IP of the peer at the other end of a transport stream, when the transport knows it:
-    a `remote_host` attribute, or py-libp2p's `get_remote_address()` on the wrapped stream."""
+    """The IP of the peer at the other end of a transport stream, when the transport knows it
+    (its `remote_host` property, e.g. `Libp2pStream.remote_host`); None otherwise."""
     host = getattr(stream, "remote_host", None)
-    if isinstance(host, str):
-        return host
-    inner = getattr(stream, "_stream", None)
-    get = getattr(inner, "get_remote_address", None)
-    if get is None:
-        return None
-    try:
-        addr = get()
-    except Exception:  # a closed connection: no lane, the stream path still works
-        return None
-    if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
-        return addr[0]
-    return None
+    return host if isinstance(host, str) else None
 
 
 def _nonce(direction: int, counter: int) -> bytes:

@@ -12,6 +12,8 @@ py-libp2p's defaults, each measured on 0.8.1:
   bypasses pubsub's 32-slot channels (`notify_subscriptions` is replaced by ours).
 - the swarm's AutoConnector (dials every known peer while below 50 connections) is disabled.
 - the `libp2p` logger is made to propagate again (importing libp2p turns that off).
+- Yamux's read loop no longer waits on the socket to answer a SYN or PING, which deadlocked a
+  connection carrying bulk data both ways (see `libp2p_yamux`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from fednode.identity import Identity
+from fednode.transport.libp2p_yamux import install_yamux_nonblocking_reader
 from fednode.transport.subscription import GossipCounters
 
 logger = logging.getLogger("fednode.transport.libp2p")
@@ -50,6 +53,7 @@ def key_pair_from_identity(identity: Identity) -> KeyPair:
 
 
 def make_host(identity: Identity) -> IHost:
+    install_yamux_nonblocking_reader()
     key_pair = key_pair_from_identity(identity)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     host = new_host(

@@ -42,6 +42,18 @@ class Libp2pStream:
     def remote_peer_id(self) -> str:
         return self._remote_peer_id
 
+    @property
+    def remote_host(self) -> str | None:
+        """The IP address of the other end of the connection (e.g. "127.0.0.1"), or None when
+        the connection does not know it or is gone."""
+        try:
+            addr = self._stream.get_remote_address()
+        except Exception:  # py-libp2p raises many types once the connection is closed
+            return None
+        if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
+            return addr[0]
+        return None
+
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream already closed")

@@ -1,0 +1,94 @@
+"""Keeps py-libp2p 0.8.1's Yamux read loop from blocking on writes (part of the libp2p adapter).
+
+The bug: Yamux's read loop (`handle_incoming`) answers some frames itself, inline: the ACK of an
+inbound SYN, the RST for a frame on an unknown stream, the ACK of a PING. Each answer takes the
+connection's write lock, and the lock is held by whichever task is writing, for as long as the
+socket takes the bytes. When both ends of a connection send bulk data (every node serves blobs
+and fetches blobs), both TCP send buffers can fill; then each end's writer waits for the other
+end to read, while each end's reader waits behind its own writer for the lock to send an ACK.
+Neither reader reads again: the connection is deadlocked for good (no error, no timeout), and
+every stream on it, gossip included, stalls.
+
+The fix: frames written by the read loop are queued and sent by a per-connection task, so the
+read loop never waits for the socket and the connection keeps draining. The queue holds at most
+`max_pending` 12-byte frames; a peer that makes us owe more (opening streams while never reading)
+makes the read loop wait for room, as before, without memory growing. Ordering: the queued
+answers may go out after data frames of the streams they acknowledge, which Yamux allows (a
+stream's data is accepted whether or not its ACK came first; go-yamux and py-libp2p both do).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+import trio
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+DEFAULT_MAX_PENDING_CONTROL_FRAMES = 4096  # per connection; 12 bytes each
+
+logger = logging.getLogger("fednode.transport.libp2p")
+
+_installed = False
+
+
+class _Replies:
+    """Frames the read loop of one connection owes its peer, and the task that sends them."""
+
+    def __init__(self, reader: trio.lowlevel.Task, max_pending: int) -> None:
+        self.reader = reader
+        self.max_pending = max_pending
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.sending = False
+        self.room = trio.Event()
+
+
+def install_yamux_nonblocking_reader(max_pending: int = DEFAULT_MAX_PENDING_CONTROL_FRAMES) -> None:
+    """Patches `Yamux` (process-wide, idempotent); call before connections are made."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    original_handle_incoming = Yamux.handle_incoming
+    original_write_frame = Yamux._write_frame
+
+    async def handle_incoming(self: Any) -> None:
+        self._fednode_replies = _Replies(trio.lowlevel.current_task(), max_pending)
+        await original_handle_incoming(self)
+
+    async def send_replies(self: Any, replies: _Replies) -> None:
+        try:
+            while replies.frames:
+                frame = replies.frames.popleft()
+                replies.room.set()
+                await original_write_frame(self, frame)
+        except Exception as exc:  # the connection is going away; the read loop will see it
+            logger.debug("yamux: cannot send a control frame to %s: %r", self.peer_id, exc)
+            replies.frames.clear()
+            replies.room.set()
+        finally:
+            replies.sending = False
+
+    async def write_frame(self: Any, data: bytes) -> None:
+        replies: _Replies | None = getattr(self, "_fednode_replies", None)
+        nursery = getattr(self, "_nursery", None)
+        if replies is None or nursery is None or trio.lowlevel.current_task() is not replies.reader:
+            await original_write_frame(self, data)
+            return
+        while len(replies.frames) >= replies.max_pending:
+            replies.room = trio.Event()
+            await replies.room.wait()
+        replies.frames.append(data)
+        if not replies.sending:
+            try:
+                nursery.start_soon(send_replies, self, replies)
+            except RuntimeError:  # the connection's nursery is closing: write it here, as before
+                replies.frames.pop()
+                await original_write_frame(self, data)
+                return
+            replies.sending = True
+        await trio.lowlevel.checkpoint()
+
+    Yamux.handle_incoming = handle_incoming  # type: ignore[method-assign]
+    Yamux._write_frame = write_frame  # type: ignore[method-assign]

@@ -1,0 +1,54 @@
+"""Bulk data both ways on one libp2p connection, with new streams opening all the time.
+
+Regression test for a deadlock in py-libp2p 0.8.1's Yamux: its read loop answered each inbound
+SYN (and PING) inline, behind the connection's write lock; with both TCP send buffers full,
+each end's reader waited behind its own blocked writer and neither read again. Without the fix
+(`fednode.transport.libp2p_yamux`) this test hangs every time; with it, it takes ~2 s.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from fednode.transport.base import Stream, StreamHandler
+from fednode.transport.testing import open_transports, wait_until
+
+SINK = "/fednode/test-sink/1"
+WRITERS = 8  # per direction
+STREAMS_PER_WRITER = 4
+MESSAGE = 1 << 20
+TIMEOUT = 30.0  # generous: 2 shared cores; it takes ~2 s
+
+
+async def test_bulk_both_ways_while_streams_open_does_not_deadlock() -> None:
+    async with open_transports("libp2p", 2, "line") as (a, b):
+        received = {a.local_peer_id: 0, b.local_peer_id: 0}
+
+        def make_sink(me: str) -> StreamHandler:
+            async def sink(stream: Stream) -> None:
+                while data := await stream.receive_some(MESSAGE):
+                    received[me] += len(data)
+            return sink
+
+        a.serve(SINK, make_sink(a.local_peer_id))
+        b.serve(SINK, make_sink(b.local_peer_id))
+        payload = bytes(MESSAGE)
+
+        async def writer(src: str, dst: str) -> None:
+            sender = a if src == a.local_peer_id else b
+            for _ in range(STREAMS_PER_WRITER):
+                stream = await sender.open_stream(dst, SINK)
+                await stream.send_all(payload)
+                await stream.send_eof()
+                await stream.aclose()
+
+        expected = WRITERS * STREAMS_PER_WRITER * MESSAGE
+        with trio.move_on_after(TIMEOUT) as deadline:
+            async with trio.open_nursery() as nursery:
+                for _ in range(WRITERS):
+                    nursery.start_soon(writer, a.local_peer_id, b.local_peer_id)
+                    nursery.start_soon(writer, b.local_peer_id, a.local_peer_id)
+            await wait_until(lambda: min(received.values()) >= expected, timeout=TIMEOUT)
+        assert not deadline.cancelled_caught, f"connection deadlocked: {received} of {expected} each"
+        assert received == {a.local_peer_id: expected, b.local_peer_id: expected}
+        assert a.peers() == {b.local_peer_id}
