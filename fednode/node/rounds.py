@@ -211,10 +211,18 @@ class RoundDriver:
         self.db.save_snapshot(state.round_id, state=state.phase.value, term=state.term,
                               coordinator=state.coordinator_node_id, snapshot=state.snapshot(), now=now)
 
+    @staticmethod
+    def _persisted_view(state: RoundState) -> tuple[Any, ...]:
+        """What must reach state.sqlite when it changes. A participant's view of the accepted set is
+        left out (persisting it per submission is quadratic in the round size): after a restart or
+        a failover, participants re-announce, and the coordinator's signed aggregate is the record."""
+        counts = (len(state.accepted), len(state.rejections)) if state.role is Role.COORDINATOR else ()
+        return (state.phase, state.term, state.role, state.own_submission is not None, *counts)
+
     def _feed(self, state: RoundState, event: RoundEvent) -> Validation:
-        before = (state.phase, len(state.accepted), len(state.rejections), state.term, state.role)
+        before = self._persisted_view(state)
         outcome = state.handle(event)
-        after = (state.phase, len(state.accepted), len(state.rejections), state.term, state.role)
+        after = self._persisted_view(state)
         if before != after:
             self._persist(state)
         for effect in outcome.effects:

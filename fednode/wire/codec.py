@@ -72,7 +72,13 @@ def _pack(obj: Any) -> bytes:
 
 
 def encode(message: Message) -> bytes:
-    return _pack(to_map(message))
+    # Messages are frozen, so their canonical bytes can be computed once and kept on the instance
+    # (not a dataclass field: equality, replace() and to_map() never see it).
+    cached: bytes | None = message.__dict__.get("_encoded")
+    if cached is None:
+        cached = _pack(to_map(message))
+        object.__setattr__(message, "_encoded", cached)
+    return cached
 
 
 def signing_bytes(message: Message) -> bytes:
