@@ -9,6 +9,10 @@ label skew, EQUAL total training steps for every arm:
 
 Prints a table of held-out accuracy, then (last line) a JSON object of the figures.
 Goals: exact within 2 points of centralized; federated >= 10 points above local-only; exact >= fedavg.
+
+Equal steps, each arm at its best constant LR from a small sweep (160 steps per arm): centralized
+reached 95.5% at 3e-3 but only 91.4% at 5e-3 and 77.7% at 1e-2 (one long constant-LR run overshoots),
+while the federated arms, whose runs are short, do best at 1e-2. --central-lr overrides.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ AggregateFn = Callable[[str, Sequence[bytes], Sequence[float], int, float], tupl
 
 DEFAULT_NODES = 4
 DEFAULT_ALPHA = 0.5
-DEFAULT_ROUNDS = 5
-DEFAULT_LOCAL_STEPS = 8
-DEFAULT_LR = 3e-3
+DEFAULT_ROUNDS = 4
+DEFAULT_LOCAL_STEPS = 10
+# Each arm at its own best constant LR from a small sweep (see the module docstring).
+DEFAULT_LR = 1e-2  # nodes: local-only, fedavg, exact
+DEFAULT_CENTRAL_LR = 3e-3  # centralized: one long run diverges at 5e-3 and above
 DEFAULT_BATCH = 16
 DEFAULT_MAX_LEN = 64
 DEFAULT_THREADS = 2
@@ -77,6 +83,7 @@ def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
             "rounds": args.rounds,
             "local_steps": args.local_steps,
             "lr": args.lr,
+            "central_lr": args.central_lr,
             "batch": args.batch,
             "max_len": args.max_len,
             "seed": args.seed,
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
     figures["base_accuracy"] = central.evaluate(None)["accuracy"]
 
     t = time.perf_counter()
-    res = central.train(None, steps=total_steps, learning_rate=args.lr, seed=args.seed)
+    res = central.train(None, steps=total_steps, learning_rate=args.central_lr, seed=args.seed)
     figures["centralized"] = central.evaluate(res.delta_bytes)["accuracy"]
     step_s = res.metrics["seconds_per_step"]
     log(f"centralized {figures['centralized']:.4f} ({time.perf_counter() - t:.0f}s, {step_s:.2f}s/step)")
@@ -170,7 +177,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     p.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_STEPS)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="node LR (local-only, fedavg, exact)")
+    p.add_argument("--central-lr", type=float, default=DEFAULT_CENTRAL_LR, help="centralized arm's LR")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
     p.add_argument("--seed", type=int, default=0)
