@@ -48,8 +48,6 @@ from tests.security.federation import (
     honest_ids,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 
 def rejected(fed: Federation) -> list[dict[str, int]]:
     return [c["rejected"] for c in fed.counters()]
