@@ -167,7 +167,7 @@ def _cmd_harness(args: argparse.Namespace) -> int:
     from fednode.harness.run import HarnessOptions, run_harness
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console(stderr=False)
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
     task = load_config(args.config).learning.task if args.config else "minilm-bbc"
     opts = HarnessOptions(nodes=args.nodes, rounds=args.rounds, config=Path(args.config) if args.config else None,
                           kill_coordinator_at=args.kill_coordinator_at, gate_off_nodes=args.gate_off_nodes,

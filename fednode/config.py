@@ -105,6 +105,8 @@ class LearningSection:
     batch_size: int = _opt(16, lo=1, hi=4096, doc="training batch size")
     max_length: int = _opt(64, lo=8, hi=8192, doc="tokens per example")
     torch_threads: int = _opt(1, lo=1, hi=256, doc="torch intra-op threads")
+    fake_step_seconds: float = _opt(0.0, lo=0.0, hi=60.0, doc="task \"fake\" only: seconds each step takes "
+                                    "(simulates training time in protocol tests)")
     evaluate: bool = _opt(True, doc="evaluate local and merged adapters on the held-out split each round")
 
 

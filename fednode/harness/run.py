@@ -65,8 +65,9 @@ def default_overrides(opts: HarnessOptions) -> dict[str, dict[str, Any]]:
     n = opts.nodes
     min_participants = n - 1 if opts.kill_coordinator_at is not None and n > 2 else n
     return {
-        "round": {"max_rounds": opts.rounds, "wait_for_members": n, "min_participants": max(1, min_participants),
-                  "max_participants": n},
+        # Wait for everyone before the first round; with a planned kill, the survivors must suffice.
+        "round": {"max_rounds": opts.rounds, "wait_for_members": max(1, min_participants),
+                  "min_participants": max(1, min_participants), "max_participants": n},
         "coordinator": {"heartbeat_interval_seconds": 1.0},
         "community": {"id": "local-harness"},
     }

@@ -9,6 +9,7 @@ blocking CPU work: the daemon runs it in a worker thread.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +59,10 @@ class FakeTrainer:
     base_model_id = "fake-model"
     base_model_hash = hashlib.sha256(b"fednode fake base model v1").hexdigest()
 
-    def __init__(self, node_index: int, *, num_samples: int | None = None) -> None:
+    def __init__(self, node_index: int, *, num_samples: int | None = None, step_seconds: float = 0.0) -> None:
         self.node_index = node_index
         self.num_samples = num_samples if num_samples is not None else 10 + 7 * node_index
+        self.step_seconds = step_seconds
 
     def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
               seed: int, progress: ProgressCallback | None = None) -> TrainOutput:
@@ -73,6 +75,10 @@ class FakeTrainer:
         gen = torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little"))
         out = {k: (start[k] + 0.1 * torch.randn(s, generator=gen)).float() for k, s in FAKE_LAYOUT.items()}
         for step in range(1, steps + 1):
+            if self.step_seconds:
+                # Unequal machines: node i's steps take (1 + i mod 4) x step_seconds, so submissions
+                # arrive spread out. Runs in the daemon's worker thread.
+                time.sleep(self.step_seconds * (1 + self.node_index % 4))
             if progress is not None:
                 progress(step, 1.0 / step)
         return TrainOutput(dump_delta(out), self.num_samples, {"loss": 1.0 / max(steps, 1)})
@@ -156,5 +162,5 @@ class LearningTrainer:
 
 def make_trainer(config: Config) -> Trainer:
     if config.learning.task == "fake":
-        return FakeTrainer(config.learning.node_index)
+        return FakeTrainer(config.learning.node_index, step_seconds=config.learning.fake_step_seconds)
     return LearningTrainer(config)
