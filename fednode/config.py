@@ -116,6 +116,10 @@ class BlobsSection:
     chunk_bytes: int = _opt(1 << 20, lo=4096, hi=64 << 20, doc="chunk size of new blob manifests")
     max_streams_per_peer: int = _opt(4, lo=1, hi=1024, doc="concurrent blob streams served per peer")
     fetch_timeout_seconds: float = _opt(600.0, lo=1.0, hi=86400.0, doc="give up a fetch after this long")
+    send_timeout_seconds: float = _opt(20.0, lo=0.1, hi=3600.0,
+                                       doc="a served stream whose frame does not leave in this long is aborted")
+    idle_timeout_seconds: float = _opt(60.0, lo=0.1, hi=86400.0,
+                                       doc="a served stream with no request for this long is closed")
 
 
 @dataclass(frozen=True)

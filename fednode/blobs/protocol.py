@@ -39,6 +39,7 @@ ERR_BUSY = "busy"
 ERR_BAD_REQUEST = "bad_request"
 ERR_LANE_UNAVAILABLE = "lane_unavailable"
 ERR_INTERNAL = "internal"
+ERR_NOT_MEMBER = "not_member"
 
 _U32 = struct.Struct(">I")
 Header = dict[str, Any]

@@ -4,7 +4,9 @@ Each inbound stream is one handler task. A peer gets at most `max_streams_per_pe
 streams (more are answered `busy` and closed); every frame we send has a deadline
 (`send_timeout`), so a reader that stalls loses its stream instead of holding a task and a
 chunk buffer; an idle stream is closed after `idle_timeout`. Optionally a stream upgrades to
-the fast lane (lane.py) and its requests are then served there.
+the fast lane (lane.py) and its requests are then served there. With an `allow_peer` predicate
+(the community allowlist), a stream from any other peer is answered `not_member` and closed
+before it takes a slot or touches the store.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fednode.blobs.protocol import (
     ERR_BUSY,
     ERR_LANE_UNAVAILABLE,
     ERR_NOT_FOUND,
+    ERR_NOT_MEMBER,
     GET_CHUNKS,
     GET_MANIFEST,
     LANE,
@@ -52,6 +55,8 @@ DEFAULT_MAX_CHUNKS_PER_REQUEST = 64
 DEFAULT_SEND_TIMEOUT = 20.0  # seconds one frame may take to leave; a stalled reader loses the stream
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds a stream may wait for its next request
 DEFAULT_READAHEAD_CHUNKS = 2  # chunks read and sealed ahead of the socket, per stream
+
+PeerPredicate = Callable[[str], bool]  # peer id -> may it use this protocol (None: everyone may)
 
 
 def default_lane_bind_host(stream: Stream) -> str | None:
@@ -88,6 +93,7 @@ class ServeStatistics:
     manifests_served: int = 0
     rejected_busy_by_peer: dict[str, int] = field(default_factory=dict)
     aborted_by_reason: dict[str, int] = field(default_factory=dict)
+    refused_by_reason: dict[str, int] = field(default_factory=dict)  # streams refused at the door
 
 
 class BlobServer:
@@ -96,9 +102,11 @@ class BlobServer:
         store: BlobStore,
         limits: ServeLimits = ServeLimits(),
         lane_bind_host: Callable[[Stream], str | None] | None = default_lane_bind_host,
+        allow_peer: PeerPredicate | None = None,
     ) -> None:
         self.store = store
         self.limits = limits
+        self._allow_peer = allow_peer
         self._lane_bind_host = lane_bind_host
         self._active: Counter[str] = Counter()
         self._manifests: dict[str, BlobManifest] = {}
@@ -109,24 +117,26 @@ class BlobServer:
         self._manifests_served = 0
         self._busy: Counter[str] = Counter()
         self._aborted: Counter[str] = Counter()
+        self._refused: Counter[str] = Counter()
 
     def statistics(self) -> ServeStatistics:
         return ServeStatistics(
             self._streams, sum(self._active.values()), self._lanes, self._bytes, self._chunks,
-            self._manifests_served, dict(self._busy), dict(self._aborted),
+            self._manifests_served, dict(self._busy), dict(self._aborted), dict(self._refused),
         )
 
     async def handle(self, stream: Stream) -> None:
         peer = stream.remote_peer_id
         channel = StreamChannel(stream)
+        if self._allow_peer is not None and not self._allow_peer(peer):
+            # Counted by reason only: a per-peer table would grow with every key an outsider makes.
+            self._refused["not_member"] += 1
+            log.info("blob stream from %s refused: not a member", peer[-8:])
+            await self._refuse(channel, ERR_NOT_MEMBER, "not a member of this community")
+            return
         if self._active[peer] >= self.limits.max_streams_per_peer:
             self._busy[peer] += 1
-            # busy answers the first request (every request gets a response, no race with it)
-            with trio.move_on_after(self.limits.send_timeout), contextlib.suppress(
-                RemoteProtocolError, PeerUnavailable
-            ):
-                if await channel.receive_frame(0) is not None:
-                    await channel.send_frame(error_header(ERR_BUSY, "too many concurrent streams"))
+            await self._refuse(channel, ERR_BUSY, "too many concurrent streams")
             return
         self._active[peer] += 1
         self._streams += 1
@@ -144,6 +154,13 @@ class BlobServer:
             self._active[peer] -= 1
             if not self._active[peer]:
                 del self._active[peer]
+
+    async def _refuse(self, channel: FrameChannel, code: str, message: str) -> None:
+        """Answer the first request with an error and end the stream (every request gets a
+        response, so the requester never races the close)."""
+        with trio.move_on_after(self.limits.send_timeout), contextlib.suppress(RemoteProtocolError, PeerUnavailable):
+            if await channel.receive_frame(0) is not None:
+                await channel.send_frame(error_header(code, message))
 
     async def _send(self, channel: FrameChannel, header: dict[str, object], payload: bytes = b"") -> None:
         with trio.fail_after(self.limits.send_timeout):
@@ -275,11 +292,13 @@ async def serve_blobs(
     *,
     limits: ServeLimits = ServeLimits(),
     lane_bind_host: Callable[[Stream], str | None] | None = default_lane_bind_host,
+    allow_peer: PeerPredicate | None = None,
     task_status: TaskStatus[BlobServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves `store` on PROTOCOL_ID until cancelled; `nursery.start` returns the BlobServer
-    (for `statistics()`). Handlers run in the transport's nursery."""
-    server = BlobServer(store, limits, lane_bind_host)
+    (for `statistics()`). Handlers run in the transport's nursery. `allow_peer`: streams from
+    peers it refuses are answered `not_member` (e.g. the community allowlist)."""
+    server = BlobServer(store, limits, lane_bind_host, allow_peer)
     transport.serve(PROTOCOL_ID, server.handle)
     task_status.started(server)
     await trio.sleep_forever()

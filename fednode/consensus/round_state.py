@@ -21,9 +21,11 @@ driver feeds ticks in.
 Both roles judge submissions with the same rules (so a participant that becomes coordinator
 already holds the accepted set): ACCEPT while open and below max_participants; a duplicate is
 idempotent (same verdict again, counted once); the same participant announcing a *different*
-delta is REJECTed (equivocation; the first stays); late, full, wrong round or community are
-IGNOREd with a reason. Participants never declare a round failed on their own view: at the
-deadline they wait in AGGREGATING for the coordinator's AggregateAnnounce or RoundFailed.
+delta is REJECTed (equivocation; the first stays); a *different* participant announcing a delta
+already accepted (same `delta_sha256`) is REJECTed (duplicate_delta; the first owner keeps it, so
+nobody doubles an update's weight); late, full, wrong round or community are IGNOREd with a
+reason. Participants never declare a round failed on their own view: at the deadline they wait
+in AGGREGATING for the coordinator's AggregateAnnounce or RoundFailed.
 
 Messages from the network are legal in every state (they are answered with a verdict); local
 events (`AggregationDone`, `AggregationFailed`, `CloseSubmissions`, `ContributionRejected`) in a
@@ -311,6 +313,10 @@ class RoundState:
                 return Validation(Verdict.ACCEPT, "duplicate", "already accepted; counted once")
             return self._refuse(a, Validation(Verdict.REJECT, "equivocation",
                                               f"second, different delta; keeping {known.delta_sha256}"))
+        owner = self._delta_owner(a.delta_sha256)
+        if owner is not None:  # someone else's update re-announced: it would count twice (N5)
+            return self._refuse(a, Validation(Verdict.REJECT, "duplicate_delta",
+                                              f"delta already accepted from {owner[:64]}"))
         if not self.is_open:  # closed by the clock, by max_participants, or by CloseSubmissions
             if now >= self.deadline:
                 v = Validation(Verdict.IGNORE, "late", f"arrived {now - self.deadline:.3f} s after the deadline")
@@ -323,6 +329,10 @@ class RoundState:
         if a.participant_node_id == self.node_id:
             self.own_submission = a
         return ACCEPTED
+
+    def _delta_owner(self, delta_sha256: str) -> str | None:
+        """The participant whose accepted submission is this delta (a scan: at most max_participants)."""
+        return next((n for n, a in self.accepted.items() if a.delta_sha256 == delta_sha256), None)
 
     def _refuse(self, a: SubmissionAnnounce, v: Validation) -> Validation:
         return self.record_rejection(a.participant_node_id, v, a.delta_sha256)

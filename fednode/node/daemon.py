@@ -100,11 +100,13 @@ class Node:
         self.store = BlobStore(data / "blobs")
         self.db = StateDB(data / "state.sqlite")
         members = config.community.members
+        # In a closed community, blob and sync streams are served to listed peers only (security.md M3).
+        self.allowlist: frozenset[str] | None = frozenset(members) if members else None
         self.validator = MessageValidator(ValidationPolicy(
             community_id=config.community.id, max_message_bytes=config.network.max_message_bytes,
             replay_window_seconds=config.community.replay_window_seconds,
             max_clock_skew_seconds=config.community.max_clock_skew_seconds,
-            allowlist=frozenset(members) if members else None, seen_cache_size=config.community.seen_cache_size))
+            allowlist=self.allowlist, seen_cache_size=config.community.seen_cache_size))
         c = config.coordinator
         self.election = ElectionState(self.node_id, ElectionConfig(
             mode=c.mode, fixed_node_id=c.fixed_peer_id, heartbeat_interval=c.heartbeat_interval_seconds,
@@ -133,10 +135,11 @@ class Node:
                 self.transport = transport
                 self.driver.attach(transport, nursery)
                 bc = self.config.blobs
-                limits = ServeLimits(max_streams_per_peer=bc.max_streams_per_peer)
-                self.blob_server = await nursery.start(functools.partial(serve_blobs, transport, self.store,
-                                                                         limits=limits))
-                serve_sync(transport, self._sync_lookup)
+                limits = ServeLimits(max_streams_per_peer=bc.max_streams_per_peer,
+                                     send_timeout=bc.send_timeout_seconds, idle_timeout=bc.idle_timeout_seconds)
+                self.blob_server = await nursery.start(functools.partial(
+                    serve_blobs, transport, self.store, limits=limits, allow_peer=self._stream_allowed))
+                self.sync_server = serve_sync(transport, self._sync_lookup, allow_peer=self._stream_allowed)
                 subscription = await transport.subscribe(self.topic, validator=self._validate)
                 nursery.start_soon(self._read_gossip, subscription)
                 if self.enabled:
@@ -161,6 +164,9 @@ class Node:
         finally:
             self._persist_members(force=True)
             self.db.close()
+
+    def _stream_allowed(self, peer_id: str) -> bool:
+        return self.allowlist is None or peer_id in self.allowlist
 
     # -- gossip in ---------------------------------------------------------------------------
     def _validate(self, data: bytes, received_from: str) -> Validation:
@@ -373,6 +379,10 @@ class Node:
         # the transport's verdicts by reason, including what it refuses before our validator runs
         # (e.g. "too_large": over the transport's message limit)
         out["gossip_rejected"] = dict(transport_stats.rejected_by_reason) if transport_stats else {}
+        # streams refused before they were served (e.g. "not_member" in a closed community)
+        sync_stats = self.sync_server.statistics() if hasattr(self, "sync_server") else None
+        out["streams_refused"] = {"blob": getattr(blob_stats, "refused_by_reason", {}),
+                                  "sync": getattr(sync_stats, "refused_by_reason", {})}
         if self.enabled:
             out.update(self.driver.status())
         else:

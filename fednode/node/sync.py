@@ -6,13 +6,18 @@ heartbeat named the round and sends one msgpack map `{"round_id": str}` (a lengt
 frame); the peer answers with one frame: a msgpack array of up to MAX_SYNC_MESSAGES encoded
 signed messages it holds for that round (manifest, aggregate or failure), then closes. The
 asker validates every message exactly as if it came from gossip (signature, community,
-membership); nothing is trusted because of who served it.
+membership); nothing is trusted because of who served it. With an `allow_peer` predicate (the
+community allowlist) the server closes a stream from any other peer without reading it, so an
+outsider learns nothing of the rounds; the asker sees the stream end early.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import msgpack
 import trio
@@ -27,6 +32,15 @@ MAX_SYNC_RESPONSE_BYTES = MAX_SYNC_MESSAGES * 64 * 1024 + 1024
 DEFAULT_SYNC_TIMEOUT_SECONDS = 10.0
 
 Lookup = Callable[[str], list[bytes]]
+PeerPredicate = Callable[[str], bool]  # peer id -> may it sync from us (None: everyone may)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStatistics:
+    served: int = 0
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 async def _read_frame(stream: Stream, max_bytes: int) -> bytes:
@@ -51,25 +65,50 @@ def _frame(payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
-def serve_sync(transport: Transport, lookup: Lookup) -> None:
-    async def handle(stream: Stream) -> None:
-        with trio.move_on_after(DEFAULT_SYNC_TIMEOUT_SECONDS):
+class SyncServer:
+    """Answers `/fednode/sync/1.0.0` streams from `lookup`; `statistics()` counts what it did."""
+
+    def __init__(self, lookup: Lookup, allow_peer: PeerPredicate | None = None,
+                 timeout: float = DEFAULT_SYNC_TIMEOUT_SECONDS) -> None:
+        self.lookup = lookup
+        self.allow_peer = allow_peer
+        self.timeout = timeout
+        self._served = 0
+        self._refused: collections.Counter[str] = collections.Counter()
+
+    def statistics(self) -> SyncStatistics:
+        return SyncStatistics(self._served, dict(self._refused))
+
+    async def handle(self, stream: Stream) -> None:
+        if self.allow_peer is not None and not self.allow_peer(stream.remote_peer_id):
+            self._refused["not_member"] += 1
+            log.info("sync stream from %s refused: not a member", stream.remote_peer_id[-8:])
+            return  # the transport closes the stream
+        with trio.move_on_after(self.timeout):
             try:
                 request = msgpack.unpackb(await _read_frame(stream, MAX_SYNC_REQUEST_BYTES), raw=False)
             except (RemoteProtocolError, PeerUnavailable, ValueError, msgpack.ExtraData, msgpack.FormatError,
                     msgpack.StackError):
+                self._refused["bad_request"] += 1
                 return
             round_id = request.get("round_id") if isinstance(request, dict) else None
             if not isinstance(round_id, str) or len(round_id) > 64:
+                self._refused["bad_request"] += 1
                 return
-            messages = lookup(round_id)[:MAX_SYNC_MESSAGES]
+            messages = self.lookup(round_id)[:MAX_SYNC_MESSAGES]
             try:
                 await stream.send_all(_frame(msgpack.packb(messages, use_bin_type=True)))
                 await stream.send_eof()
             except PeerUnavailable:
                 return
+            self._served += 1
 
-    transport.serve(SYNC_PROTOCOL_ID, handle)
+
+def serve_sync(transport: Transport, lookup: Lookup, *, allow_peer: PeerPredicate | None = None) -> SyncServer:
+    """Serve `lookup` on SYNC_PROTOCOL_ID; streams from peers `allow_peer` refuses are closed unread."""
+    server = SyncServer(lookup, allow_peer)
+    transport.serve(SYNC_PROTOCOL_ID, server.handle)
+    return server
 
 
 async def request_sync(transport: Transport, peer_id: str, round_id: str,

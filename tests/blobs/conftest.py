@@ -60,6 +60,7 @@ async def memory_nodes(
     stores: dict[str, BlobStore] | None = None,
     limits: ServeLimits | None = None,
     lane_bind_host: Callable[[Stream], str | None] | None = None,
+    allow_peer: Callable[[str], bool] | None = None,
 ) -> AsyncIterator[tuple[MemoryNetwork, dict[str, Node]]]:
     network = MemoryNetwork(auto_link_degree=0)
     nodes: dict[str, Node] = {}
@@ -70,7 +71,8 @@ async def memory_nodes(
             store = (stores or {}).get(name) or make_store(tmp_path / name)
             server = await nursery.start(
                 functools.partial(
-                    serve_blobs, transport, store, limits=limits or ServeLimits(), lane_bind_host=lane_bind_host
+                    serve_blobs, transport, store, limits=limits or ServeLimits(), lane_bind_host=lane_bind_host,
+                    allow_peer=allow_peer,
                 )
             )
             nodes[name] = Node(transport, store, server)

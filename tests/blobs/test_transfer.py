@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from fednode.blobs.fetch import FetchLimits, fetch_blob
-from fednode.blobs.protocol import ERR_BUSY, GET_MANIFEST, PROTOCOL_ID, StreamChannel
+from fednode.blobs.protocol import ERR_BUSY, ERR_NOT_MEMBER, GET_MANIFEST, PROTOCOL_ID, StreamChannel
 from fednode.blobs.serve import ServeLimits
 from fednode.errors import TransferError
 
@@ -153,6 +153,28 @@ async def test_per_peer_stream_limit(tmp_path: Path) -> None:
         r = await fetch_blob(me, sha, ["a"], n["me"].store, limits=FetchLimits(streams_per_holder=4))
         assert r.chunks_fetched == 9 and n["me"].store.read(sha) == data
         assert n["a"].server.statistics().rejected_busy_by_peer["me"] >= 2
+
+
+async def test_non_member_stream_is_refused(tmp_path: Path) -> None:
+    """With an allowlist, a peer not on it gets `not_member` for its first request, the stream
+    ends, no slot is taken and nothing is served; members fetch as usual."""
+    data, sha = blob(4)
+    members = {"a", "member"}
+    async with memory_nodes(tmp_path, ["a", "member", "outsider"], allow_peer=members.__contains__) as (_, n):
+        n["a"].store.put_bytes(data)
+        ch = StreamChannel(await n["outsider"].transport.open_stream("a", PROTOCOL_ID))
+        await ch.send_frame({"t": GET_MANIFEST, "sha256": sha})
+        frame = await ch.receive_frame(1 << 20)
+        assert frame is not None and (frame[0]["t"], frame[0]["code"]) == ("error", ERR_NOT_MEMBER)
+        assert await ch.receive_frame(1 << 20) is None  # closed after the refusal
+        with pytest.raises(TransferError):
+            await fetch_blob(n["outsider"].transport, sha, ["a"], n["outsider"].store)
+        assert not n["outsider"].store.has(sha)
+        r = await fetch_blob(n["member"].transport, sha, ["a"], n["member"].store)
+        assert r.chunks_fetched == 5 and n["member"].store.read(sha) == data
+        st = n["a"].server.statistics()
+        assert st.refused_by_reason == {"not_member": 2} and st.manifests_served == 1  # the outsider's two
+        assert st.rejected_busy_by_peer == {} and st.active_streams <= 2
 
 
 async def test_stalled_reader_does_not_stall_server(tmp_path: Path) -> None:

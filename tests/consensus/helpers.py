@@ -23,7 +23,10 @@ def manifest(coordinator: Identity, *, created_at: float = EPOCH, **kwargs: obje
 
 
 def announce(who: Identity, *, round_id: str = "round-1", num_samples: int = 10, at: float = EPOCH,
-             payload: bytes = b"delta") -> SubmissionAnnounce:
+             payload: bytes | None = None) -> SubmissionAnnounce:
+    """`who`'s submission; by default of a delta of its own (distinct participants, distinct deltas)."""
+    if payload is None:
+        payload = b"delta of " + who.node_id.encode()
     a = SubmissionAnnounce(round_id=round_id, participant_node_id=who.node_id, num_samples=num_samples,
                            submitted_at=at, community_id=COMMUNITY, delta_sha256=hashlib.sha256(payload).hexdigest(),
                            delta_size=len(payload))

@@ -100,6 +100,25 @@ def test_submission_verdicts_duplicate_late_full_wrong_round_equivocation() -> N
     assert {r.reason for r in state.rejections} == {"equivocation", "wrong_round", "full", "late"}
 
 
+def test_another_members_delta_reannounced_is_rejected_duplicate_delta() -> None:
+    """N5: P2 re-announces P1's delta (same address) with 100x the samples; it must not count twice."""
+    state = started(min_participants=1, max_participants=3)
+    honest = announce(P1, payload=b"p1's update", num_samples=10, at=EPOCH + 1)
+    assert state.handle(SubmissionReceived(honest, EPOCH + 1)).validation.accepted
+    copy = announce(P2, payload=b"p1's update", num_samples=1000, at=EPOCH + 2)
+    v = state.handle(SubmissionReceived(copy, EPOCH + 2)).validation
+    assert (v.verdict, v.reason) == (Verdict.REJECT, "duplicate_delta")
+    assert P1.node_id in v.detail
+    assert state.handle(SubmissionReceived(copy, EPOCH + 3)).validation.reason == "duplicate_delta"  # every time
+    assert state.statistics().accepted == 1 and state.statistics().total_samples == 10
+    assert [(r.node_id, r.reason, r.delta_sha256) for r in state.rejections] == [
+        (P2.node_id, "duplicate_delta", copy.delta_sha256)] * 2
+    assert state.handle(SubmissionReceived(announce(P2, at=EPOCH + 4), EPOCH + 4)).validation.accepted  # its own
+    assert state.weights() == {P1.node_id: 0.5, P2.node_id: 0.5}
+    # The first owner keeps it: P1's re-announce is still an idempotent duplicate.
+    assert state.handle(SubmissionReceived(honest, EPOCH + 5)).validation.reason == "duplicate"
+
+
 def test_submission_at_exactly_the_deadline_is_late() -> None:
     state = started(min_participants=1)
     v = state.handle(SubmissionReceived(announce(P1), EPOCH + 3600.0)).validation

@@ -21,7 +21,9 @@ import trio
 from fednode.blobs.fetch import fetch_blob
 from fednode.blobs.serve import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_SEND_TIMEOUT
 from fednode.blobs.store import BlobStore
+from fednode.errors import RemoteProtocolError, TransferError
 from fednode.identity import Identity
+from fednode.node.sync import request_sync
 from fednode.wire import codec
 from fednode.wire.messages import (
     AggregateAnnounce,
@@ -132,6 +134,41 @@ async def test_poisoned_delta_is_refused(scratch: Path, autojump_clock: trio.abc
     await same_as_clean_run(scratch, attacked, peak.bytes)
 
 
+# -- another member's delta, re-announced with an inflated weight --------------------------------
+async def test_reannounced_delta_is_rejected(scratch: Path, autojump_clock: trio.abc.Clock) -> None:
+    # The member heartbeats as a federated participant (so the round stays open for it), copies the
+    # first honest submission of each round under its own name with 10^6 samples, and never sends
+    # its own: under FedAvg the copy would weigh ~100% and the merged adapter would change.
+    with heap_peak() as peak:
+        async with federation(scratch, "attacked", adversary=MEMBER, wait_for_members=HONEST + 1) as fed:
+            adv = fed.adversary
+            assert adv is not None
+            adv.nursery.start_soon(lambda: adv.heartbeat_forever(federated=True))
+            copied = []
+            for number in (1, 2):
+                manifest = await adv.wait_manifest(number)
+                while not (mine := [a for a in adv.submissions if a.round_id == manifest.round_id]):
+                    await trio.sleep(0.01)
+                victim = mine[0]
+                await adv.publish_raw(adv.signed(adv.submission(manifest, delta_sha256=victim.delta_sha256,
+                                                                delta_size=victim.delta_size, num_samples=10**6)))
+                copied.append(victim)
+            await fed.wait_rounds()
+            for number, victim in zip((1, 2), copied, strict=True):
+                record = fed.coordinator_record(number)
+                accepted = {a["node_id"]: a for a in record["accepted"]}
+                assert sorted(accepted) == sorted(honest_ids())
+                assert accepted[victim.participant_node_id]["num_samples"] == victim.num_samples
+                refused = [(r["reason"], r["blob_sha256"]) for r in record["rejected"]
+                           if r["node_id"] == MEMBER.node_id]
+                assert refused == [("duplicate_delta", victim.delta_sha256)], record
+            for node in fed.nodes:  # every node judged the copy the same way
+                assert node.status()["counters"]["rejected"].get("round:duplicate_delta") == 2
+            assert_bounded(fed, heartbeating={*honest_ids(), MEMBER.node_id})
+            attacked = fed.merged()
+    await same_as_clean_run(scratch, attacked, peak.bytes)
+
+
 # -- replays -------------------------------------------------------------------------------------
 async def test_replayed_messages_are_ignored(scratch: Path, autojump_clock: trio.abc.Clock) -> None:
     with heap_peak() as peak:
@@ -197,12 +234,25 @@ async def test_non_member_is_rejected(scratch: Path, autojump_clock: trio.abc.Cl
                 assert not node.store.has(sha)
             assert_bounded(fed)
             attacked = fed.merged()
-            # Documented limitation (protocols/security.md): blob streams are not membership-gated;
-            # a non-member that knows a sha256 can fetch that blob from an honest node.
+            # Streams are membership-gated too (M3): knowing a merged adapter's or a delta's sha256
+            # does not let a non-member fetch it, nor sync a round's signed messages.
             assert adv.transport is not None
             loot = BlobStore(scratch / "loot")
-            await fetch_blob(adv.transport, attacked[0], [fed.nodes[0].node_id], loot)
-            assert loot.has(attacked[0])
+            round_ids = [str(fed.coordinator_record(k)["round_id"]) for k in (1, 2)]
+            for node in fed.nodes:
+                with pytest.raises(TransferError):
+                    await fetch_blob(adv.transport, attacked[0], [node.node_id], loot)
+                with pytest.raises(RemoteProtocolError):
+                    await request_sync(adv.transport, node.node_id, round_ids[0])
+                refused = node.status()["streams_refused"]
+                assert refused["blob"].get("not_member", 0) >= 1 and refused["sync"] == {"not_member": 1}, refused
+                assert node.blob_server.statistics().rejected_busy_by_peer.get(me) is None
+            assert not loot.has(attacked[0])
+            # while a member's streams are served as before
+            peer = BlobStore(scratch / "member-fetch")
+            await fetch_blob(fed.nodes[1].transport, attacked[0], [fed.nodes[0].node_id], peer)  # type: ignore[arg-type]
+            assert peer.has(attacked[0])
+            assert await request_sync(fed.nodes[1].transport, fed.nodes[0].node_id, round_ids[0])  # type: ignore[arg-type]
     await same_as_clean_run(scratch, attacked, peak.bytes)
 
 
