@@ -21,12 +21,14 @@ from fednode.learning.model import (
     load_base_model,
     resolve_model_dir,
 )
+from fednode.learning.schedule import LrSchedule
 from fednode.learning.task import PROFILES, TaskSpec, get_task, task_from_mapping
 from fednode.learning.trainer import LocalTrainer, TrainResult
 
 __all__ = [
     "PROFILES",
     "LocalTrainer",
+    "LrSchedule",
     "TaskSpec",
     "TrainResult",
     "adapter_from_bytes",

@@ -28,6 +28,7 @@ from fednode.learning.model import (
     resolve_model_dir,
     wrap_with_lora,
 )
+from fednode.learning.schedule import LrSchedule
 from fednode.learning.task import TaskSpec
 
 DEFAULT_TORCH_THREADS = 1  # several node processes share few cores
@@ -92,6 +93,7 @@ class LocalTrainer:
         partition_seed: int = 0,
         torch_threads: int = DEFAULT_TORCH_THREADS,
         max_steps: int = DEFAULT_MAX_STEPS,
+        lr_schedule: LrSchedule | None = None,
     ) -> None:
         if torch_threads < 1:
             raise ConfigError(f"torch_threads must be >= 1, got {torch_threads}")
@@ -100,6 +102,7 @@ class LocalTrainer:
         self.node_index = node_index
         self.num_nodes = num_nodes
         self.max_steps = max_steps
+        self.lr_schedule = LrSchedule() if lr_schedule is None else lr_schedule
         self._entry = _load(task)
         labels = load_dataset(task).labels
         self.train_indices, self.test_indices = node_share(
@@ -139,21 +142,25 @@ class LocalTrainer:
         learning_rate: float,
         seed: int,
         progress: ProgressCallback | None = None,
+        lr_schedule: LrSchedule | None = None,
     ) -> TrainResult:
-        """`steps` AdamW steps from `start_adapter` (None = the fresh adapter). Same inputs, same
-        seed -> identical delta bytes."""
+        """`steps` AdamW steps from `start_adapter` (None = the fresh adapter). `learning_rate` is the
+        peak rate; `lr_schedule` (default: the trainer's, linear decay to 0.1x) shapes it over these
+        steps. Same inputs, same seed -> identical delta bytes."""
         if not 0 < steps <= self.max_steps:
             raise ConfigError(f"steps must be in 1..{self.max_steps} (max_steps), got {steps}")
         if not learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+        schedule = self.lr_schedule if lr_schedule is None else lr_schedule
         with self._entry.lock:
-            return self._train_locked(start_adapter, steps, learning_rate, seed, progress)
+            return self._train_locked(start_adapter, steps, learning_rate, schedule, seed, progress)
 
     def _train_locked(
         self,
         start_adapter: bytes | None,
         steps: int,
         learning_rate: float,
+        schedule: LrSchedule,
         seed: int,
         progress: ProgressCallback | None,
     ) -> TrainResult:
@@ -175,6 +182,8 @@ class LocalTrainer:
                 loss = self._loss(torch.from_numpy(batch))[0]
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, DEFAULT_MAX_GRAD_NORM)
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate * schedule.factor(step, steps)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
@@ -190,6 +199,7 @@ class LocalTrainer:
             "steps": float(steps),
             "seconds": seconds,
             "seconds_per_step": seconds / steps,
+            "lr_last": learning_rate * schedule.factor(steps - 1, steps),
         }
         return TrainResult(delta, len(self.train_indices), metrics)
 
