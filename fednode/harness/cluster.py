@@ -8,6 +8,7 @@ the same daemon a community member runs, configured the way an operator would.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fednode.config import dump_toml, load_config
-from fednode.identity import write_key_file
+from fednode.identity import load_key_file, write_key_file
 
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_SECONDS = 10.0
@@ -58,7 +59,11 @@ class LocalCluster:
 
     @classmethod
     def create(cls, run_dir: Path, *, federated: int, gate_off: int, template: dict[str, dict[str, Any]],
-               overrides: dict[str, dict[str, Any]]) -> LocalCluster:
+               overrides: dict[str, dict[str, Any]],
+               node_overrides: dict[int, dict[str, dict[str, Any]]] | None = None,
+               keys_from: Path | None = None) -> LocalCluster:
+        """`node_overrides[i]` applies to node i only (e.g. one straggler); `keys_from` = another run
+        dir whose node keys to reuse, so two runs have the same node ids (the aggregation order)."""
         run_dir.mkdir(parents=True, exist_ok=True)
         cluster = cls(run_dir)
         total = federated + gate_off
@@ -67,12 +72,17 @@ class LocalCluster:
         for i in range(total):
             folder = run_dir / f"node-{i}"
             folder.mkdir(parents=True, exist_ok=True)
-            ids.append(write_key_file(folder / "node.key", overwrite=True).node_id)
+            if keys_from is not None:
+                shutil.copyfile(keys_from / f"node-{i}" / "node.key", folder / "node.key")
+                os.chmod(folder / "node.key", 0o600)
+                ids.append(load_key_file(folder / "node.key").node_id)
+            else:
+                ids.append(write_key_file(folder / "node.key", overwrite=True).node_id)
         for i in range(total):
             folder = run_dir / f"node-{i}"
             fl = i < federated
             sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in template.items()}
-            for name, values in overrides.items():
+            for name, values in [*overrides.items(), *(node_overrides or {}).get(i, {}).items()]:
                 sections.setdefault(name, {}).update(values)
             bootstrap = [f"/ip4/{LOOPBACK}/tcp/{ports[j]}/p2p/{ids[j]}" for j in (0, 1) if j != i and j < total]
             sections.setdefault("node", {}).update(data_dir=".", key_file="node.key", name=f"node-{i}")
@@ -90,6 +100,9 @@ class LocalCluster:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         for node in self.nodes if nodes is None else nodes:
+            if node.log is not None:  # a restart: the old process's log handle
+                node.log.close()
+            node.killed = False
             node.log = (node.folder / "log.txt").open("ab")
             node.process = subprocess.Popen(
                 [sys.executable, "-m", "fednode", "run", "--config", str(node.config_path)],

@@ -169,7 +169,9 @@ def all_done(cluster: LocalCluster, statuses: dict[int, dict[str, Any]], rounds:
     live_fl = [n for n in cluster.nodes if n.federated_learning and n.alive]
     if not live_fl:
         return False
-    return all(statuses.get(n.index, {}).get("rounds_completed", 0) >= rounds for n in live_fl)
+    # Done when every live node installed `rounds` rounds and has scored them (records complete).
+    return all(statuses.get(n.index, {}).get("rounds_completed", 0) >= rounds
+               and statuses.get(n.index, {}).get("pending_evaluations", 0) == 0 for n in live_fl)
 
 
 def collect_rounds(cluster: LocalCluster, rounds: int) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ seconds, so long runs still show that they move.
 
 from __future__ import annotations
 
+import sys
 import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ class LiveView:
         self.cluster = cluster
         self.rounds = rounds
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 200)
         self._live: Live | None = None
         self._last_plain = 0.0
 

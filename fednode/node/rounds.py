@@ -85,6 +85,7 @@ class Progress:
     last_merged: dict[str, Any] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)
     bytes_fetched: int = 0
+    pending_evaluations: int = 0
 
 
 class RoundDriver:
@@ -118,6 +119,8 @@ class RoundDriver:
         self._installing: set[str] = set()
         self._discarded: dict[str, float | None] = {}
         self._fetch_locks: dict[str, trio.Lock] = {}
+        self._metrics: dict[str, dict[str, Any]] = {}  # round id -> {"local"/"merged": figures}
+        self._eval_limiter = trio.CapacityLimiter(1)
 
     @property
     def enabled(self) -> bool:
@@ -427,6 +430,8 @@ class RoundDriver:
                 delta_size=self.store.size(update.delta_sha256), train_loss=_finite(update.train_loss),
             ), self.identity)
             await self.publish(announce)
+        if self.config.learning.evaluate:  # after submitting: scoring never holds a round up
+            self._spawn(self._evaluate, manifest.round_id, "local", update.delta_sha256)
 
     async def _train(self, manifest: RoundManifest, start: bytes | None) -> OwnUpdate:
         assert self.trainer is not None
@@ -438,20 +443,14 @@ class RoundDriver:
         def progress(step: int, loss: float) -> None:
             self.progress.training.update(step=step, loss=loss)
 
-        def work() -> tuple[Any, dict[str, float]]:
-            out = trainer.train(start, round_number=manifest.round_number, steps=total,
-                                learning_rate=manifest.learning_rate, seed=self.config.learning.seed,
-                                progress=progress)
-            local_eval = trainer.evaluate(out.delta_bytes) if self.config.learning.evaluate else {}
-            return out, local_eval
+        def work() -> Any:
+            return trainer.train(start, round_number=manifest.round_number, steps=total,
+                                 learning_rate=manifest.learning_rate, seed=self.config.learning.seed,
+                                 progress=progress)
 
-        if self.inline_training:
-            out, local_eval = work()
-        else:
-            out, local_eval = await trio.to_thread.run_sync(work)
+        out = work() if self.inline_training else await trio.to_thread.run_sync(work)
         sha = self.store.put_bytes(out.delta_bytes)
-        metrics = {**{f"train_{k}": v for k, v in out.metrics.items()},
-                   **{f"local_{k}": v for k, v in local_eval.items()}}
+        metrics = {f"train_{k}": v for k, v in out.metrics.items()}
         update = OwnUpdate(manifest.round_number, manifest.start_adapter_sha256, sha, out.num_samples,
                            float(out.metrics.get("loss", 0.0)), metrics)
         self.db.put_own_update(update)
@@ -550,6 +549,9 @@ class RoundDriver:
                 self._record_submission_rejected(state, a, kind, reason)
                 self._feed(state, ContributionRejected(a.participant_node_id, kind, self.clock(), reason))
             return  # the state machine re-plans: a fresh StartAggregation, or failure
+        learning = self.config.learning
+        if learning.task == "fake" and learning.fake_aggregate_delay_seconds:  # fault tests act in this gap
+            await trio.sleep(learning.fake_aggregate_delay_seconds)
         datas = [self.store.read(a.delta_sha256) for a in effect.announces]
         weights = [float(a.num_samples) for a in effect.announces]
         cfg = self.config
@@ -613,26 +615,21 @@ class RoundDriver:
             merged = self.store.read(effect.sha256)
             number = state.manifest.round_number
             target = self.adapter_dir(number)
-            metrics: dict[str, Any] = {}
             if self.trainer is not None:
                 trainer = self.trainer
 
-                # Every node scores the same merged adapter on the same held-out split: the
-                # coordinator does it once for the record; the others spend the CPU on training.
-                score = self.config.learning.evaluate and state.role is Role.COORDINATOR
-
-                def work() -> dict[str, Any]:
+                def work() -> None:
                     trainer.install(merged, target, lora_rank=state.manifest.lora_rank,
                                     lora_alpha=state.manifest.lora_alpha)
-                    return trainer.evaluate(merged) if score else {}
 
-                evaluation = work() if self.inline_training else await trio.to_thread.run_sync(work)
-                if evaluation:
-                    metrics["merged"] = evaluation
+                if self.inline_training:
+                    work()
+                else:
+                    await trio.to_thread.run_sync(work)
             _point_latest(self.config.data_dir / "adapters", target.name)
+            metrics = dict(self._metrics.get(state.round_id, {}))
             own = self.db.get_own_update(number, state.manifest.start_adapter_sha256)
             if own is not None:
-                metrics["local"] = {k[len("local_"):]: v for k, v in own.metrics.items() if k.startswith("local_")}
                 metrics["train"] = {k[len("train_"):]: v for k, v in own.metrics.items() if k.startswith("train_")}
             record = self._record(state, "published", effect.sha256, effect.size, metrics)
             row = self.db.get_round(state.round_id)
@@ -645,6 +642,35 @@ class RoundDriver:
             logger.info("round %s installed: merged %s", state.round_id, effect.sha256[:16])
         finally:
             self._installing.discard(effect.round_id)
+        # Every node scores the same merged adapter on the same held-out split: the coordinator
+        # does it once for the record (after installing, so the next round is not held up).
+        if self.config.learning.evaluate and self.trainer is not None and state.role is Role.COORDINATOR:
+            self._spawn(self._evaluate, state.round_id, "merged", effect.sha256)
+
+    async def _evaluate(self, round_id: str, kind: str, sha: str) -> None:
+        """Score an adapter on the held-out split in the background and put the figures in the
+        round's record ("local": this node's update, "merged": the round's merged adapter)."""
+        assert self.trainer is not None
+        trainer = self.trainer
+        data = self.store.read(sha)
+        self.progress.pending_evaluations += 1
+        try:
+            async with self._eval_limiter:
+                result = (trainer.evaluate(data) if self.inline_training
+                          else await trio.to_thread.run_sync(trainer.evaluate, data))
+        finally:
+            self.progress.pending_evaluations -= 1
+        self._metrics.setdefault(round_id, {})[kind] = dict(result)
+        if len(self._metrics) > MAX_ROUNDS_IN_MEMORY:
+            self._metrics.pop(next(iter(self._metrics)))
+        row = self.db.get_round(round_id)
+        if row is not None and row.record:  # already recorded: add the figures to it
+            record = {**row.record, "metrics": {**row.record.get("metrics", {}), kind: dict(result)}}
+            self.db.finish_round(round_id, state=row.state, merged_sha256=row.merged_sha256,
+                                 outcome=row.outcome or b"", record=record, now=self.clock())
+            write_record(self.config.data_dir, record)
+            if kind == "merged" and self.progress.last_merged.get("sha256") == sha:
+                self.progress.last_merged["metrics"] = dict(result)
 
     async def _fetch_merged(self, state: RoundState, effect: InstallAdapter) -> None:
         """Fetch a round's merged adapter, retrying with backoff: its holders (the coordinator, the
@@ -700,6 +726,7 @@ class RoundDriver:
             "training": self.progress.training,
             "transfer": self.progress.transfer,
             "refused": self.progress.refused,
+            "pending_evaluations": self.progress.pending_evaluations,
         }
         if shown is not None:
             now = self.clock()
