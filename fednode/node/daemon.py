@@ -56,6 +56,7 @@ logger = logging.getLogger("fednode.node")
 TransportFactory = Callable[[Identity], AbstractAsyncContextManager[Transport]]
 MAX_TIMER_SLEEP_SECONDS = 0.5  # the timer loop looks around at least this often
 MAX_HOLDERS_TRACKED = 1024
+MAX_HEARTBEAT_SEQ_START = 2**52  # heartbeat seq is a uint <= 2^53; leave room to count up
 MAX_SYNCS_IN_FLIGHT = 4
 MEMBER_PERSIST_INTERVAL_SECONDS = 30.0
 SYNC_RETRY_SECONDS = 5.0  # ask again for the outcome of a round we are behind on at most this often
@@ -119,7 +120,9 @@ class Node:
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
         self._holders: dict[str, str] = {}  # node id -> merged sha256 it announced holding
         self._heard: dict[str, dict[str, Any]] = {}  # node id -> what its last heartbeat said
-        self._seq = 0
+        # Heartbeat seq starts at the wall clock in microseconds, so it keeps growing across restarts:
+        # peers ignore a heartbeat whose seq is not above the last they heard (replays, N8).
+        self._seq = min(max(0, int(clock() * 1_000_000)), MAX_HEARTBEAT_SEQ_START)
         self._wake = trio.Event()
         self._syncing: set[str] = set()
         self._synced_at: dict[str, float] = {}  # round id -> when we last asked a peer for its outcome
@@ -153,14 +156,18 @@ class Node:
                 if self.config.metrics.enabled:
                     from fednode.node.metrics import MetricsServer
 
-                    metrics = MetricsServer(self.config.metrics.port, self.status)
+                    token = trio.lowlevel.current_trio_token()
+                    # scrapes arrive on prometheus_client's thread; the status is read on trio's
+                    metrics = MetricsServer(self.config.metrics.port,
+                                            lambda: trio.from_thread.run_sync(self.status, trio_token=token))
                 try:
                     self.started.set()
                     task_status.started(self)
                     await trio.sleep_forever()
                 finally:
-                    if metrics is not None:
-                        metrics.close()
+                    if metrics is not None:  # off trio's thread: a scrape in flight needs trio to finish
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(metrics.close)
         finally:
             self._persist_members(force=True)
             self.db.close()
@@ -194,7 +201,10 @@ class Node:
         """Route a validated message. Returns what the consumer made of it."""
         now = self.clock()
         if isinstance(message, Heartbeat):
-            self._on_heartbeat(message, now)
+            if self.election.is_stale(message):  # a replayed heartbeat says nothing about now (N8)
+                self.counters["ignored"]["stale_seq"] += 1
+            else:
+                self._on_heartbeat(message, now)
             return self._election_event(HeartbeatSeen(message, now))
         if isinstance(message, CoordinatorClaim):
             return self._election_event(ClaimSeen(message, now))
