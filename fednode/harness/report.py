@@ -89,15 +89,25 @@ def plot(rows: list[dict[str, Any]], path: Path, *, baseline: float | None) -> N
     plt.close(fig)
 
 
-def verify_adapter(task: str, adapter: Path | None) -> dict[str, float]:
-    """Score an adapter folder (or the fresh adapter) in a separate, plain-PEFT process."""
-    cmd = [sys.executable, "-m", "fednode.learning.verify", "--task", task]
-    cmd += ["--fresh"] if adapter is None else ["--adapter", str(adapter)]
+def verify_adapters(task: str, adapters: list[Path | None]) -> list[dict[str, float]]:
+    """Score adapter folders (None = the fresh adapter), each in its own plain-PEFT process, side by side."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_SECONDS, env=env, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    procs = []
+    for adapter in adapters:
+        cmd = [sys.executable, "-m", "fednode.learning.verify", "--task", task]
+        cmd += ["--fresh"] if adapter is None else ["--adapter", str(adapter)]
+        procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)))
+    results = []
+    for cmd, proc in procs:
+        try:
+            out, err = proc.communicate(timeout=VERIFY_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise RuntimeError(f"{' '.join(cmd)} timed out") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+        results.append(dict(json.loads(out.strip().splitlines()[-1])))
+    return results
 
 
 def final_adapter(result: HarnessResult) -> Path | None:
@@ -119,8 +129,7 @@ def write_report(result: HarnessResult, *, task: str, verify: bool, console: Con
     if verify and task != "fake" and adapter is not None:
         console.print("verifying: scoring the final adapter with plain PeftModel.from_pretrained, and the base "
                       "model with a fresh adapter (separate processes)…")
-        base = verify_adapter(task, None)
-        plain = verify_adapter(task, adapter)
+        base, plain = verify_adapters(task, [None, adapter])
         report["baseline"] = base
         report["final_adapter_plain_peft"] = plain
         if final_acc is None or not final_acc > base["accuracy"]:
