@@ -3,7 +3,9 @@ peers and clean shutdown. Parametrized over `transport_kind` (see conftest)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -11,21 +13,19 @@ import pytest
 import trio
 
 from fednode.errors import PeerUnavailable
+from fednode.identity import Identity
 from fednode.transport.base import GossipMessage, Stream, Subscription, Transport
 from fednode.transport.testing import all_tasks, wait_topic_peers, wait_until
-from fednode.wire.verdict import ACCEPTED, Validation, Verdict
+from fednode.wire import codec
+from fednode.wire.messages import Heartbeat
+from fednode.wire.validate import MessageValidator, ValidationPolicy
+from fednode.wire.verdict import Validation
 
 TOPIC = "fednode/test/1"
 ECHO = "/fednode/test-echo/1.0.0"
 RECEIVE_TIMEOUT = 10.0
 
 MakeTransports = Callable[..., AbstractAsyncContextManager[list[Transport]]]
-
-
-def reject_bad(data: bytes, received_from: str) -> Validation:
-    if data.startswith(b"BAD"):
-        return Validation(Verdict.REJECT, "bad_signature", "stand-in for a bad signature")
-    return ACCEPTED
 
 
 async def next_message(sub: Subscription) -> GossipMessage:
@@ -78,22 +78,38 @@ async def test_late_joiner_receives_later_messages(make_transports: MakeTranspor
         assert (await next_message(early[1])).data == b"after"
 
 
+def wire_validator() -> Callable[[bytes, str], Validation]:
+    """The daemon's real check: canonical decode, community, Ed25519 signature, replay window."""
+    validator = MessageValidator(ValidationPolicy(community_id="test"))
+    return lambda data, _from: validator.check(data, time.time()).validation
+
+
+def heartbeat(seq: int, *, corrupt_signature: bool = False) -> bytes:
+    author = Identity.from_seed(b"\x07" * 32)
+    hb = codec.sign(Heartbeat(community_id="test", node_id=author.node_id, term=0, seq=seq,
+                              sent_at=time.time()), author)
+    if corrupt_signature:
+        hb = dataclasses.replace(hb, sig=bytes([hb.sig[0] ^ 1]) + hb.sig[1:])
+    return codec.encode(hb)
+
+
 async def test_line_forwards_and_rejected_message_stops(make_transports: MakeTransports) -> None:
     async with make_transports(3, "line") as (a, b, c):
         assert a.local_peer_id not in c.peers()  # C never dialled A
-        subs = [await t.subscribe(TOPIC, reject_bad) for t in (a, b, c)]
+        subs = [await t.subscribe(TOPIC, wire_validator()) for t in (a, b, c)]
         await wait_topic_peers((a, b, c), TOPIC)
         # Validation runs on the publisher too, so a REJECT published by A would stop at A.
-        # Model a forged message instead: A's validator accepts everything, B and C's reject.
+        # Model a forger instead: A publishes without validating, B and C run the real wire check.
         await subs[0].aclose()
         sub_a = await a.subscribe(TOPIC)
         await wait_topic_peers((a, b, c), TOPIC)
-        await a.publish(TOPIC, b"BAD forged")
-        await a.publish(TOPIC, b"good")
-        assert (await next_message(sub_a)).data == b"BAD forged"
+        forged, good = heartbeat(1, corrupt_signature=True), heartbeat(2)
+        await a.publish(TOPIC, forged)
+        await a.publish(TOPIC, good)
+        assert (await next_message(sub_a)).data == forged
         got_c = await next_message(subs[2])
-        assert got_c == GossipMessage(TOPIC, b"good", b.local_peer_id)
-        assert (await next_message(subs[1])).data == b"good"
+        assert got_c == GossipMessage(TOPIC, good, b.local_peer_id)
+        assert (await next_message(subs[1])).data == good
         assert b.statistics().rejected_by_reason == {"bad_signature": 1}
         assert c.statistics().rejected_by_reason == {}
         assert c.statistics().delivered == 1
