@@ -12,6 +12,11 @@ skipped). A claim for a higher term is adopted at once. The coordinator's own he
 (coordinator_node_id == node_id) renews its claim, so a node that missed the claim catches up.
 
 Liveness is judged on *reception* time (`now` of the event), never on the sender's timestamp.
+A heartbeat counts only if its `seq` is greater than the last one heard from that node: a replayed
+(or reordered, older) heartbeat is IGNOREd `stale_seq` and changes nothing, so a member that
+replays a crashed coordinator's heartbeats after the duplicate cache flushed cannot keep it
+"alive". Daemons start their counter at the wall clock in microseconds, so it keeps growing
+across restarts.
 With `mode = "fixed"` the coordinator is the configured peer id, term 0, and claims are ignored.
 """
 
@@ -100,6 +105,7 @@ def rank(term: int, node_id: str) -> bytes:
 class _Member:
     last_seen: float
     federated: bool
+    seq: int = -1  # the highest heartbeat seq heard (-1: none yet, e.g. known from a claim only)
 
 
 class ElectionState:
@@ -137,6 +143,11 @@ class ElectionState:
         if self.federated and self.node_id not in out:
             out.append(self.node_id)
         return sorted(out)
+
+    def is_stale(self, hb: Heartbeat) -> bool:
+        """Whether `hb` is no newer than a heartbeat already heard from its node (a replay)."""
+        known = self.members.get(hb.node_id)
+        return known is not None and hb.seq <= known.seq
 
     def candidate(self, term: int, now: float) -> str | None:
         live = self.live_members(now)
@@ -186,8 +197,11 @@ class ElectionState:
     def _on_heartbeat(self, hb: Heartbeat, now: float, effects: list[Effect]) -> Validation:
         if hb.node_id == self.node_id:
             return Validation(Verdict.IGNORE, "own_message")
+        if self.is_stale(hb):
+            return Validation(Verdict.IGNORE, "stale_seq", f"seq {hb.seq} <= {self.members[hb.node_id].seq}")
         if not self._see(hb.node_id, now, hb.federated_learning):
             return Validation(Verdict.IGNORE, "member_table_full", f"max_members={self.config.max_members}")
+        self.members[hb.node_id].seq = hb.seq
         if hb.term >= 1 and hb.coordinator_node_id == hb.node_id:
             return self._on_claim(hb.term, hb.node_id, now, effects)  # a coordinator's heartbeat renews its claim
         return ACCEPTED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ from fednode.consensus import (
     rank,
 )
 from fednode.errors import ConfigError
-from fednode.wire import CoordinatorClaim, Heartbeat, codec
+from fednode.wire import CoordinatorClaim, Heartbeat, Verdict, codec
 
 from .helpers import COMMUNITY, EPOCH, identity
 from .sim import Simulation
@@ -31,8 +32,13 @@ INTERVAL = 1.0
 CONFIG = ElectionConfig(heartbeat_interval=INTERVAL, liveness_timeout=2.5 * INTERVAL)
 
 
-def hb(who: str, now: float, *, term: int = 0, coordinator: str = "", federated: bool = True) -> Heartbeat:
-    return Heartbeat(community_id=COMMUNITY, node_id=who, term=term, seq=1, sent_at=now,
+_SEQ = itertools.count(1)  # heartbeats count only with a growing seq: every helper heartbeat is fresh
+
+
+def hb(who: str, now: float, *, term: int = 0, coordinator: str = "", federated: bool = True,
+       seq: int | None = None) -> Heartbeat:
+    return Heartbeat(community_id=COMMUNITY, node_id=who, term=term, seq=next(_SEQ) if seq is None else seq,
+                     sent_at=now,
                      federated_learning=federated, coordinator_node_id=coordinator)
 
 
@@ -95,6 +101,32 @@ def test_a_coordinator_heartbeat_renews_its_claim_for_late_joiners() -> None:
     assert (state.term, state.coordinator) == (7, coord)
     state.handle(HeartbeatSeen(hb(IDS[2].node_id, EPOCH, term=9, coordinator=coord), EPOCH))  # hearsay: not adopted
     assert state.term == 7
+
+
+def test_a_replayed_heartbeat_does_not_keep_a_dead_coordinator_alive() -> None:
+    """N8: heartbeats of a coordinator that died, replayed later (a flushed duplicate cache lets them
+    through validation), are IGNOREd stale_seq: they neither renew its liveness nor its claim."""
+    coord, me, other = (i.node_id for i in IDS[:3])
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    beats = [hb(coord, EPOCH + k, term=3, coordinator=coord, seq=100 + k) for k in range(3)]
+    for k, beat in enumerate(beats):
+        assert state.handle(HeartbeatSeen(beat, EPOCH + k)).validation.accepted
+    state.handle(HeartbeatSeen(hb(other, EPOCH + 2), EPOCH + 2))
+    assert (state.term, state.coordinator) == (3, coord)
+    dead_at = EPOCH + 2 + CONFIG.liveness_timeout  # its last heartbeat was heard at EPOCH + 2
+    for k, beat in enumerate([*beats, beats[-1]]):  # replays (the newest too), while it is still alive
+        out = state.handle(HeartbeatSeen(beat, EPOCH + 3 + 0.1 * k))
+        assert (out.validation.verdict, out.validation.reason) == (Verdict.IGNORE, "stale_seq")
+        assert out.effects == ()
+    assert state.members[coord].last_seen == EPOCH + 2 and state.next_timer() == dead_at
+    state.handle(HeartbeatSeen(hb(other, dead_at - 0.5), dead_at - 0.5))
+    assert coord not in state.live_members(dead_at)  # so a failover starts on time
+    state.handle(Tick(dead_at))
+    assert state._pending is not None and state._pending[0] == 4
+    # a fresh heartbeat (a greater seq, e.g. the coordinator restarted) counts again at once
+    assert state.handle(HeartbeatSeen(hb(coord, dead_at + 1, term=3, coordinator=coord, seq=10**15),
+                                      dead_at + 1)).validation.accepted
+    assert coord in state.live_members(dead_at + 1)
 
 
 def test_non_federated_members_are_never_candidates() -> None:

@@ -3,11 +3,11 @@ these starts failing, a limitation was fixed and the threat model must say so.""
 
 from __future__ import annotations
 
-from fednode.consensus import HeartbeatSeen
+from fednode.consensus import ClaimSeen, HeartbeatSeen
 from fednode.consensus.election import ElectionConfig, ElectionState
 from fednode.identity import Identity
 from fednode.wire import codec
-from fednode.wire.messages import Heartbeat
+from fednode.wire.messages import CoordinatorClaim, Heartbeat
 from fednode.wire.validate import MessageValidator, ValidationPolicy
 from fednode.wire.verdict import Verdict
 
@@ -27,11 +27,34 @@ def test_replay_after_the_seen_cache_is_flushed_is_accepted_within_the_window() 
     assert v.check(old, NOW).validation.reason == "duplicate"
     for seq in range(2, 6):  # seen_cache_size distinct, valid messages push it out
         assert v.check(heartbeat(member, seq), NOW).validation.accepted
-    assert v.check(old, NOW + 10).validation.accepted  # the limitation: a replay inside the window
+    replay = v.check(old, NOW + 10)
+    assert replay.validation.accepted  # the limitation: a replay inside the window passes validation
     for seq in range(6, 10):
         v.check(heartbeat(member, seq, NOW + 10), NOW + 10)
     stale = v.check(old, NOW + 301)  # outside the replay window it is refused whatever the cache holds
     assert (stale.validation.verdict, stale.validation.reason) == (Verdict.IGNORE, "stale")
+    # ... but liveness ignores it (security.md A5): its seq is not above the last one heard.
+    election = ElectionState("me", ElectionConfig(), now=NOW)
+    for seq in (1, 5):
+        hb = codec.decode(heartbeat(member, seq))
+        assert isinstance(hb, Heartbeat)
+        assert election.handle(HeartbeatSeen(hb, NOW)).validation.accepted
+    assert isinstance(replay.message, Heartbeat)
+    assert election.handle(HeartbeatSeen(replay.message, NOW + 10)).validation.reason == "stale_seq"
+    assert election.members[member.node_id].last_seen == NOW
+
+
+def test_a_replayed_claim_still_renews_its_claimants_liveness() -> None:
+    """N8's remainder: CoordinatorClaims carry no seq; a replay that gets past the duplicate cache
+    (flushed) within the replay window counts as a sign of life of a crashed claimant."""
+    coordinator = Identity.from_seed(b"\x04" * 32).node_id
+    election = ElectionState("me", ElectionConfig(), now=NOW)
+    claim = CoordinatorClaim(community_id="c", node_id=coordinator, term=3, claimed_at=NOW)
+    election.handle(ClaimSeen(claim, NOW))
+    assert election.coordinator == coordinator
+    dead_at = NOW + election.config.liveness_timeout
+    election.handle(ClaimSeen(claim, dead_at - 0.1))  # the same claim, replayed
+    assert election.members[coordinator].last_seen == dead_at - 0.1  # the limitation
 
 
 def test_open_community_accepts_any_key() -> None:
