@@ -14,7 +14,7 @@ wall time and the peak RSS growth over the inputs (VmHWM - VmRSS before), so mem
 arm's working memory on top of the K blobs it was given (glibc's mmap threshold is fixed so freed
 buffers go back to the OS and RSS follows live memory).
 
-Usage: .venv/bin/python scripts/bench_aggregate.py [--ks 4,16,64] [--repeats 3] [--peft-max-k 64]
+Usage: .venv/bin/python scripts/bench_aggregate.py [--ks 4 16 64] [--repeats 3] [--peft-max-k 64]
 Flower is needed only here: if `import flwr` fails this prints how to install it and exits 2.
 Last line: a JSON object of all figures.
 """
@@ -208,7 +208,7 @@ def run_child(arm: str, k: int, repeats: int, timeout: float, threads: int) -> d
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ks", default="4,16,64")
+    ap.add_argument("--ks", nargs="+", default=["4,16,64"], help="client counts: 4 16 64 or 4,16,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peft-max-k", type=int, default=64, help="skip the (slow) peft svd arm above this K")
     ap.add_argument("--timeout", type=float, default=600.0, help="per child process, seconds")
@@ -216,7 +216,7 @@ def main() -> int:
                     help="torch threads per arm (1: stable figures on a shared 2-core box; numpy is 1 anyway)")
     ap.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    ks = [int(x) for x in args.ks.split(",")]
+    ks = [int(x) for part in args.ks for x in part.split(",") if x]
     if args.child:
         print(json.dumps(child(args.child, ks[0], args.repeats, args.threads)))
         return 0

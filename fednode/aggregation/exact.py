@@ -115,31 +115,128 @@ def _stack(
     return bc, ac
 
 
-def _top_r(core: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a batch of cores (G x m1 x m2): X (G x m1 x r), Y (G x r x m2) with X Y the best rank-r
-    approximation, plus kept and total squared Frobenius norms (G,). Computed in float64."""
-    c = core.double()
-    rows_side = c.shape[1] <= c.shape[2]
-    gram = c @ c.mT if rows_side else c.mT @ c
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    total = evals.clamp_min(0).sum(dim=1)
-    keep = min(r, gram.shape[1])
+DEFAULT_MAX_BATCH_BYTES = 96 * 2**20
+"""Float64 working set (stacked factors) of one batch of equal-shape modules; a larger group of
+modules is processed in several batches, so memory stays bounded whatever the module count."""
+DEFAULT_EIGH_COST = 8.0
+"""Cost of a float64 n x n symmetric eigendecomposition, in units of n^3 multiply-adds of a GEMM
+(measured on x86 + MKL, single thread); used only to choose between the two exact methods."""
+_TINY = 1e-12
+"""Singular values below _TINY * sigma_1 are treated as zero when dividing by them."""
+
+
+def _gather(
+    clients: Sequence[Mapping[str, torch.Tensor]],
+    modules: Sequence[str],
+    suffix: str,
+    ranks: Sequence[int],
+    factors: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Stack one factor of a batch of modules over all clients, in float64: lora_B gives (G x d x R)
+    (clients side by side, client i's columns times factors[i]: Bc), lora_A gives (G x R x k)
+    (clients stacked). A few ops per client, none per module."""
+    first = clients[0][modules[0] + suffix]
+    is_b = suffix == LORA_B_SUFFIX
+    big_r = sum(ranks)
+    shape = (len(modules), first.shape[0], big_r) if is_b else (len(modules), big_r, first.shape[1])
+    out = torch.empty(shape, dtype=torch.float64)
+    offset = 0
+    for i, (c, r) in enumerate(zip(clients, ranks, strict=True)):
+        dst = out.narrow(2 if is_b else 1, offset, r)
+        dst.copy_(torch.stack([c[m + suffix] for m in modules]))
+        if factors is not None and factors[i] != 1.0:
+            dst.mul_(factors[i])
+        offset += r
+    return out
+
+
+def _gram_cost(d: int, k: int, big_r: int) -> float:
+    return (d + k) * big_r**2 + 2.0 * big_r**3 + DEFAULT_EIGH_COST * big_r**3
+
+
+def _dense_cost(d: int, k: int, big_r: int) -> float:
+    n = min(d, k)
+    return d * k * big_r + n * n * max(d, k) + DEFAULT_EIGH_COST * n**3
+
+
+def _square_root(gram: torch.Tensor) -> torch.Tensor:
+    """F with F F^T = gram for a batch of PSD matrices: Cholesky, or (where that fails, i.e. the
+    stacked factors are rank deficient) the eigendecomposition with negative rounding clamped."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    bad = torch.nonzero(info).flatten()
+    if bad.numel():
+        evals, evecs = torch.linalg.eigh(gram[bad])
+        chol[bad] = evecs * evals.clamp_min(0).sqrt()[:, None, :]
+    return chol
+
+
+def _top_from_core(
+    core: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r eigenpairs of a batch of PSD cores: vectors (G x n x keep), sigma (G x keep, descending),
+    inverse-root weights zeroing tiny sigma, kept and total energies (G,)."""
+    evals, evecs = torch.linalg.eigh(core)  # ascending
+    keep = min(r, core.shape[1])
     lam = evals[:, -keep:].flip(1).clamp_min(0)
     vec = evecs[:, :, -keep:].flip(2)
     sigma = lam.sqrt()
-    root = sigma.sqrt()
-    tiny = sigma > sigma[:, :1].clamp_min(1e-300) * 1e-12
-    inv_root = torch.where(tiny, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-    if rows_side:
-        x = vec * root[:, None, :]
-        y = (vec * inv_root[:, None, :]).mT @ c
-    else:
-        y = (vec * root[:, None, :]).mT
-        x = c @ (vec * inv_root[:, None, :])
-    if keep < r:  # pad to the requested rank with zero factors
+    ok = sigma > sigma[:, :1].clamp_min(1e-300) * _TINY
+    return vec, sigma, ok, lam.sum(dim=1), evals.clamp_min(0).sum(dim=1)
+
+
+def _pad(x: torch.Tensor, y: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = x.shape[2]
+    if keep < r:  # fewer directions than the requested rank: pad with zero factors
         x = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], r - keep)], dim=2)
         y = torch.cat([y, y.new_zeros(y.shape[0], r - keep, y.shape[2])], dim=1)
-    return x, y, lam.sum(dim=1), total
+    return x, y
+
+
+def _exact_gram(
+    b: torch.Tensor, a: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-r X Y of M = Bc Ac from the (R x R) Gram matrices only (for R < d, k).
+
+    G_B = Bc^T Bc = F F^T (Cholesky), G_A = Ac Ac^T, core S = F^T G_A F = T T^T with T = F^T Ac, so
+    S has M's nonzero squared singular values, and for its eigenpairs (v, s^2) the right singular
+    vectors of M are w = Ac^T F v / s. The best rank-r approximation M W W^T is then
+    X = Bc G_A F V S^-3/2 (d x r), Y = S^-1/2 V^T F^T Ac (r x k): no inverse of F is needed, so
+    rank-deficient stacks (duplicate or zero clients) are fine, and the rounding error a direction
+    contributes to X Y is ~eps ||Bc|| ||Ac|| whatever its singular value."""
+    gram_b = b.mT @ b
+    gram_a = a @ a.mT
+    f = _square_root(gram_b)
+    vec, sigma, ok, kept, total = _top_from_core(f.mT @ gram_a @ f, r)
+    fv = f @ vec  # (G x R x keep)
+    inv_root = torch.where(ok, sigma.clamp_min(1e-300).rsqrt(), torch.zeros_like(sigma))
+    x = b @ ((gram_a @ fv) * (inv_root**3)[:, None, :])
+    y = (fv * inv_root[:, None, :]).mT @ a
+    return x, y, kept, total
+
+
+def _exact_dense(
+    b: torch.Tensor, a: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-r X Y of M = Bc Ac by forming M (d x k) in float64 (for R >= min(d, k), where it
+    is cheaper than the Gram route) and decomposing the Gram matrix of its shorter side."""
+    m = b @ a
+    rows_side = m.shape[1] <= m.shape[2]
+    vec, sigma, ok, kept, total = _top_from_core(m @ m.mT if rows_side else m.mT @ m, r)
+    root = sigma.sqrt()
+    inv_root = torch.where(ok, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+    if rows_side:  # M ~ U U^T M with U = vec
+        x = vec * root[:, None, :]
+        y = (vec * inv_root[:, None, :]).mT @ m
+    else:  # M ~ M V V^T
+        y = (vec * root[:, None, :]).mT
+        x = m @ (vec * inv_root[:, None, :])
+    return x, y, kept, total
+
+
+def _batches(modules: Sequence[str], d: int, k: int, big_r: int, max_bytes: int) -> list[Sequence[str]]:
+    per_module = 8 * (big_r * (d + k) + 2 * min(d, k) * max(d, k, big_r))
+    size = max(1, max_bytes // max(1, per_module))
+    return [modules[i : i + size] for i in range(0, len(modules), size)]
 
 
 def exact(
@@ -149,6 +246,7 @@ def exact(
     rank: int | None = None,
     alpha: float | None = None,
     client_alphas: Sequence[float] | None = None,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
 ) -> LoraAggregate:
     """Best rank-`rank` factors of sum_i w_i s_i B_i A_i per module (weights are normalized here).
     rank defaults to the largest client rank; alpha=None means every scale is 1."""
@@ -160,21 +258,24 @@ def exact(
     out: TensorDict = {}
     kept_total = energy_total = 0.0
     per_module: dict[str, float] = {}
-    for (d, k, ranks), modules in groups.items():
-        bc, ac = _stack(clients, modules, factors)
+    for (d, k, ranks), group in groups.items():
         big_r = sum(ranks)
-        q1, r1 = torch.linalg.qr(bc) if big_r < d else (None, bc)
-        q2, r2 = torch.linalg.qr(ac.mT) if big_r < k else (None, ac.mT)
-        x, y, kept, total = _top_r(r1 @ r2.mT, out_rank)
-        new_b = (q1.double() @ x if q1 is not None else x).float()
-        new_a = (y @ q2.double().mT if q2 is not None else y).float()
-        for j, m in enumerate(modules):
-            out[m + LORA_B_SUFFIX] = new_b[j].contiguous()
-            out[m + LORA_A_SUFFIX] = new_a[j].contiguous()
-            t, kp = float(total[j]), float(kept[j])
-            per_module[m] = max(0.0, 1.0 - kp / t) if t > 0 else 0.0
-            kept_total += kp
-            energy_total += t
+        scale = factors[group[0]]  # equal ranks => equal factors across a group
+        use_gram = big_r < min(d, k) and _gram_cost(d, k, big_r) < _dense_cost(d, k, big_r)
+        for modules in _batches(group, d, k, big_r, max_batch_bytes):
+            b = _gather(clients, modules, LORA_B_SUFFIX, ranks, scale)
+            a = _gather(clients, modules, LORA_A_SUFFIX, ranks)
+            x, y, kept, total = (_exact_gram if use_gram else _exact_dense)(b, a, out_rank)
+            del b, a
+            new_b, new_a = _pad(x.float(), y.float(), out_rank)
+            kept_list, total_list = kept.tolist(), total.tolist()
+            for j, m in enumerate(modules):
+                out[m + LORA_B_SUFFIX] = new_b[j].contiguous()
+                out[m + LORA_A_SUFFIX] = new_a[j].contiguous()
+                t, kp = total_list[j], kept_list[j]
+                per_module[m] = max(0.0, 1.0 - kp / t) if t > 0 else 0.0
+                kept_total += kp
+                energy_total += t
     out.update(_plain_mean(clients, weights, keys.plain))
     discarded = max(0.0, 1.0 - kept_total / energy_total) if energy_total > 0 else 0.0
     s_out = alpha / out_rank if alpha is not None else 1.0
