@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fednode.aggregation import AggregationOptions, aggregate, dump_delta, split_lora_keys
+from fednode.aggregation.exact import _exact_dense, _exact_gram
 from fednode.errors import InconsistentUpdates
 
 MODULES = {"layers.0.q": (48, 40), "layers.1.q": (48, 40), "layers.0.v": (24, 40)}  # name: (d, k)
@@ -21,10 +22,10 @@ def _client(seed: int, r: int) -> dict[str, torch.Tensor]:
 
 def _target(clients: list[dict[str, torch.Tensor]], ws: list[float], scales: list[float], m: str) -> torch.Tensor:
     total = sum(ws)
-    return sum(
+    return torch.stack([
         (w / total) * s * c[f"{m}.lora_B.weight"].double() @ c[f"{m}.lora_A.weight"].double()
         for c, w, s in zip(clients, ws, scales, strict=True)
-    )
+    ]).sum(dim=0)
 
 
 def _product(tensors: dict[str, torch.Tensor], m: str, scale: float) -> torch.Tensor:
@@ -63,6 +64,7 @@ def test_exact_equals_dense_truncated_svd(ranks: list[int], alphas: list[float] 
                                                                          abs=1e-6)
         dropped += float((s[out_rank:] ** 2).sum())
         kept_total += energy
+    assert res.discarded_energy is not None
     assert res.discarded_energy == pytest.approx(dropped / kept_total, abs=1e-6)
     assert 0 < res.discarded_energy < 1
     head = sum(w * c["score.weight"].double() for c, w in zip(clients, ws, strict=True)) / sum(ws)
@@ -104,3 +106,40 @@ def test_lora_key_pairing_and_shape_checks() -> None:
     bad["layers.0.q.lora_B.weight"] = torch.zeros(48, 5)
     with pytest.raises(InconsistentUpdates, match=r"client 1: layers\.0\.q has lora_A \(4, 40\), lora_B \(48, 5\)"):
         aggregate([_client(0, 4), bad], [1, 1], "exact", rank=4)
+
+
+@pytest.mark.parametrize("out_rank", [8, 16])
+def test_exact_handles_rank_deficient_and_ill_conditioned_stacks(out_rank: int) -> None:
+    # K r = 32 < min(d, k): the Gram route. A duplicate client, an untrained one (B = 0, as PEFT
+    # initialises it) and one whose B is client 0's plus 1e-4 noise make Bc^T Bc singular / badly
+    # conditioned; the result must still match the dense truncated SVD.
+    base = _client(0, 8)
+    g = torch.Generator().manual_seed(99)
+    near = {k: (v + 1e-4 * torch.randn(v.shape, generator=g) if k.endswith("lora_B.weight") else v.flip(0))
+            for k, v in base.items()}
+    zero = {k: (torch.zeros_like(v) if k.endswith("lora_B.weight") else v) for k, v in _client(2, 8).items()}
+    clients = [base, {k: v.clone() for k, v in base.items()}, zero, near]
+    ws = [1.0, 2.0, 3.0, 4.0]
+    res = aggregate(clients, ws, "exact", rank=out_rank, alpha=float(out_rank))
+    for m in MODULES:
+        target = _target(clients, ws, [float(out_rank) / 8] * 4, m)
+        u, s, vh = torch.linalg.svd(target)
+        best = (u[:, :out_rank] * s[:out_rank]) @ vh[:out_rank]
+        assert _rel(_product(res.tensors, m, 1.0), best) < 1e-5
+        assert res.stats["module_discarded_energy"][m] == pytest.approx(
+            1 - float((s[:out_rank] ** 2).sum()) / float((s**2).sum()), abs=1e-6)
+    if out_rank == 16:  # the target has rank 16 (clients 0, 1 coincide; client 2 is zero): lossless
+        assert res.discarded_energy == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gram_and_dense_routes_agree() -> None:
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(3, 50, 24, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 24, 60, generator=g, dtype=torch.float64)
+    for r in (4, 24, 30):  # 30 > R: zero-padded factors
+        xg, yg, kg, tg = _exact_gram(b, a, r)
+        xd, yd, kd, td = _exact_dense(b, a, r)
+        torch.testing.assert_close(xg @ yg, xd @ yd, rtol=0, atol=1e-10 * float((b @ a).abs().max()))
+        torch.testing.assert_close(kg, kd)
+        torch.testing.assert_close(tg, td)
+        torch.testing.assert_close(tg, (b @ a).square().sum(dim=(1, 2)))
