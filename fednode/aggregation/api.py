@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fednode.aggregation.delta import DEFAULT_MAX_DELTA_BYTES, TensorDict
-from fednode.aggregation.exact import exact, stacked
+from fednode.aggregation.exact import DEFAULT_MAX_BATCH_BYTES, exact, stacked
 from fednode.aggregation.fedavg import Update, check_weight, fedavg, materialize
 from fednode.aggregation.robust import DEFAULT_TRIM_BETA, clipped_fedavg, coordinate_median, trimmed_mean
 from fednode.errors import InconsistentUpdates, LocalProtocolError
@@ -30,6 +30,8 @@ class AggregationOptions:
     client_alphas: tuple[float, ...] | None = None
     """exact/stacked: each client's lora_alpha (scale alpha_i / r_i); None = the `alpha` argument."""
     max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES
+    exact_max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    """exact: float64 working set of one batch of equal-shape modules (bounds its extra memory)."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,11 @@ def aggregate(
         raise InconsistentUpdates(f"{len(clients)} updates but {len(ws)} weights")
     stats: dict[str, Any] = {"clients": len(clients)}
     if lora:
-        rule = exact if method == "exact" else stacked
-        merged = rule(clients, ws, rank=rank, alpha=alpha, client_alphas=opts.client_alphas)
+        if method == "exact":
+            merged = exact(clients, ws, rank=rank, alpha=alpha, client_alphas=opts.client_alphas,
+                           max_batch_bytes=opts.exact_max_batch_bytes)
+        else:
+            merged = stacked(clients, ws, rank=rank, alpha=alpha, client_alphas=opts.client_alphas)
         stats.update(rank=merged.rank, alpha=merged.alpha, module_discarded_energy=merged.module_discarded_energy)
         discarded = merged.discarded_energy if method == "exact" else None
         return AggregateResult(merged.tensors, method, discarded, stats)

@@ -1,13 +1,16 @@
 """Exact LoRA aggregation (see DESIGN.md, "Aggregation math").
 
-For each adapted module the target is dW = sum_i w_i s_i B_i A_i, with s_i = alpha_i / r_i the
-client's LoRA scale (so clients of different ranks mix correctly). `exact` returns the best rank-r
-approximation (Eckart–Young) as factors (B', A') with s_out B' A' ~= dW, s_out = alpha / r, without
-forming dW: stack Bc = [c_1 B_1 .. c_K B_K] (d x R, c_i = w_i s_i / s_out) and Ac = [A_1; ..; A_K]
-(R x k), R = sum r_i; QR both (Bc = Q1 R1, Ac^T = Q2 R2), take the top r singular triplets of the
-small core C = R1 R2^T and map back. When R >= d (or R >= k) the identity is already an orthonormal
-basis of that side, so its QR is skipped; the core is never larger than min(d, R) x min(k, R).
-The core's top-r triplets come from a float64 eigendecomposition of its smaller Gram matrix.
+For each adapted module the target is dW = sum_i w_i s_i B_i A_i, with s_i = alpha_i / r_i the client's
+LoRA scale (so clients of different ranks mix correctly). `exact` returns the best rank-r approximation
+(Eckart–Young) as factors (B', A') with s_out B' A' ~= dW, s_out = alpha / r, without forming dW when
+that is cheaper: with Bc = [c_1 B_1 .. c_K B_K] (d x R, c_i = w_i s_i / s_out), Ac = [A_1; ..; A_K] (R x
+k), R = sum r_i, and R < min(d, k), it works from the float64 Gram matrices Bc^T Bc = F F^T (Cholesky)
+and Ac Ac^T (one GEMM each) and the eigendecomposition of the R x R core F^T (Ac Ac^T) F, whose
+eigenpairs give M's singular triplets (see `_exact_gram`). When R is close to or above min(d, k) the
+Gram route costs more than forming dW = Bc Ac (d x k, float64) and decomposing its shorter side's Gram
+matrix, so that is done instead (a cost model picks the route per group). Either way the core is never
+larger than min(d, k, R), and an eigendecomposition of it is the bulk of the time: cost ~ (d + k) R^2 +
+R^3 per module, against (d + k) R for fedavg, so exact/fedavg grows linearly in K until R ~ min(d, k).
 Modules of equal shapes and ranks (e.g. q_proj in every layer) are processed as one batch.
 
 `stacked` concatenates the factors instead: rank R, exact to floating-point rounding.

@@ -143,3 +143,14 @@ def test_gram_and_dense_routes_agree() -> None:
         torch.testing.assert_close(kg, kd)
         torch.testing.assert_close(tg, td)
         torch.testing.assert_close(tg, (b @ a).square().sum(dim=(1, 2)))
+
+
+def test_exact_in_small_batches_matches_one_batch() -> None:
+    clients = [_client(20 + i, 4) for i in range(3)]
+    whole = aggregate(clients, [1.0, 2.0, 3.0], "exact", rank=4, alpha=8.0)
+    split = aggregate(clients, [1.0, 2.0, 3.0], "exact", rank=4, alpha=8.0,
+                      options=AggregationOptions(exact_max_batch_bytes=1))  # one module per batch
+    assert whole.tensors.keys() == split.tensors.keys()
+    for key, t in whole.tensors.items():
+        torch.testing.assert_close(split.tensors[key], t, rtol=1e-6, atol=1e-7)
+    assert split.discarded_energy == pytest.approx(whole.discarded_energy, abs=1e-9)
