@@ -107,6 +107,8 @@ class LearningSection:
     torch_threads: int = _opt(1, lo=1, hi=256, doc="torch intra-op threads")
     fake_step_seconds: float = _opt(0.0, lo=0.0, hi=60.0, doc="task \"fake\" only: seconds each step takes "
                                     "(simulates training time in protocol tests)")
+    fake_aggregate_delay_seconds: float = _opt(0.0, lo=0.0, hi=600.0, doc="task \"fake\" only: the coordinator "
+                                               "waits this long before aggregating (fault tests act in that gap)")
     evaluate: bool = _opt(True, doc="evaluate local and merged adapters on the held-out split each round")
 
 

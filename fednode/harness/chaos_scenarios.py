@@ -223,8 +223,8 @@ async def coordinator_restarted(opts: ChaosOptions, run_dir: Path) -> dict[str, 
     kwargs: dict[str, Any] = {
         "rounds": 1, "min_participants": n - 1, "liveness_heartbeats": opts.restart_liveness_heartbeats,
         "overrides": {"learning": {"fake_aggregate_delay_seconds": opts.aggregate_delay_seconds}}}
-    reference = Federation.create(run_dir / "uninterrupted", opts, **kwargs)
-    fed = Federation.create(run_dir / "restarted", opts, keys_from=run_dir / "uninterrupted", **kwargs)
+    reference = Federation.create(run_dir / "ref", opts, **kwargs)
+    fed = Federation.create(run_dir / "run", opts, keys_from=run_dir / "ref", **kwargs)
     outcomes: dict[str, Any] = {}
 
     async def outcome(name: str, fn: Callable[[], Awaitable[Any]]) -> None:

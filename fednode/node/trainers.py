@@ -63,6 +63,9 @@ class FakeTrainer:
         self.node_index = node_index
         self.num_samples = num_samples if num_samples is not None else 10 + 7 * node_index
         self.step_seconds = step_seconds
+        # The tensor stack is imported now, at daemon start (make_trainer runs before the node joins),
+        # not inside the first round's deadline: on a loaded machine that import takes seconds.
+        import fednode.aggregation.delta  # noqa: F401
 
     def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
               seed: int, progress: ProgressCallback | None = None) -> TrainOutput:
