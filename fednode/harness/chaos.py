@@ -13,15 +13,15 @@ import argparse
 import dataclasses
 import json
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from fednode.errors import FednodeError
 from fednode.harness.chaos_scenarios import SCENARIOS
 from fednode.harness.chaos_support import DEFAULT_CHAOS_NODES, ChaosOptions, ScenarioResult
 
@@ -33,7 +33,7 @@ async def run_scenario(name: str, opts: ChaosOptions, run_dir: Path) -> Scenario
     started = time.monotonic()
     try:
         metrics = await SCENARIOS[name](opts, run_dir)
-    except (FednodeError, OSError, AssertionError) as exc:
+    except Exception as exc:  # a broken promise (ScenarioFailed) or a bug: either way this one FAILs, the rest run
         return ScenarioResult(name, False, time.monotonic() - started, error=f"{type(exc).__name__}: {exc}"[:4000],
                               run_dir=str(run_dir))
     return ScenarioResult(name, True, time.monotonic() - started, metrics, run_dir=str(run_dir))
@@ -55,6 +55,26 @@ async def run_all(names: Sequence[str], opts: ChaosOptions, root: Path, *, keep:
             print(f"{verdict} {name} {result.seconds:.1f} s {detail}", flush=True)
         if result.passed and not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
+    return results
+
+
+async def _until_signalled(fn: Callable[[], Awaitable[list[ScenarioResult]]]) -> list[ScenarioResult]:
+    """SIGTERM/SIGINT cancel the run, so each scenario's `finally` stops its daemons (they run in
+    their own sessions and would otherwise outlive us)."""
+    results: list[ScenarioResult] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                async for signum in signals:
+                    print(f"chaos: {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+                    nursery.cancel_scope.cancel()
+
+            async def work() -> None:
+                results.extend(await fn())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(work)
     return results
 
 
@@ -85,14 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = args.run_dir or Path("runs") / time.strftime("chaos-%Y%m%d-%H%M%S")
     names = args.only or list(SCENARIOS)
     started = time.monotonic()
-    results = trio.run(lambda: run_all(names, opts, root, keep=args.keep))
+    results = trio.run(_until_signalled, lambda: run_all(names, opts, root, keep=args.keep))
     wall = time.monotonic() - started
     passed = sum(r.passed for r in results)
     print(f"chaos: {passed}/{len(results)} scenarios passed with {opts.nodes} nodes in {wall:.1f} s", flush=True)
     if not args.keep and root.exists() and not any(root.iterdir()):
         root.rmdir()
     print(json.dumps(summary_json(results, opts, wall), sort_keys=True), flush=True)
-    return 0 if passed == len(results) else 1
+    return 0 if passed == len(results) == len(names) else 1  # an interrupted run is no pass
 
 
 if __name__ == "__main__":

@@ -163,7 +163,9 @@ async def node_restarted(opts: ChaosOptions, run_dir: Path) -> dict[str, Any]:
         for number in (1, 2):
             records = fed.published(fed.nodes, number)
             out[f"round_{number}_merged_sha256"] = one_merged_hash(records, f"round {number}")
-            final = next(r for r in records.values() if r["final_coordinator_node_id"] == r["recorded_by"])
+            final = next((r for r in records.values() if r["final_coordinator_node_id"] == r["recorded_by"]), None)
+            check(final is not None, f"round {number}: no record from the node that finished it")
+            assert final is not None
             out[f"round_{number}_restarted_node_contributed"] = victim.node_id in accepted_ids(final)
             check(len(final["accepted"]) >= n - 1, f"round {number}: {len(final['accepted'])} contributions")
         return out

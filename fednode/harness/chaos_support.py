@@ -50,7 +50,7 @@ class ChaosOptions:
     recovery_bound_seconds: float = 30.0  # coordinator killed: kill -> survivors' round published
     scenario_timeout_seconds: float = 150.0  # any single wait inside a scenario
     poll_seconds: float = DEFAULT_POLL_SECONDS
-    seeds_first: bool = False  # start the two bootstrap nodes first (slower: the others dial with backoff)
+    seeds_first: bool = True  # start the two bootstrap nodes first, the others once they answer
 
 
 @dataclass
@@ -150,6 +150,7 @@ class Federation:
             while True:
                 statuses = await self.refresh()
                 self._check_no_unplanned_death()
+                self._check_no_failed_round()
                 value = predicate(statuses)
                 if value is not None and value is not False:
                     return value
@@ -162,6 +163,16 @@ class Federation:
             if node.process is not None and not node.alive and not node.killed:
                 raise ScenarioFailed(f"node-{node.index} exited on its own (code {node.process.returncode}): "
                                      f"{log_tail(node)}")
+
+    def _check_no_failed_round(self) -> None:
+        """Every scenario keeps >= min_participants alive: a failed round is a broken promise (and
+        with max_rounds reached nothing would happen any more; fail now, not at the timeout)."""
+        for node in self.nodes:
+            if (self.statuses.get(node.index) or {}).get("rounds_failed", 0):
+                failed = [r for r in _all_records(node) if r.get("state") == "failed"]
+                raise ScenarioFailed(f"node-{node.index} saw a round fail: " + "; ".join(
+                    f"round {r['round_number']}: {r.get('reason')}; rejected "
+                    f"{[(x['node_id'][-8:], x['detail'][:160]) for x in r.get('rejected', [])]}" for r in failed))
 
     def summary(self) -> dict[int, dict[str, Any]]:
         out = {}
@@ -193,13 +204,7 @@ class Federation:
 
     def records(self, node: NodeProcess) -> dict[int, dict[str, Any]]:
         """Published round records of `node`, by round number."""
-        out: dict[int, dict[str, Any]] = {}
-        folder = node.folder / "rounds"
-        for path in sorted(folder.glob("round-*.json")) if folder.exists() else []:
-            record = json.loads(path.read_text())
-            if record.get("state") == "published":
-                out[int(record["round_number"])] = record
-        return out
+        return {int(r["round_number"]): r for r in _all_records(node) if r.get("state") == "published"}
 
     def published(self, nodes: list[NodeProcess], round_number: int) -> dict[int, dict[str, Any]]:
         """round `round_number`'s record from each of `nodes`; ScenarioFailed if one lacks it."""
@@ -210,6 +215,11 @@ class Federation:
             assert record is not None
             out[node.index] = record
         return out
+
+
+def _all_records(node: NodeProcess) -> list[dict[str, Any]]:
+    folder = node.folder / "rounds"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("round-*.json"))] if folder.exists() else []
 
 
 def completed(nodes: list[NodeProcess], rounds: int) -> Callable[[dict[int, dict[str, Any]]], bool]:

@@ -68,6 +68,9 @@ logger = logging.getLogger("fednode.rounds")
 MAX_ROUNDS_IN_MEMORY = 16  # finished rounds kept in memory (all of them stay in state.sqlite)
 MAX_PENDING_MANIFESTS = 8  # manifests from a coordinator we have not yet seen elected
 DEFAULT_PREFETCH_CONCURRENCY = 4
+DEFAULT_PREFETCH_RETRY_SECONDS = 0.5  # first wait before fetching a live participant's update again
+DEFAULT_PREFETCH_RETRY_MAX_SECONDS = 4.0  # the wait doubles up to this
+DEFAULT_PREFETCH_PATIENCE_SECONDS = 30.0  # then its update is rejected as unavailable, live or not
 DEFAULT_INSTALL_RETRY_SECONDS = 1.0  # first wait before fetching a merged adapter again
 DEFAULT_INSTALL_RETRY_MAX_SECONDS = 30.0  # the wait doubles up to this
 
@@ -119,6 +122,7 @@ class RoundDriver:
         self._installing: set[str] = set()
         self._discarded: dict[str, float | None] = {}
         self._fetch_locks: dict[str, trio.Lock] = {}
+        self._started_at = clock()
         self._metrics: dict[str, dict[str, Any]] = {}  # round id -> {"local"/"merged": figures}
         self._eval_limiter = trio.CapacityLimiter(1)
 
@@ -505,13 +509,31 @@ class RoundDriver:
 
     async def _prefetch(self, state: RoundState, a: SubmissionAnnounce) -> None:
         key = (state.round_id, a.participant_node_id)
+        delay = DEFAULT_PREFETCH_RETRY_SECONDS
+        give_up_at = trio.current_time() + DEFAULT_PREFETCH_PATIENCE_SECONDS
         try:
-            async with self._prefetch_limiter:
-                await self._check_delta(a)
+            while True:
+                try:
+                    async with self._prefetch_limiter:
+                        await self._check_delta(a)
+                    break
+                except TransportError:
+                    # Unreachable now (not yet dialled, just restarted, libp2p's negative dial cache):
+                    # a participant that is still live serves it in a moment; a dead one never will.
+                    if not self._may_serve_soon(a.participant_node_id) or trio.current_time() + delay > give_up_at:
+                        raise
+                await trio.sleep(delay)
+                delay = min(2 * delay, DEFAULT_PREFETCH_RETRY_MAX_SECONDS)
         except (FednodeError, trio.TooSlowError, OSError) as exc:
             self._update_errors[key] = f"{type(exc).__name__}: {exc}"[:200]
         finally:
             self._prefetched[key].set()
+
+    def _may_serve_soon(self, node_id: str) -> bool:
+        """Live, or we are too freshly started to have heard its heartbeats yet (a restart)."""
+        c = self.config.coordinator
+        settling = self.clock() - self._started_at < c.heartbeat_interval_seconds * c.liveness_timeout_heartbeats
+        return settling or node_id in self.live_members()
 
     async def _check_delta(self, a: SubmissionAnnounce) -> None:
         if not self.store.has(a.delta_sha256):
