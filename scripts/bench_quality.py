@@ -10,9 +10,16 @@ label skew, EQUAL total training steps for every arm:
 Prints a table of held-out accuracy, then (last line) a JSON object of the figures.
 Goals: exact within 2 points of centralized; federated >= 10 points above local-only; exact >= fedavg.
 
-Equal steps, each arm at its best constant LR from a small sweep (160 steps per arm): centralized
-reached 95.5% at 3e-3 but only 91.4% at 5e-3 and 77.7% at 1e-2 (one long constant-LR run overshoots),
-while the federated arms, whose runs are short, do best at 1e-2. --central-lr overrides.
+The defaults are the demo's federated setting (3 rounds x 10 local steps, 120 steps per arm) and
+one rule for every arm: AdamW with the trainer's default schedule, a linear decay to 0.1x the peak
+within each train call (fednode.learning.schedule). Only the peak rate differs between the
+centralized arm and the node arms: a node's call is 10 steps long, the centralized call 120, and
+AdamW moves each weight about `lr` per step, so one peak would move the centralized adapter 12x as
+far as a node's round. The peaks come from the earlier constant-rate sweep at 160 steps per arm
+(centralized: 95.5% at 3e-3, 91.4% at 5e-3, 77.7% at 1e-2; nodes best at 1e-2): the centralized
+peak 5e-3 decays to a mean rate of 2.75e-3 (close to its best constant 3e-3); the node peak stays
+1e-2. Measured (seed 0, 2 threads, shared box): centralized 96.17, local-only 53.43, fedavg 94.59,
+exact 95.50 (curve 85.8, 93.9, 95.5); all three goals met. --arms runs a subset (for sweeps).
 """
 
 from __future__ import annotations
@@ -30,16 +37,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from fednode.learning import LocalTrainer, get_task
+from fednode.learning.schedule import LR_SCHEDULE_KINDS, LrSchedule
 
 AggregateFn = Callable[[str, Sequence[bytes], Sequence[float], int, float], tuple[bytes, float | None]]
 
 DEFAULT_NODES = 4
 DEFAULT_ALPHA = 0.5
-DEFAULT_ROUNDS = 4
+DEFAULT_ROUNDS = 3
 DEFAULT_LOCAL_STEPS = 10
-# Each arm at its own best constant LR from a small sweep (see the module docstring).
+# Peak rates (linear decay to DEFAULT_FLOOR x peak within each call); see the module docstring.
 DEFAULT_LR = 1e-2  # nodes: local-only, fedavg, exact
-DEFAULT_CENTRAL_LR = 3e-3  # centralized: one long run diverges at 5e-3 and above
+DEFAULT_CENTRAL_LR = 5e-3  # centralized
+DEFAULT_SCHEDULE = "linear"
+DEFAULT_FLOOR = 0.1
+ARMS = ("centralized", "local_only", "fedavg", "exact")
 DEFAULT_BATCH = 16
 DEFAULT_MAX_LEN = 64
 DEFAULT_THREADS = 2
@@ -57,6 +68,7 @@ def fednode_aggregate(
 
 def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
     task = get_task("minilm-bbc", batch_size=args.batch, max_len=args.max_len)
+    schedule = LrSchedule(args.schedule, args.floor)
     t0 = time.perf_counter()
     nodes = [
         LocalTrainer(
@@ -67,10 +79,11 @@ def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
             dirichlet_alpha=args.alpha,
             partition_seed=args.seed,
             torch_threads=args.threads,
+            lr_schedule=schedule,
         )
         for i in range(args.nodes)
     ]
-    central = LocalTrainer(task, 0, 1, torch_threads=args.threads)
+    central = LocalTrainer(task, 0, 1, torch_threads=args.threads, lr_schedule=schedule)
     total_steps = args.nodes * args.rounds * args.local_steps
     log = print if args.verbose else (lambda *a, **k: None)
     sizes = [len(n.train_indices) for n in nodes]
@@ -84,6 +97,8 @@ def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
             "local_steps": args.local_steps,
             "lr": args.lr,
             "central_lr": args.central_lr,
+            "schedule": args.schedule,
+            "floor": args.floor,
             "batch": args.batch,
             "max_len": args.max_len,
             "seed": args.seed,
@@ -93,24 +108,32 @@ def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
             "test_samples": len(central.test_indices),
         }
     }
-    figures["base_accuracy"] = central.evaluate(None)["accuracy"]
+    if args.base:
+        figures["base_accuracy"] = central.evaluate(None)["accuracy"]
+    step_times: list[float] = []
 
-    t = time.perf_counter()
-    res = central.train(None, steps=total_steps, learning_rate=args.central_lr, seed=args.seed)
-    figures["centralized"] = central.evaluate(res.delta_bytes)["accuracy"]
-    step_s = res.metrics["seconds_per_step"]
-    log(f"centralized {figures['centralized']:.4f} ({time.perf_counter() - t:.0f}s, {step_s:.2f}s/step)")
+    if "centralized" in args.arms:
+        t = time.perf_counter()
+        res = central.train(None, steps=total_steps, learning_rate=args.central_lr, seed=args.seed)
+        figures["centralized"] = central.evaluate(res.delta_bytes)["accuracy"]
+        step_times.append(res.metrics["seconds_per_step"])
+        log(f"centralized {figures['centralized']:.4f} ({time.perf_counter() - t:.0f}s)")
 
-    t = time.perf_counter()
-    local_accs = []
-    for n in nodes:
-        r = n.train(None, steps=args.rounds * args.local_steps, learning_rate=args.lr, seed=args.seed)
-        local_accs.append(n.evaluate(r.delta_bytes)["accuracy"])
-    figures["local_only_per_node"] = local_accs
-    figures["local_only"] = sum(local_accs) / len(local_accs)
-    log(f"local-only {figures['local_only']:.4f} {local_accs} ({time.perf_counter() - t:.0f}s)")
+    if "local_only" in args.arms:
+        t = time.perf_counter()
+        local_accs = []
+        for n in nodes:
+            r = n.train(None, steps=args.rounds * args.local_steps, learning_rate=args.lr, seed=args.seed)
+            local_accs.append(n.evaluate(r.delta_bytes)["accuracy"])
+            step_times.append(r.metrics["seconds_per_step"])
+        figures["local_only_per_node"] = local_accs
+        figures["local_only"] = sum(local_accs) / len(local_accs)
+        accs = [round(a, 4) for a in local_accs]
+        log(f"local-only {figures['local_only']:.4f} {accs} ({time.perf_counter() - t:.0f}s)")
 
     for method in ("fedavg", "exact"):
+        if method not in args.arms:
+            continue
         t = time.perf_counter()
         global_adapter: bytes | None = None
         curve = []
@@ -122,6 +145,7 @@ def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
                 )
                 for n in nodes
             ]
+            step_times += [r.metrics["seconds_per_step"] for r in results]
             total = sum(r.num_samples for r in results)
             global_adapter, discarded = aggregate_fn(
                 method,
@@ -142,15 +166,23 @@ def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
             figures[f"{method}_curve"] = curve
         log(f"{method} {figures[method]:.4f} ({time.perf_counter() - t:.0f}s)")
 
-    figures["seconds_per_step"] = step_s
+    figures["seconds_per_step"] = sum(step_times) / max(len(step_times), 1)
     figures["wall_seconds"] = time.perf_counter() - t0
-    fed = min(figures["fedavg"], figures["exact"])  # both federated arms must clear the bar
-    figures["goals"] = {
-        "exact_within_2pt_of_centralized": figures["exact"] >= figures["centralized"] - 0.02,
-        "federated_10pt_above_local_only": fed >= figures["local_only"] + 0.10,
-        "exact_ge_fedavg": figures["exact"] >= figures["fedavg"],
-    }
+    figures["goals"] = goals(figures)
     return figures
+
+
+def goals(fig: Mapping[str, Any]) -> dict[str, bool]:
+    """The three goals, for the arms that ran."""
+    out: dict[str, bool] = {}
+    if "exact" in fig and "centralized" in fig:
+        out["exact_within_2pt_of_centralized"] = fig["exact"] >= fig["centralized"] - 0.02
+    fed = [fig[m] for m in ("fedavg", "exact") if m in fig]
+    if fed and "local_only" in fig:  # every federated arm must clear the bar
+        out["federated_10pt_above_local_only"] = min(fed) >= fig["local_only"] + 0.10
+    if "exact" in fig and "fedavg" in fig:
+        out["exact_ge_fedavg"] = fig["exact"] >= fig["fedavg"]
+    return out
 
 
 def print_table(fig: Mapping[str, Any]) -> None:
@@ -162,12 +194,14 @@ def print_table(fig: Mapping[str, Any]) -> None:
         ("fedavg", "federated fedavg"),
         ("exact", "federated exact"),
     ):
-        print(f"{label:<22}{100 * fig[key]:>17.2f}%")
+        if key in fig:
+            print(f"{label:<22}{100 * fig[key]:>17.2f}%")
     for goal, ok in fig["goals"].items():
         print(f"goal {goal}: {'MET' if ok else 'MISSED'}")
+    cfg = fig["config"]
     print(
-        f"{fig['seconds_per_step']:.2f} s/step (batch {fig['config']['batch']}, "
-        f"max_len {fig['config']['max_len']}, {fig['config']['threads']} threads); wall {fig['wall_seconds']:.0f}s"
+        f"{fig['seconds_per_step']:.2f} s/step (batch {cfg['batch']}, max_len {cfg['max_len']}, "
+        f"{cfg['threads']} threads); wall {fig['wall_seconds']:.0f}s"
     )
 
 
@@ -177,8 +211,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     p.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_STEPS)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="node LR (local-only, fedavg, exact)")
-    p.add_argument("--central-lr", type=float, default=DEFAULT_CENTRAL_LR, help="centralized arm's LR")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="node peak LR (local-only, fedavg, exact)")
+    p.add_argument("--central-lr", type=float, default=DEFAULT_CENTRAL_LR, help="centralized arm's peak LR")
+    p.add_argument("--schedule", choices=LR_SCHEDULE_KINDS, default=DEFAULT_SCHEDULE, help="LR within each call")
+    p.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="last step's LR as a fraction of the peak")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
+    p.add_argument("--no-base", dest="base", action="store_false", help="skip evaluating the fresh adapter")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
     p.add_argument("--seed", type=int, default=0)
