@@ -109,9 +109,13 @@ class Node:
             max_clock_skew_seconds=config.community.max_clock_skew_seconds,
             allowlist=self.allowlist, seen_cache_size=config.community.seen_cache_size))
         c = config.coordinator
+        liveness = c.heartbeat_interval_seconds * c.liveness_timeout_heartbeats
         self.election = ElectionState(self.node_id, ElectionConfig(
             mode=c.mode, fixed_node_id=c.fixed_peer_id, heartbeat_interval=c.heartbeat_interval_seconds,
-            liveness_timeout=c.heartbeat_interval_seconds * c.liveness_timeout_heartbeats), now=clock(),
+            liveness_timeout=liveness,
+            # Before a first claim, hear the community: the gossip mesh forms within a gossip heartbeat,
+            # then every live member's heartbeat arrives (with the term and coordinator it follows).
+            startup_grace=liveness + config.network.gossip_heartbeat_seconds), now=clock(),
             federated=self.enabled)
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
@@ -144,6 +148,10 @@ class Node:
                     serve_blobs, transport, self.store, limits=limits, allow_peer=self._stream_allowed))
                 self.sync_server = serve_sync(transport, self._sync_lookup, allow_peer=self._stream_allowed)
                 subscription = await transport.subscribe(self.topic, validator=self._validate)
+                # The startup grace counts from when we can hear the topic, not from construction:
+                # a node restarted while others run must learn the current term before claiming one
+                # (else it may claim a term that already has a live coordinator: split brain).
+                self.election.started_at = self.clock()
                 nursery.start_soon(self._read_gossip, subscription)
                 if self.enabled:
                     self.driver.restore()
