@@ -51,7 +51,9 @@ def test_fetch_survives_sigkill_of_a_holder(tmp_path: Path, path: str) -> None:
         assert (result["lanes_opened"] > 0) == (path == "lane")
         assert r1["peer_id"] in result["dropped_peers"]
         by_peer = result["chunks_by_peer"]
-        assert by_peer.get(r1["peer_id"], 0) >= 3  # h1 was being read from when it died
+        # h1 was being read from when it died; how the first six chunks split between the two holders
+        # depends on which one the fetcher reached first (seen 2..5 from h1), so only "some" is stable
+        assert by_peer.get(r1["peer_id"], 0) >= 1
         # 32 chunks, each verified exactly once: nothing h1 delivered was fetched again from h2
         assert result["chunks_total"] == 32 and result["chunks_fetched"] == 32
         assert sum(by_peer.values()) == 32 and result["chunks_resumed"] == 0
