@@ -87,6 +87,9 @@ class RoundSection:
     aggregation: str = _opt("fedavg", choices=_AGGREGATIONS, doc="aggregation rule")
     max_rounds: int = _opt(0, lo=0, hi=10**9, doc="stop after this many rounds (0 = run forever)")
     pause_seconds: float = _opt(0.0, lo=0.0, hi=86400.0, doc="pause between rounds")
+    reannounce_seconds: float = _opt(5.0, lo=0.0, hi=86400.0,
+                                     doc="a participant re-publishes its submission after this long, doubling "
+                                         "the gap each time, until the round closes (0 = only on failover)")
     wait_for_members: int = _opt(0, lo=0, hi=10000,
                                  doc="coordinator starts a round once this many federated members are live "
                                      "(0 = min_participants)")

@@ -39,7 +39,8 @@ def snapshot(state: RoundState) -> dict[str, Any]:
     }
 
 
-def restore(cls: type[RoundState], data: Mapping[str, Any], *, max_recorded_rejections: int) -> RoundState:
+def restore(cls: type[RoundState], data: Mapping[str, Any], *, max_recorded_rejections: int,
+            reannounce_seconds: float) -> RoundState:
     from fednode.consensus.round_state import Phase, Rejection, Role
 
     if data.get("version") != SNAPSHOT_VERSION:
@@ -48,7 +49,7 @@ def restore(cls: type[RoundState], data: Mapping[str, Any], *, max_recorded_reje
     if not isinstance(manifest, RoundManifest):
         raise LocalProtocolError("round snapshot: manifest is not a RoundManifest")
     state = cls(manifest, node_id=data["node_id"], role=Role(data["role"]),
-                max_recorded_rejections=max_recorded_rejections)
+                max_recorded_rejections=max_recorded_rejections, reannounce_seconds=reannounce_seconds)
     state.phase = Phase(data["phase"])
     state.term, state.coordinator_node_id = int(data["term"]), str(data["coordinator_node_id"])
     for hexed in data["accepted"]:

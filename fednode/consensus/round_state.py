@@ -71,6 +71,7 @@ from fednode.wire.messages import (
 from fednode.wire.verdict import ACCEPTED, Validation, Verdict
 
 DEFAULT_MAX_RECORDED_REJECTIONS = 1024  # rejected/ignored submissions kept for the round record
+DEFAULT_REANNOUNCE_SECONDS = 5.0  # a participant re-publishes its submission after this, doubling each time
 
 
 class Role(enum.Enum):
@@ -154,7 +155,8 @@ class RoundState:
     when `next_timer()` is due. `node_id` is this node; the manifest's signer is the first coordinator."""
 
     def __init__(self, manifest: RoundManifest, *, node_id: str, role: Role | None = None,
-                 max_recorded_rejections: int = DEFAULT_MAX_RECORDED_REJECTIONS) -> None:
+                 max_recorded_rejections: int = DEFAULT_MAX_RECORDED_REJECTIONS,
+                 reannounce_seconds: float = DEFAULT_REANNOUNCE_SECONDS) -> None:
         self.manifest = manifest
         self.node_id = node_id
         self.coordinator_node_id = manifest.coordinator_node_id
@@ -167,6 +169,14 @@ class RoundState:
         self.rejected_by_reason: dict[str, int] = {}
         self.excluded: dict[str, Validation] = {}  # accepted, then dropped by ContributionRejected
         self.own_submission: SubmissionAnnounce | None = None
+        # Gossip gives no delivery receipt, and an announcement published while the mesh re-forms
+        # (a failover) can be lost. So a participant re-publishes its signed submission while the
+        # round is open: after reannounce_seconds, then twice that gap, and so on (at most
+        # log2(timeout / gap) copies per round); the coordinator counts duplicates once. 0 = only
+        # when the coordinator changes.
+        self.reannounce_seconds = reannounce_seconds
+        self.reannounce_at: float | None = None
+        self._reannounce_gap = reannounce_seconds
         self.aggregation_started = False
         self.merged_sha256 = ""
         self.merged_size = 0
@@ -187,7 +197,11 @@ class RoundState:
 
     def next_timer(self) -> float | None:
         """When the driver must feed a Tick (None: no timer pending)."""
-        return self.deadline if self.is_open else None
+        if not self.is_open:
+            return None
+        if self.reannounce_at is not None and self.role is Role.PARTICIPANT:
+            return min(self.deadline, self.reannounce_at)
+        return self.deadline
 
     def contributions(self) -> tuple[Contribution, ...]:
         """Accepted submissions, sorted by node id (the aggregation order, fixed so that every
@@ -260,6 +274,7 @@ class RoundState:
     def _apply(self, event: RoundEvent, effects: list[Effect]) -> Validation:
         if isinstance(event, Tick):
             self._transition(Tick)
+            self._maybe_reannounce(event.now, effects)
             return ACCEPTED
         if isinstance(event, SubmissionReceived):
             self._transition(SubmissionReceived)
@@ -328,7 +343,22 @@ class RoundState:
         self.accepted[a.participant_node_id] = a
         if a.participant_node_id == self.node_id:
             self.own_submission = a
+            self.schedule_reannounce(now)
         return ACCEPTED
+
+    def schedule_reannounce(self, now: float) -> None:
+        """Start (or restart, after a restore) the re-announce backoff for our own submission."""
+        if self.reannounce_seconds > 0 and self.own_submission is not None:
+            self._reannounce_gap = self.reannounce_seconds
+            self.reannounce_at = now + self._reannounce_gap
+
+    def _maybe_reannounce(self, now: float, effects: list[Effect]) -> None:
+        if (self.reannounce_at is None or now < self.reannounce_at or self.own_submission is None
+                or self.role is not Role.PARTICIPANT or not self.is_open):
+            return
+        effects.append(Reannounce(self.own_submission))
+        self._reannounce_gap *= 2
+        self.reannounce_at = now + self._reannounce_gap
 
     def _delta_owner(self, delta_sha256: str) -> str | None:
         """The participant whose accepted submission is this delta (a scan: at most max_participants)."""
@@ -396,6 +426,7 @@ class RoundState:
             self.aggregation_started = False
         if self.role is Role.PARTICIPANT and self.own_submission is not None:
             effects.append(Reannounce(self.own_submission))
+            self.schedule_reannounce(event.now)  # and again with backoff: the new mesh may still be forming
         return ACCEPTED
 
     # -- persistence (round_snapshot.py) -------------------------------------------------------
@@ -405,7 +436,9 @@ class RoundState:
 
     @classmethod
     def restore(cls, data: Mapping[str, Any], *,
-                max_recorded_rejections: int = DEFAULT_MAX_RECORDED_REJECTIONS) -> RoundState:
+                max_recorded_rejections: int = DEFAULT_MAX_RECORDED_REJECTIONS,
+                reannounce_seconds: float = DEFAULT_REANNOUNCE_SECONDS) -> RoundState:
         """Inverse of snapshot(). A restored coordinator that was AGGREGATING re-plans the aggregation
         on its next event (the work in flight died with the process)."""
-        return round_snapshot.restore(cls, data, max_recorded_rejections=max_recorded_rejections)
+        return round_snapshot.restore(cls, data, max_recorded_rejections=max_recorded_rejections,
+                                      reannounce_seconds=reannounce_seconds)

@@ -63,14 +63,14 @@ class HarnessResult:
 def default_overrides(opts: HarnessOptions) -> dict[str, dict[str, Any]]:
     """What a local federation needs on top of the user's config (all overridable by --config)."""
     n = opts.nodes
-    # With a planned kill, one survivor may also miss the round (an announcement published while the
-    # mesh re-forms around the dead coordinator can be lost; see the closing note of issue 7), so the
-    # round must not need every survivor.
-    min_participants = max(2, n - 2) if opts.kill_coordinator_at is not None and n > 2 else n
+    # With a planned kill, the round needs every survivor: an announcement lost while the mesh
+    # re-forms around the dead coordinator is re-published (round.reannounce_seconds, with backoff).
+    min_participants = n - 1 if opts.kill_coordinator_at is not None and n > 2 else n
     return {
         # Wait for everyone before the first round; with a planned kill, the survivors must suffice.
         "round": {"max_rounds": opts.rounds, "wait_for_members": max(1, min_participants),
-                  "min_participants": max(1, min_participants), "max_participants": n},
+                  "min_participants": max(1, min_participants), "max_participants": n,
+                  "reannounce_seconds": 2.0},
         "coordinator": {"heartbeat_interval_seconds": 1.0},
         "community": {"id": "local-harness"},
     }

@@ -123,6 +123,7 @@ class RoundDriver:
         self._discarded: dict[str, float | None] = {}
         self._fetch_locks: dict[str, trio.Lock] = {}
         self._started_at = clock()
+        self._reannounce_seconds = config.round.reannounce_seconds
         self._metrics: dict[str, dict[str, Any]] = {}  # round id -> {"local"/"merged": figures}
         self._eval_limiter = trio.CapacityLimiter(1)
 
@@ -141,9 +142,9 @@ class RoundDriver:
             if snap is None:
                 manifest = codec.decode(row.manifest)
                 assert isinstance(manifest, RoundManifest)
-                state = RoundState(manifest, node_id=self.me)
+                state = RoundState(manifest, node_id=self.me, reannounce_seconds=self._reannounce_seconds)
             else:
-                state = RoundState.restore(snap)
+                state = RoundState.restore(snap, reannounce_seconds=self._reannounce_seconds)
             self.rounds[row.round_id] = state
             logger.info("restored round %s (%s, %s, %d accepted)", row.round_id, state.phase.value,
                         state.role.value, len(state.accepted))
@@ -161,6 +162,7 @@ class RoundDriver:
                 self._spawn(self._train_and_submit, state.manifest)
             elif state.own_submission is not None and state.is_open:
                 self._spawn(self._publish_message, state.own_submission)
+                state.schedule_reannounce(now)
             elif state.phase is Phase.PUBLISHED and state.merged_sha256:
                 if state.role is Role.COORDINATOR:
                     self._spawn(self._republish_and_install, state)
@@ -353,7 +355,7 @@ class RoundDriver:
             logger.warning(reason)
             self.progress.refused["base_model_mismatch"] = self.progress.refused.get("base_model_mismatch", 0) + 1
             return Validation(Verdict.IGNORE, "base_model_mismatch", reason)
-        state = RoundState(manifest, node_id=self.me)
+        state = RoundState(manifest, node_id=self.me, reannounce_seconds=self._reannounce_seconds)
         if state.coordinator_node_id != self.coordinator and self.coordinator:
             state.handle(CoordinatorChanged(self.term, self.coordinator, now))
         self.rounds[manifest.round_id] = state

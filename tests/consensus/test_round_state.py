@@ -235,3 +235,50 @@ async def test_round_aggregates_at_its_deadline_with_enough(autojump_clock: trio
     ((when, effect),) = log
     assert when == 600.0 and isinstance(effect, StartAggregation) and len(effect.contributions) == 2
     assert not math.isinf(when)
+
+
+def test_participant_reannounces_with_backoff_until_the_round_closes() -> None:
+    # an announcement lost while the mesh re-forms must not cost the participant its round
+    state = RoundState(manifest(COORD, min_participants=1), node_id=P1.node_id, reannounce_seconds=5.0)
+    state.handle(ManifestSeen(EPOCH))
+    mine = announce(P1, at=EPOCH + 1)
+    assert state.next_timer() == state.deadline  # nothing to re-send yet
+    state.handle(SubmissionReceived(mine, EPOCH + 1))
+    sent = []
+    now = EPOCH + 1
+    while (due := state.next_timer()) is not None:
+        assert due <= state.deadline
+        now = due
+        sent += [(now - EPOCH, e) for e in state.handle(Tick(now)).effects]
+    times = [t for t, e in sent if e == Reannounce(mine)]
+    assert times[:4] == [6.0, 16.0, 36.0, 76.0]  # gaps 5, 10, 20, 40 s
+    assert len(times) == math.floor(math.log2((state.deadline - EPOCH - 1) / 5 + 1))  # log-many, not periodic
+    assert state.phase is Phase.AGGREGATING and all(t < state.deadline - EPOCH for t in times)
+    # the coordinator counts any number of copies once
+    coord = started(min_participants=1)
+    assert coord.handle(SubmissionReceived(mine, EPOCH + 1)).validation.verdict is Verdict.ACCEPT
+    for t, e in sent:
+        assert coord.handle(SubmissionReceived(e.announce, EPOCH + t)).validation.reason in ("duplicate", "late")
+    assert len(coord.accepted) == 1
+
+
+def test_reannounce_off_coordinator_never_and_failover_restarts_the_backoff() -> None:
+    off = RoundState(manifest(COORD), node_id=P1.node_id, reannounce_seconds=0)
+    off.handle(ManifestSeen(EPOCH))
+    off.handle(SubmissionReceived(announce(P1), EPOCH + 1))
+    assert off.next_timer() == off.deadline and off.handle(Tick(EPOCH + 100)).effects == ()
+    coord = started()
+    coord.handle(SubmissionReceived(announce(COORD), EPOCH + 1))
+    assert coord.next_timer() == coord.deadline and coord.handle(Tick(EPOCH + 100)).effects == ()
+    p = RoundState(manifest(COORD), node_id=P2.node_id, reannounce_seconds=2.0)
+    p.handle(ManifestSeen(EPOCH))
+    mine = announce(P2)
+    p.handle(SubmissionReceived(mine, EPOCH + 1))
+    assert p.handle(Tick(EPOCH + 3)).effects == (Reannounce(mine),)  # next in 4 s
+    assert p.handle(CoordinatorChanged(1, P1.node_id, EPOCH + 4)).effects == (Reannounce(mine),)
+    assert p.next_timer() == EPOCH + 6  # back to the first gap for the new coordinator
+    # a restored participant starts again from the first gap when the driver says so
+    back = RoundState.restore(json.loads(json.dumps(p.snapshot())), reannounce_seconds=2.0)
+    assert back.next_timer() == back.deadline
+    back.schedule_reannounce(EPOCH + 10)
+    assert back.handle(Tick(EPOCH + 12)).effects == (Reannounce(mine),)
