@@ -106,6 +106,7 @@ class _Member:
     last_seen: float
     federated: bool
     seq: int = -1  # the highest heartbeat seq heard (-1: none yet, e.g. known from a claim only)
+    claim: tuple[int, float] = (0, -1.0)  # (term, claimed_at) of the newest CoordinatorClaim heard
 
 
 class ElectionState:
@@ -174,7 +175,7 @@ class ElectionState:
         if isinstance(event, HeartbeatSeen):
             validation = self._on_heartbeat(event.heartbeat, event.now, effects)
         elif isinstance(event, ClaimSeen):
-            validation = self._on_claim(event.claim.term, event.claim.node_id, event.now, effects)
+            validation = self._on_claim_message(event.claim, event.now, effects)
         else:
             validation = ACCEPTED
         self._on_tick(event.now, effects)
@@ -205,6 +206,25 @@ class ElectionState:
         if hb.term >= 1 and hb.coordinator_node_id == hb.node_id:
             return self._on_claim(hb.term, hb.node_id, now, effects)  # a coordinator's heartbeat renews its claim
         return ACCEPTED
+
+    def _on_claim_message(self, claim: CoordinatorClaim, now: float, effects: list[Effect]) -> Validation:
+        """A claim no newer (term, claimed_at) than one already heard from its node is no sign of
+        life: a replay that got past a flushed duplicate cache (security.md N8), or a late delivery.
+        A late claim for an older term is still recorded for the per-term history."""
+        key = (claim.term, claim.claimed_at)
+        known = self.members.get(claim.node_id)
+        if known is not None and key <= known.claim:
+            if claim.term == known.claim[0]:
+                return Validation(Verdict.IGNORE, "stale_claim",
+                                  f"term {claim.term} claimed_at {claim.claimed_at} is not newer than the last claim")
+            last_seen = known.last_seen
+            validation = self._on_claim(claim.term, claim.node_id, now, effects)
+            known.last_seen = last_seen
+            return validation
+        validation = self._on_claim(claim.term, claim.node_id, now, effects)
+        if claim.node_id in self.members:
+            self.members[claim.node_id].claim = key
+        return validation
 
     def _on_claim(self, term: int, node_id: str, now: float, effects: list[Effect]) -> Validation:
         if self.config.mode == "fixed":

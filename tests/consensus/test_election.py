@@ -76,6 +76,7 @@ def test_smallest_rank_wins_a_term_and_terms_only_grow() -> None:
     stale = state.handle(ClaimSeen(claim(hi, 2, EPOCH + 1.3), EPOCH + 1.3))
     assert stale.validation.reason == "stale_term" and state.term == 4
     assert state.coordinator_of(2) == hi  # recorded for the per-term history
+    assert state.members[hi].last_seen == EPOCH + 1.2  # but older than hi's last claim: no sign of life
     jump = state.handle(ClaimSeen(claim(hi, 4 + CONFIG.max_term_jump + 1, EPOCH + 2), EPOCH + 2))
     assert jump.validation.reason == "term_jump" and state.term == 4
 

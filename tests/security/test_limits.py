@@ -44,17 +44,23 @@ def test_replay_after_the_seen_cache_is_flushed_is_accepted_within_the_window() 
     assert election.members[member.node_id].last_seen == NOW
 
 
-def test_a_replayed_claim_still_renews_its_claimants_liveness() -> None:
-    """N8's remainder: CoordinatorClaims carry no seq; a replay that gets past the duplicate cache
-    (flushed) within the replay window counts as a sign of life of a crashed claimant."""
+def test_a_replayed_claim_does_not_renew_its_claimants_liveness() -> None:
+    """N8: a replayed CoordinatorClaim that gets past a flushed duplicate cache within the replay
+    window is no newer (term, claimed_at) than the claim already heard, so it is no sign of life."""
     coordinator = Identity.from_seed(b"\x04" * 32).node_id
     election = ElectionState("me", ElectionConfig(), now=NOW)
     claim = CoordinatorClaim(community_id="c", node_id=coordinator, term=3, claimed_at=NOW)
     election.handle(ClaimSeen(claim, NOW))
     assert election.coordinator == coordinator
     dead_at = NOW + election.config.liveness_timeout
-    election.handle(ClaimSeen(claim, dead_at - 0.1))  # the same claim, replayed
-    assert election.members[coordinator].last_seen == dead_at - 0.1  # the limitation
+    replay = election.handle(ClaimSeen(claim, dead_at - 0.1))  # the same claim, replayed
+    assert replay.validation.reason == "stale_claim"
+    assert election.members[coordinator].last_seen == NOW
+    assert coordinator not in election.live_members(dead_at + 0.1)
+    # a genuinely newer claim (a later term, or the same term re-claimed later) still counts
+    newer = CoordinatorClaim(community_id="c", node_id=coordinator, term=3, claimed_at=NOW + 1)
+    assert election.handle(ClaimSeen(newer, dead_at + 0.2)).validation.accepted
+    assert election.members[coordinator].last_seen == dead_at + 0.2
 
 
 def test_open_community_accepts_any_key() -> None:
