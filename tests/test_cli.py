@@ -33,3 +33,14 @@ def test_config_check_reports_errors_with_exit_1(tmp_path: Path, capsys) -> None
     assert main(["config", "--check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "research.federated_learning" in err and str(bad) in err
+
+
+def test_run_and_status_refuse_a_socket_path_too_long_naming_the_key(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    assert main(["init", str(deep)]) == 0
+    capsys.readouterr()
+    config = str(deep / "node.toml")
+    for command in (["run", "--config", config], ["status", "--config", config]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert "control.socket" in err and "107-byte limit" in err and "Traceback" not in err

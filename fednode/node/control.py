@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from fednode.errors import FednodeError
+from fednode.errors import ConfigError, FednodeError
 
 if TYPE_CHECKING:  # trio-typing's stubs shadow trio's own annotations under mypy
     from trio_typing import TaskStatus
@@ -22,6 +22,16 @@ if TYPE_CHECKING:  # trio-typing's stubs shadow trio's own annotations under myp
 MAX_REQUEST_BYTES = 256
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 DEFAULT_CONTROL_TIMEOUT_SECONDS = 5.0
+MAX_SOCKET_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes on Linux, one for the NUL
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse, naming the keys to change, a socket path the kernel cannot bind (too long)."""
+    size = len(os.fsencode(str(path)))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(f"key 'control.socket': the socket path {str(path)!r} is {size} bytes, over the "
+                          f"{MAX_SOCKET_PATH_BYTES}-byte limit of a unix socket address; use a shorter "
+                          f"node.data_dir or an absolute, short control.socket (e.g. /tmp/fednode-1.sock)")
 
 StatusFn = Callable[[], dict[str, Any]]
 
@@ -32,6 +42,7 @@ class ControlError(FednodeError):
 
 async def serve_control(path: Path, commands: dict[str, StatusFn], *,
                         task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    check_socket_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # a stale socket from a killed daemon
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -70,6 +81,7 @@ async def serve_control(path: Path, commands: dict[str, StatusFn], *,
 
 async def query_control(path: Path, command: str = "status",
                         timeout: float = DEFAULT_CONTROL_TIMEOUT_SECONDS) -> dict[str, Any]:
+    check_socket_path(path)
     try:
         with trio.fail_after(timeout):
             stream = await trio.open_unix_socket(str(path))

@@ -11,6 +11,7 @@ import trio
 
 from fednode.config import Config
 from fednode.identity import load_key_file
+from fednode.node.control import check_socket_path
 from fednode.node.daemon import Node
 from fednode.node.trainers import Trainer, make_trainer
 
@@ -29,6 +30,7 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 async def run_daemon(config: Config) -> None:
+    check_socket_path(config.control_socket_path)  # before any task starts: a ConfigError, not a crash
     identity = load_key_file(config.key_path)
     trainer: Trainer | None = None
     if config.research.federated_learning:
