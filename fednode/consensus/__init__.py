@@ -38,6 +38,7 @@ from fednode.consensus.round_events import (
     Reannounce,
     StartAggregation,
     SubmissionReceived,
+    Superseded,
     TrainAndSubmit,
 )
 from fednode.consensus.round_state import TRANSITIONS, Phase, Rejection, Role, RoundState, RoundStatistics, Trigger
@@ -47,5 +48,5 @@ __all__ = [
     "ContributionRejected", "CoordinatorChanged", "Effect", "ElectionConfig", "ElectionState",
     "FailureSeen", "HeartbeatSeen", "InstallAdapter", "ManifestSeen", "Outcome", "Phase", "PublishAggregate",
     "PublishClaim", "PublishFailure", "Reannounce", "Rejection", "Role", "RoundState", "RoundStatistics",
-    "StartAggregation", "SubmissionReceived", "Tick", "TrainAndSubmit", "Trigger", "rank",
+    "StartAggregation", "SubmissionReceived", "Superseded", "Tick", "TrainAndSubmit", "Trigger", "rank",
 ]

@@ -2,7 +2,7 @@
 
 Events from the network (`ManifestSeen`, `SubmissionReceived`, `AggregateSeen`, `FailureSeen`)
 must already have passed `fednode.wire.validate` (signature, community, replay window). Local
-events (`CloseSubmissions`, `ContributionRejected`, `AggregationDone`, `AggregationFailed`)
+events (`CloseSubmissions`, `ContributionRejected`, `AggregationDone`, `AggregationFailed`, `Superseded`)
 report what the driver did. `CoordinatorChanged` comes from the election. Every event carries
 `now`, the driver's clock value.
 
@@ -88,9 +88,19 @@ class AggregationFailed:
     now: float
 
 
+@dataclass(frozen=True, slots=True)
+class Superseded:
+    """Local: a manifest for the same round number from a later term was adopted (two coordinators
+    opened round n around a contested election). This round can never finish: close it as failed
+    here, publishing nothing (the other round's coordinator speaks for round n)."""
+
+    by_round_id: str
+    now: float
+
+
 RoundEvent = (
     Tick | ManifestSeen | SubmissionReceived | AggregateSeen | FailureSeen | CoordinatorChanged
-    | CloseSubmissions | ContributionRejected | AggregationDone | AggregationFailed
+    | CloseSubmissions | ContributionRejected | AggregationDone | AggregationFailed | Superseded
 )
 
 # ---- effects -----------------------------------------------------------------------------------

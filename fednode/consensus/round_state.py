@@ -57,6 +57,7 @@ from fednode.consensus.round_events import (
     RoundEvent,
     StartAggregation,
     SubmissionReceived,
+    Superseded,
     TrainAndSubmit,
 )
 from fednode.errors import LocalProtocolError
@@ -111,24 +112,24 @@ def _row(state: Phase, extra: Mapping[EventKey, Phase]) -> dict[EventKey, Phase]
 
 TRANSITIONS: dict[Role, dict[Phase, dict[EventKey, Phase]]] = {
     Role.COORDINATOR: {
-        MP: _row(MP, {ManifestSeen: CO, CloseSubmissions: AG, ContributionRejected: MP,
+        MP: _row(MP, {ManifestSeen: CO, CloseSubmissions: AG, ContributionRejected: MP, Superseded: FA,
                       Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: FA}),
-        CO: _row(CO, {CloseSubmissions: AG, ContributionRejected: CO,
+        CO: _row(CO, {CloseSubmissions: AG, ContributionRejected: CO, Superseded: FA,
                       Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: FA}),
         # DEADLINE_MET / MISSED fire here only for a coordinator that inherited the round mid-aggregation.
-        AG: _row(AG, {AggregationDone: PU, AggregationFailed: FA, ContributionRejected: AG,
+        AG: _row(AG, {AggregationDone: PU, AggregationFailed: FA, ContributionRejected: AG, Superseded: FA,
                       Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: FA}),
-        PU: _row(PU, {}),
-        FA: _row(FA, {}),
+        PU: _row(PU, {Superseded: PU}),
+        FA: _row(FA, {Superseded: FA}),
     },
     Role.PARTICIPANT: {
-        MP: _row(MP, {ManifestSeen: CO, AggregateSeen: PU, FailureSeen: FA,
+        MP: _row(MP, {ManifestSeen: CO, AggregateSeen: PU, FailureSeen: FA, Superseded: FA,
                       Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: AG}),
-        CO: _row(CO, {AggregateSeen: PU, FailureSeen: FA,
+        CO: _row(CO, {AggregateSeen: PU, FailureSeen: FA, Superseded: FA,
                       Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: AG}),
-        AG: _row(AG, {AggregateSeen: PU, FailureSeen: FA}),
-        PU: _row(PU, {}),
-        FA: _row(FA, {}),
+        AG: _row(AG, {AggregateSeen: PU, FailureSeen: FA, Superseded: FA}),
+        PU: _row(PU, {Superseded: PU}),
+        FA: _row(FA, {Superseded: FA}),
     },
 }
 
@@ -309,6 +310,12 @@ class RoundState:
         if isinstance(event, AggregationFailed):
             self.phase = self._transition(AggregationFailed)
             effects.append(self._fail(event.reason, event.now))
+            return ACCEPTED
+        if isinstance(event, Superseded):
+            before = self.phase
+            self.phase = self._transition(Superseded)
+            if before is not self.phase:
+                self.failure_reason = f"superseded by {event.by_round_id[:64]} (same round number, later term)"
             return ACCEPTED
         raise LocalProtocolError(f"round {self.round_id}: unknown event {type(event).__name__}")
 

@@ -40,6 +40,7 @@ from fednode.consensus import (
     RoundState,
     StartAggregation,
     SubmissionReceived,
+    Superseded,
     Tick,
     TrainAndSubmit,
 )
@@ -124,6 +125,11 @@ class RoundDriver:
         self._fetch_locks: dict[str, trio.Lock] = {}
         self._started_at = clock()
         self._reannounce_seconds = config.round.reannounce_seconds
+        # A node that just won a term waits a heartbeat interval before opening a round: a rival's
+        # claim for a later term, published at the same moment, arrives within it (else both open
+        # round n, and the earlier term's round is superseded: wasted work, not harm).
+        self._settle_seconds = config.coordinator.heartbeat_interval_seconds
+        self._coordinator_since = -math.inf
         self._metrics: dict[str, dict[str, Any]] = {}  # round id -> {"local"/"merged": figures}
         self._eval_limiter = trio.CapacityLimiter(1)
 
@@ -277,6 +283,8 @@ class RoundDriver:
 
     def next_timer(self) -> float | None:
         timers = [t for r in self.rounds.values() if (t := r.next_timer()) is not None]
+        if self.coordinator == self.me and self._coordinator_since + self._settle_seconds > self.clock():
+            timers.append(self._coordinator_since + self._settle_seconds)  # may open a round then
         return min(timers) if timers else None
 
     def tick(self, now: float) -> None:
@@ -341,11 +349,28 @@ class RoundDriver:
                 self.pending_manifests[manifest.round_id] = manifest
             return Validation(Verdict.IGNORE, "not_coordinator",
                               f"{manifest.coordinator_node_id} term {manifest.term}; following {self.coordinator}")
+        # Compare what the manifests say: an open round's own term moves on at a failover, its
+        # manifest's does not. Round n opened in term t loses to round n opened in a later term.
         current = self.open_round()
-        if current is not None and (current.manifest.round_number, current.term) >= (manifest.round_number,
-                                                                                     manifest.term):
+        if current is not None and (current.manifest.round_number, current.manifest.term) >= (
+                manifest.round_number, manifest.term):
             return Validation(Verdict.IGNORE, "superseded", manifest.round_id)
-        return self._adopt(manifest, now)
+        verdict = self._adopt(manifest, now)
+        if manifest.round_id in self.rounds:
+            self._retire_superseded(manifest, now)
+        return verdict
+
+    def _retire_superseded(self, manifest: RoundManifest, now: float) -> None:
+        """Two coordinators opened round n around a contested election (each published its manifest
+        before hearing the other's claim). The later term's round is the one the community
+        follows; ours from an earlier term can never finish, so close it here, publishing nothing."""
+        for state in list(self.rounds.values()):
+            if (state.round_id != manifest.round_id and state.manifest.round_number == manifest.round_number
+                    and state.manifest.term < manifest.term and state.phase not in (Phase.PUBLISHED, Phase.FAILED)):
+                logger.info("round %s superseded by %s (term %d > %d)", state.round_id, manifest.round_id,
+                            manifest.term, state.manifest.term)
+                self._feed(state, Superseded(manifest.round_id, now))
+                self._finish_failed(state)
 
     def _adopt(self, manifest: RoundManifest, now: float) -> Validation:
         if self.trainer is not None and manifest.base_model_hash and \
@@ -366,6 +391,8 @@ class RoundDriver:
         return verdict
 
     def on_coordinator_changed(self, change: CoordinatorChanged) -> None:
+        if change.coordinator_node_id == self.me and self.coordinator != self.me:
+            self._coordinator_since = change.now
         self.coordinator, self.term = change.coordinator_node_id, change.term
         for state in list(self.rounds.values()):
             if state.phase not in (Phase.PUBLISHED, Phase.FAILED):
@@ -385,6 +412,8 @@ class RoundDriver:
             return None
         if self.trainer is None or self._installing or self._aggregating:
             return None  # the next round must start from the adapter being installed now
+        if not force and now < self._coordinator_since + self._settle_seconds:
+            return None
         if any(r.state == "published" for r in self.db.unfinished_rounds()):
             return None
         finished = self.db.rounds(states=("published", "failed"))

@@ -26,6 +26,7 @@ from fednode.consensus import (
     RoundState,
     StartAggregation,
     SubmissionReceived,
+    Superseded,
     Tick,
     TrainAndSubmit,
 )
@@ -282,3 +283,17 @@ def test_reannounce_off_coordinator_never_and_failover_restarts_the_backoff() ->
     assert back.next_timer() == back.deadline
     back.schedule_reannounce(EPOCH + 10)
     assert back.handle(Tick(EPOCH + 12)).effects == (Reannounce(mine),)
+
+
+def test_superseded_closes_an_open_round_locally_and_is_harmless_when_finished() -> None:
+    for who in (COORD, P1):
+        state = started(who)
+        out = state.handle(Superseded("r1-t9", EPOCH + 1))
+        assert out.effects == () and state.phase is Phase.FAILED  # nothing published: not our round to end
+        assert state.failure_reason.startswith("superseded by r1-t9") and state.next_timer() is None
+    done = started()
+    done.handle(SubmissionReceived(announce(P1), EPOCH + 1))
+    done.handle(SubmissionReceived(announce(P2), EPOCH + 1))
+    done.handle(CloseSubmissions(EPOCH + 2))
+    done.handle(AggregationDone("c" * 64, 7, EPOCH + 3))
+    assert done.handle(Superseded("r1-t9", EPOCH + 4)).effects == () and done.phase is Phase.PUBLISHED
