@@ -118,7 +118,7 @@ class LearningSection:
 @dataclass(frozen=True)
 class BlobsSection:
     max_blob_bytes: int = _opt(1 << 30, lo=1024, hi=1 << 40, doc="largest blob fetched or served")
-    chunk_bytes: int = _opt(1 << 20, lo=4096, hi=64 << 20, doc="chunk size of new blob manifests")
+    chunk_bytes: int = _opt(1 << 20, lo=4096, hi=4 << 20, doc="chunk size of new blob manifests")
     max_streams_per_peer: int = _opt(4, lo=1, hi=1024, doc="concurrent blob streams served per peer")
     fetch_timeout_seconds: float = _opt(600.0, lo=1.0, hi=86400.0, doc="give up a fetch after this long")
     send_timeout_seconds: float = _opt(20.0, lo=0.1, hi=3600.0,
@@ -133,7 +133,10 @@ class AggregationSection:
     trim_beta: float = _opt(0.2, lo=0.0, hi=0.49, doc="trimmed_mean: fraction cut at each end")
     clip_norm: float = _opt(0.0, lo=0.0, hi=1e12, doc="clipped_fedavg bound (0 = median client norm)")
     dp_noise_multiplier: float = _opt(0.0, lo=0.0, hi=100.0, doc="DP Gaussian noise std / clip (0 = off)")
-    dp_clip_norm: float = _opt(1.0, lo=1e-9, hi=1e12, doc="DP per-client clip bound")
+    dp_clip_norm: float = _opt(1.0, lo=1e-9, hi=1e12,
+                               doc="with dp_noise_multiplier > 0: every update is clipped to this L2 bound")
+    exact_max_batch_bytes: int = _opt(96 * 2**20, lo=2**20, hi=2**40,
+                                      doc="exact: float64 working set of one batch of equal-shape modules")
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,11 @@ def _check_cross_fields(config: Config) -> None:
                           f"must not exceed 'round.max_participants' ({config.round.max_participants})")
     if config.coordinator.mode == "fixed" and not config.coordinator.fixed_peer_id:
         raise ConfigError(f"{where}: key 'coordinator.fixed_peer_id' is required when coordinator.mode = \"fixed\"")
+    max_chunks = 1 << 14  # = fednode.blobs.manifest.DEFAULT_MAX_CHUNKS (not imported: config stays light)
+    if config.blobs.max_blob_bytes > config.blobs.chunk_bytes * max_chunks:
+        raise ConfigError(f"{where}: key 'blobs.max_blob_bytes' ({config.blobs.max_blob_bytes}) must not exceed "
+                          f"{max_chunks} chunks of 'blobs.chunk_bytes' ({config.blobs.chunk_bytes}), "
+                          f"the most one manifest lists")
     if config.learning.node_index >= config.learning.num_nodes:
         raise ConfigError(f"{where}: key 'learning.node_index' ({config.learning.node_index}) "
                           f"must be below 'learning.num_nodes' ({config.learning.num_nodes})")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from fednode.blobs.manifest import ManifestLimits
 from fednode.blobs.serve import ServeLimits, serve_blobs
 from fednode.blobs.store import BlobStore
 from fednode.config import Config
@@ -98,7 +99,8 @@ class Node:
         self.trainer = trainer if self.enabled else None
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True)
-        self.store = BlobStore(data / "blobs")
+        self.store = BlobStore(data / "blobs", chunk_size=config.blobs.chunk_bytes,
+                               limits=ManifestLimits(max_blob_bytes=config.blobs.max_blob_bytes))
         self.db = StateDB(data / "state.sqlite")
         members = config.community.members
         # In a closed community, blob and sync streams are served to listed peers only (security.md M3).

@@ -62,6 +62,7 @@ from fednode.wire.messages import (
 from fednode.wire.verdict import Validation, Verdict
 
 if TYPE_CHECKING:
+    from fednode.aggregation import AggregationOptions
     from fednode.consensus.round_events import RoundEvent
 
 logger = logging.getLogger("fednode.rounds")
@@ -90,6 +91,17 @@ class Progress:
     refused: dict[str, int] = field(default_factory=dict)
     bytes_fetched: int = 0
     pending_evaluations: int = 0
+
+
+def aggregation_options(config: Config) -> AggregationOptions:
+    """The [aggregation] section as the aggregation layer's options. With DP noise on, every
+    update is clipped to dp_clip_norm (the noise is calibrated to that bound)."""
+    a = config.aggregation
+    from fednode.aggregation import AggregationOptions
+
+    dp = a.dp_noise_multiplier > 0
+    return AggregationOptions(trim_beta=a.trim_beta, clip_norm=a.dp_clip_norm if dp else (a.clip_norm or None),
+                              dp_noise_multiplier=a.dp_noise_multiplier, exact_max_batch_bytes=a.exact_max_batch_bytes)
 
 
 class RoundDriver:
@@ -607,11 +619,9 @@ class RoundDriver:
             await trio.sleep(learning.fake_aggregate_delay_seconds)
         datas = [self.store.read(a.delta_sha256) for a in effect.announces]
         weights = [float(a.num_samples) for a in effect.announces]
-        cfg = self.config
-        from fednode.aggregation import AggregationOptions, aggregate, dump_delta
+        from fednode.aggregation import aggregate, dump_delta
 
-        options = AggregationOptions(trim_beta=cfg.aggregation.trim_beta, clip_norm=cfg.aggregation.clip_norm or None,
-                                     dp_noise_multiplier=cfg.aggregation.dp_noise_multiplier)
+        options = aggregation_options(self.config)
 
         def work() -> tuple[bytes, float | None]:
             result = aggregate(datas, weights, effect.method, rank=state.manifest.lora_rank,
