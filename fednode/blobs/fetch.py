@@ -165,6 +165,10 @@ class _Fetch:
         if frame is None:
             raise PeerUnavailable("stream ended during lane negotiation")
         header, _ = frame
+        if header["t"] == ERROR and header.get("code") == ERR_BUSY:
+            # The holder refused this stream (too many of ours): not a verdict on its lane, and
+            # the stream is closed now; the worker backs off and tries again.
+            raise _Busy("busy")
         if header["t"] == LANE and type(header.get("port")) is int and 0 < header["port"] < 65536:
             try:
                 lane = await connect_lane(host, header["port"], key, peer)
@@ -266,13 +270,13 @@ class _Fetch:
                 if not self.pending:
                     await self.changed.wait()
                     continue
-                if channel is None:  # a stream only once there is work for it
-                    channel = await self.open_channel(peer)
-                    channel, extra = await self.upgrade(channel, peer)
-                    continue  # awaited: the blob may be complete or the queue empty by now
-                n = self.limits.chunks_per_request
-                batch = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
                 try:
+                    if channel is None:  # a stream only once there is work for it
+                        channel = await self.open_channel(peer)
+                        channel, extra = await self.upgrade(channel, peer)  # may be refused busy
+                        continue  # awaited: the blob may be complete or the queue empty by now
+                    n = self.limits.chunks_per_request
+                    batch = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
                     await self.request(channel, peer, batch, manifest, spool)
                     busy = 0
                 except _Busy:
