@@ -156,7 +156,11 @@ async def connect_lane(
     except (OSError, trio.TooSlowError) as exc:
         raise PeerUnavailable(f"lane {host}:{port} unreachable: {exc!r}") from None
     lane = LaneChannel(sock, key, DIALER, remote_peer_id)
-    await lane.send_frame({"t": HELLO})
+    try:
+        await lane.send_frame({"t": HELLO})
+    except BaseException:  # incl. cancellation: never leave the socket to the garbage collector
+        await trio.aclose_forcefully(sock)
+        raise
     return lane
 
 
@@ -185,6 +189,9 @@ class LaneListener:
                     except (DecodeError, LimitExceeded, PeerUnavailable, trio.TooSlowError):
                         await sock.aclose()  # a stranger on the port: ignore it, keep waiting
                         continue
+                    except BaseException:  # cancelled while the dialer proves the key
+                        await trio.aclose_forcefully(sock)
+                        raise
                     if frame is not None and frame[0].get("t") == HELLO:
                         return lane
                     await sock.aclose()
