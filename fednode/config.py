@@ -248,6 +248,23 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
     return config
 
 
+def _check_aggregate_fits(config: Config) -> None:
+    """The coordinator's AggregateAnnounce names every contribution and must fit in one control
+    message, so max_participants is bounded by network.max_message_bytes (about 400 per 64 KiB)."""
+    from fednode.wire.messages import aggregate_announce_bytes
+
+    n, limit = config.round.max_participants, config.network.max_message_bytes
+    if aggregate_announce_bytes(n) <= limit:
+        return
+    lo, hi = 0, n  # the most that fit: aggregate_announce_bytes(lo) <= limit < aggregate_announce_bytes(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if aggregate_announce_bytes(mid) <= limit else (lo, mid)
+    raise ConfigError(f"{config.source}: key 'round.max_participants' ({n}): the aggregate announcement naming "
+                      f"{n} contributions would be {aggregate_announce_bytes(n)} bytes, over "
+                      f"'network.max_message_bytes' ({limit}); at most {lo} fit (or raise max_message_bytes)")
+
+
 def _check_cross_fields(config: Config) -> None:
     where = config.source
     if config.round.min_participants > config.round.max_participants:
@@ -255,6 +272,7 @@ def _check_cross_fields(config: Config) -> None:
                           f"must not exceed 'round.max_participants' ({config.round.max_participants})")
     if config.coordinator.mode == "fixed" and not config.coordinator.fixed_peer_id:
         raise ConfigError(f"{where}: key 'coordinator.fixed_peer_id' is required when coordinator.mode = \"fixed\"")
+    _check_aggregate_fits(config)
     max_chunks = 1 << 14  # = fednode.blobs.manifest.DEFAULT_MAX_CHUNKS (not imported: config stays light)
     if config.blobs.max_blob_bytes > config.blobs.chunk_bytes * max_chunks:
         raise ConfigError(f"{where}: key 'blobs.max_blob_bytes' ({config.blobs.max_blob_bytes}) must not exceed "

@@ -104,3 +104,13 @@ def test_every_config_key_is_read_by_the_code() -> None:
             if not re.search(rf"\.{key.name}\b", source):
                 unread.append(f"{section.name}.{key.name}")
     assert not unread, unread
+
+
+def test_max_participants_must_fit_the_aggregate_announcement_in_one_message() -> None:
+    from fednode.wire.messages import aggregate_announce_bytes
+
+    with pytest.raises(ConfigError, match=r"round\.max_participants.*network\.max_message_bytes.*at most 398 fit"):
+        parse_config("[round]\nmax_participants = 1000\n")
+    assert aggregate_announce_bytes(398) <= 65536 < aggregate_announce_bytes(399)
+    parse_config("[round]\nmax_participants = 398\n")
+    parse_config("[round]\nmax_participants = 1000\n[network]\nmax_message_bytes = 262144\n")

@@ -308,3 +308,29 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (Heartbeat, CoordinatorClaim, RoundManifest, SubmissionAnnounce, AggregateAnnounce, RoundFailed)
 }
+
+
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def aggregate_announce_bytes(contributions: int) -> int:
+    """Encoded size of a signed AggregateAnnounce naming `contributions` updates, worst case for
+    fednode nodes (Ed25519 peer ids of 52 characters, ids of 64, the largest counts and sizes).
+    A coordinator whose aggregate would exceed the community's max_message_bytes could never
+    announce it, so max_participants is bounded by this (config check)."""
+    from fednode.wire import codec
+
+    def peer(i: int) -> str:
+        digits = ""
+        while True:
+            i, d = divmod(i, 58)
+            digits = _B58[d] + digits
+            if not i:
+                return "12D3KooW" + digits.rjust(44, "1")
+
+    a = AggregateAnnounce(
+        community_id="c" * f.MAX_ID_CHARS, round_id="r" * f.MAX_ID_CHARS, round_number=f.MAX_INT,
+        coordinator_node_id=peer(0), term=MAX_TERM, merged_sha256="0" * 64, merged_size=MAX_BLOB_SIZE_LIMIT,
+        aggregation="clipped_fedavg", announced_at=f.MAX_TIMESTAMP, sig=bytes(64),
+        contributions=tuple(Contribution(peer(i), f"{i:064x}", MAX_NUM_SAMPLES) for i in range(contributions)))
+    return len(codec.encode(a))
