@@ -115,11 +115,12 @@ class _Accumulator:
             self._fold()
 
     def _fold(self) -> None:
+        # In place, mixed precision: no float64 temporary per fold (fresh pages cost more than the adds)
         if self.pending:
             if self.total is None:
                 self.total = self.partial.double()
             else:
-                self.total.add_(self.partial.double())
+                self.total.add_(self.partial)
             self.partial.zero_()
             self.pending = 0
 
@@ -129,7 +130,7 @@ class _Accumulator:
         else:
             self._fold()
             assert self.total is not None
-            flat = self.total.div_(weight_sum).to(torch.float32)
+            flat = self.partial.copy_(self.total.div_(weight_sum))  # re-use the fp32 buffer: no new pages
         out: TensorDict = {}
         offset = 0
         for e in self.entries:
