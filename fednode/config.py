@@ -108,6 +108,9 @@ class LearningSection:
     batch_size: int = _opt(16, lo=1, hi=4096, doc="training batch size")
     max_length: int = _opt(64, lo=8, hi=8192, doc="tokens per example")
     torch_threads: int = _opt(1, lo=1, hi=256, doc="torch intra-op threads")
+    lr_schedule: str = _opt("linear", choices=("constant", "linear", "cosine"),
+                            doc="learning rate within one round's local steps, from round.learning_rate down")
+    lr_floor: float = _opt(0.1, lo=0.0, hi=1.0, doc="the last local step's rate, as a fraction of the peak")
     fake_step_seconds: float = _opt(0.0, lo=0.0, hi=60.0, doc="task \"fake\" only: seconds each step takes "
                                     "(simulates training time in protocol tests)")
     fake_aggregate_delay_seconds: float = _opt(0.0, lo=0.0, hi=600.0, doc="task \"fake\" only: the coordinator "

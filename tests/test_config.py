@@ -114,3 +114,25 @@ def test_max_participants_must_fit_the_aggregate_announcement_in_one_message() -
     assert aggregate_announce_bytes(398) <= 65536 < aggregate_announce_bytes(399)
     parse_config("[round]\nmax_participants = 398\n")
     parse_config("[round]\nmax_participants = 1000\n[network]\nmax_message_bytes = 262144\n")
+
+
+def test_learning_rate_schedule_keys_reach_the_local_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fednode.learning.trainer
+    from fednode.learning.schedule import LrSchedule
+    from fednode.node.trainers import LearningTrainer
+
+    seen: dict[str, object] = {}
+
+    class Stub:  # stands in for LocalTrainer: no model is loaded
+        base_hash = "0" * 64
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            seen.update(kwargs)
+
+    monkeypatch.setattr(fednode.learning.trainer, "LocalTrainer", Stub)
+    LearningTrainer(parse_config('[learning]\nlr_schedule = "cosine"\nlr_floor = 0.25\n'))
+    assert seen["lr_schedule"] == LrSchedule("cosine", 0.25)
+    LearningTrainer(parse_config(""))
+    assert seen["lr_schedule"] == LrSchedule()  # the defaults the demo and bench_quality were tuned with
+    with pytest.raises(ConfigError, match=r"learning\.lr_schedule"):
+        parse_config('[learning]\nlr_schedule = "step"\n')

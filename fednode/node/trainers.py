@@ -120,6 +120,7 @@ class LearningTrainer:
     """The real thing: fednode.learning's LocalTrainer on the configured task and data share."""
 
     def __init__(self, config: Config) -> None:
+        from fednode.learning.schedule import LrSchedule
         from fednode.learning.task import get_task
         from fednode.learning.trainer import LocalTrainer
 
@@ -132,6 +133,7 @@ class LearningTrainer:
         self._trainer = LocalTrainer(
             self.task, lc.node_index, lc.num_nodes, partition_scheme=lc.partition,  # type: ignore[arg-type]
             dirichlet_alpha=lc.dirichlet_alpha, partition_seed=lc.seed, torch_threads=lc.torch_threads,
+            lr_schedule=LrSchedule(lc.lr_schedule, lc.lr_floor),  # type: ignore[arg-type]
         )
         self.base_model_id = lc.base_model_id or lc.task
         self.base_model_hash = self._trainer.base_hash
