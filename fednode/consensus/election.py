@@ -217,19 +217,18 @@ class ElectionState:
             if claim.term == known.claim[0]:
                 return Validation(Verdict.IGNORE, "stale_claim",
                                   f"term {claim.term} claimed_at {claim.claimed_at} is not newer than the last claim")
-            last_seen = known.last_seen
-            validation = self._on_claim(claim.term, claim.node_id, now, effects)
-            known.last_seen = last_seen
-            return validation
+            return self._on_claim(claim.term, claim.node_id, now, effects, renew=False)
         validation = self._on_claim(claim.term, claim.node_id, now, effects)
         if claim.node_id in self.members:
             self.members[claim.node_id].claim = key
         return validation
 
-    def _on_claim(self, term: int, node_id: str, now: float, effects: list[Effect]) -> Validation:
+    def _on_claim(self, term: int, node_id: str, now: float, effects: list[Effect], *,
+                  renew: bool = True) -> Validation:
+        """`renew=False`: record the claim without counting it as a sign of life (a known member's old claim)."""
         if self.config.mode == "fixed":
             return Validation(Verdict.IGNORE, "fixed_mode")
-        if node_id != self.node_id and not self._see(node_id, now, True):
+        if renew and node_id != self.node_id and not self._see(node_id, now, True):
             return Validation(Verdict.IGNORE, "member_table_full", f"max_members={self.config.max_members}")
         if term > MAX_TERM or (self.term > 0 and term > self.term + self.config.max_term_jump):
             return Validation(Verdict.IGNORE, "term_jump", f"term {term} vs ours {self.term}")
