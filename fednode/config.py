@@ -276,7 +276,8 @@ def _check_cross_fields(config: Config) -> None:
     if config.coordinator.mode == "fixed" and not config.coordinator.fixed_peer_id:
         raise ConfigError(f"{where}: key 'coordinator.fixed_peer_id' is required when coordinator.mode = \"fixed\"")
     _check_aggregate_fits(config)
-    max_chunks = 1 << 14  # = fednode.blobs.manifest.DEFAULT_MAX_CHUNKS (not imported: config stays light)
+    from fednode.blobs.manifest import DEFAULT_MAX_CHUNKS as max_chunks  # msgpack only: config stays light
+
     if config.blobs.max_blob_bytes > config.blobs.chunk_bytes * max_chunks:
         raise ConfigError(f"{where}: key 'blobs.max_blob_bytes' ({config.blobs.max_blob_bytes}) must not exceed "
                           f"{max_chunks} chunks of 'blobs.chunk_bytes' ({config.blobs.chunk_bytes}), "
