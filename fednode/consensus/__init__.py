@@ -35,18 +35,22 @@ from fednode.consensus.round_events import (
     ManifestSeen,
     PublishAggregate,
     PublishFailure,
+    QueryOutcome,
     Reannounce,
     StartAggregation,
     SubmissionReceived,
     Superseded,
+    SyncAnswered,
     TrainAndSubmit,
 )
+from fednode.consensus.outcome import OutcomeConflict, SignedOutcome
 from fednode.consensus.round_state import TRANSITIONS, Phase, Rejection, Role, RoundState, RoundStatistics, Trigger
 
 __all__ = [
     "TRANSITIONS", "AggregateSeen", "AggregationDone", "AggregationFailed", "ClaimSeen", "CloseSubmissions",
     "ContributionRejected", "CoordinatorChanged", "Effect", "ElectionConfig", "ElectionState",
     "FailureSeen", "HeartbeatSeen", "InstallAdapter", "ManifestSeen", "Outcome", "Phase", "PublishAggregate",
-    "PublishClaim", "PublishFailure", "Reannounce", "Rejection", "Role", "RoundState", "RoundStatistics",
-    "StartAggregation", "SubmissionReceived", "Superseded", "Tick", "TrainAndSubmit", "Trigger", "rank",
+    "OutcomeConflict", "PublishClaim", "PublishFailure", "QueryOutcome", "Reannounce", "Rejection", "Role",
+    "RoundState", "RoundStatistics", "SignedOutcome", "StartAggregation", "SubmissionReceived", "Superseded",
+    "SyncAnswered", "Tick", "TrainAndSubmit", "Trigger", "rank",
 ]

@@ -55,6 +55,15 @@ class FailureSeen:
     now: float
 
 
+@dataclass(frozen=True, slots=True)
+class SyncAnswered:
+    """A member answered our outcome query (`QueryOutcome`) for this round, and its answer held no
+    AggregateAnnounce or RoundFailed for it (an answer that holds one is fed as AggregateSeen /
+    FailureSeen). `live_members` is the driver's current view of the live federated members."""
+
+    node_id: str
+    live_members: frozenset[str]
+    now: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +108,7 @@ class Superseded:
 
 
 RoundEvent = (
-    Tick | ManifestSeen | SubmissionReceived | AggregateSeen | FailureSeen | CoordinatorChanged
+    Tick | ManifestSeen | SubmissionReceived | AggregateSeen | FailureSeen | SyncAnswered | CoordinatorChanged
     | CloseSubmissions | ContributionRejected | AggregationDone | AggregationFailed | Superseded
 )
 
@@ -158,3 +167,12 @@ class Reannounce(Effect):
     SubmissionAnnounce again so the new coordinator holds it even if it missed the first copy."""
 
     announce: SubmissionAnnounce
+
+
+@dataclass(frozen=True, slots=True)
+class QueryOutcome(Effect):
+    """Coordinator that took the round over: ask live members (and holders) for the round's signed
+    outcome, again and again, until the round is settled (`RoundState.outcome_unknown` is False).
+    Feed each answer's messages as AggregateSeen / FailureSeen, or SyncAnswered when it held none."""
+
+    round_id: str

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from fednode.consensus.outcome import OutcomeConflict, SignedOutcome
 from fednode.errors import LocalProtocolError
 from fednode.wire import codec
 from fednode.wire.messages import RoundManifest, SubmissionAnnounce
@@ -36,6 +37,13 @@ def snapshot(state: RoundState) -> dict[str, Any]:
         "merged_sha256": state.merged_sha256,
         "merged_size": state.merged_size,
         "failure_reason": state.failure_reason,
+        # one outcome per round (outcome.py); absent in snapshots written before round-v1 r1
+        "coordinators": {str(t): n for t, n in sorted(state.coordinators.items())},
+        "outcome": state.outcome.as_dict() if state.outcome else None,
+        "outcome_unknown": state.outcome_unknown,
+        "sync_answered": sorted(state.sync_answered),
+        "refused": sorted(state.refused),
+        "conflicts": [c.as_dict() for c in state.conflicts],
     }
 
 
@@ -66,4 +74,14 @@ def restore(cls: type[RoundState], data: Mapping[str, Any], *, max_recorded_reje
     state.aggregation_started = bool(data["aggregation_started"]) and state.phase is not Phase.AGGREGATING
     state.merged_sha256, state.merged_size = str(data["merged_sha256"]), int(data["merged_size"])
     state.failure_reason = str(data["failure_reason"])
+    state.coordinators.update({int(t): str(n) for t, n in data.get("coordinators", {}).items()})
+    state.outcome = _outcome(data["outcome"]) if data.get("outcome") else None
+    state.outcome_unknown = bool(data.get("outcome_unknown", False))
+    state.sync_answered = {str(n) for n in data.get("sync_answered", [])}
+    state.refused = {str(n) for n in data.get("refused", [])}
+    state.conflicts = [OutcomeConflict(_outcome(c["kept"]), _outcome(c["other"])) for c in data.get("conflicts", [])]
     return state
+
+
+def _outcome(d: Mapping[str, Any]) -> SignedOutcome:
+    return SignedOutcome(str(d["kind"]), int(d["term"]), str(d["coordinator_node_id"]), str(d["merged_sha256"]))

@@ -27,6 +27,13 @@ nobody doubles an update's weight); late, full, wrong round or community are IGN
 reason. Participants never declare a round failed on their own view: at the deadline they wait
 in AGGREGATING for the coordinator's AggregateAnnounce or RoundFailed.
 
+One outcome per round (outcome.py): a node that becomes coordinator of a round another node
+coordinated sets `outcome_unknown` and asks for the outcome (`QueryOutcome`); until a signed
+outcome arrives (adopted) or every live member answered without one (`SyncAnswered`), collection
+may end (`Trigger.CLOSED_UNSETTLED`) but it neither aggregates nor fails the round. A second,
+different outcome met in a terminal state is recorded in `conflicts`; between two aggregates the
+earlier term's stands (the node re-installs it). A terminal state never changes phase.
+
 Messages from the network are legal in every state (they are answered with a verdict); local
 events (`AggregationDone`, `AggregationFailed`, `CloseSubmissions`, `ContributionRejected`) in a
 state whose row lacks them raise `LocalProtocolError`: the driver has a bug.
@@ -53,12 +60,24 @@ from fednode.consensus.round_events import (
     ManifestSeen,
     PublishAggregate,
     PublishFailure,
+    QueryOutcome,
     Reannounce,
     RoundEvent,
     StartAggregation,
     SubmissionReceived,
     Superseded,
+    SyncAnswered,
     TrainAndSubmit,
+)
+from fednode.consensus.outcome import (
+    MAX_RECORDED_CONFLICTS,
+    PUBLISHED,
+    OutcomeConflict,
+    SignedOutcome,
+    close_early_due,
+    earlier,
+    legitimate_signer,
+    may_conclude_unpublished,
 )
 from fednode.errors import LocalProtocolError
 from fednode.wire import codec
@@ -94,6 +113,7 @@ class Trigger(enum.Enum):
     FULL = "full"  # max_participants accepted: aggregate early
     DEADLINE_MET = "deadline_met"  # deadline reached with >= min_participants accepted
     DEADLINE_MISSED = "deadline_missed"  # deadline reached with fewer
+    CLOSED_UNSETTLED = "closed_unsettled"  # deadline or full, but a taken-over round's outcome is unknown
 
 
 TERMINAL = frozenset({Phase.PUBLISHED, Phase.FAILED})
@@ -101,7 +121,8 @@ EventKey = type | Trigger
 MP, CO, AG, PU, FA = Phase.MANIFEST_PUBLISHED, Phase.COLLECTING, Phase.AGGREGATING, Phase.PUBLISHED, Phase.FAILED
 
 # Remote messages and the clock: legal everywhere; in a terminal state they change nothing.
-_ALWAYS: tuple[EventKey, ...] = (Tick, ManifestSeen, SubmissionReceived, AggregateSeen, FailureSeen, CoordinatorChanged)
+_ALWAYS: tuple[EventKey, ...] = (Tick, ManifestSeen, SubmissionReceived, AggregateSeen, FailureSeen, SyncAnswered,
+                                 CoordinatorChanged)
 
 
 def _row(state: Phase, extra: Mapping[EventKey, Phase]) -> dict[EventKey, Phase]:
@@ -112,12 +133,18 @@ def _row(state: Phase, extra: Mapping[EventKey, Phase]) -> dict[EventKey, Phase]
 
 TRANSITIONS: dict[Role, dict[Phase, dict[EventKey, Phase]]] = {
     Role.COORDINATOR: {
+        # AggregateSeen / FailureSeen move a coordinator only when it adopts an outcome an earlier
+        # coordinator of the round published (it took the round over, or it is still aggregating).
         MP: _row(MP, {ManifestSeen: CO, CloseSubmissions: AG, ContributionRejected: MP, Superseded: FA,
+                      AggregateSeen: PU, FailureSeen: FA, Trigger.CLOSED_UNSETTLED: AG,
                       Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: FA}),
         CO: _row(CO, {CloseSubmissions: AG, ContributionRejected: CO, Superseded: FA,
+                      AggregateSeen: PU, FailureSeen: FA, Trigger.CLOSED_UNSETTLED: AG,
                       Trigger.FULL: AG, Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: FA}),
-        # DEADLINE_MET / MISSED fire here only for a coordinator that inherited the round mid-aggregation.
+        # DEADLINE_MET / MISSED fire here only for a coordinator that inherited the round mid-aggregation
+        # (once its outcome is settled).
         AG: _row(AG, {AggregationDone: PU, AggregationFailed: FA, ContributionRejected: AG, Superseded: FA,
+                      AggregateSeen: PU, FailureSeen: FA,
                       Trigger.DEADLINE_MET: AG, Trigger.DEADLINE_MISSED: FA}),
         PU: _row(PU, {Superseded: PU}),
         FA: _row(FA, {Superseded: FA}),
@@ -182,6 +209,13 @@ class RoundState:
         self.merged_sha256 = ""
         self.merged_size = 0
         self.failure_reason = ""
+        # One outcome per round (outcome.py).
+        self.coordinators: dict[int, str] = {manifest.term: manifest.coordinator_node_id}  # term -> coordinator seen
+        self.outcome: SignedOutcome | None = None  # the signed outcome this node holds
+        self.outcome_unknown = False  # took the round over; a predecessor may have concluded it
+        self.sync_answered: set[str] = set()  # members that answered our outcome query with none
+        self.refused: set[str] = set()  # participants whose submission was REJECTed (close early counts them)
+        self.conflicts: list[OutcomeConflict] = []
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -214,6 +248,13 @@ class RoundState:
         total = sum(a.num_samples for a in self.accepted.values())
         return {n: a.num_samples / total for n, a in sorted(self.accepted.items())} if total else {}
 
+    def close_early_due(self, live_members: frozenset[str] | set[str] | list[str]) -> bool:
+        """Coordinator: stop collecting now (feed CloseSubmissions)? Every live member accepted or
+        refused, min_participants accepted, and the outcome is ours to decide."""
+        return (self.role is Role.COORDINATOR and self.is_open and not self.outcome_unknown
+                and close_early_due(accepted=self.accepted, refused=self.refused, live_members=live_members,
+                                    min_participants=self.manifest.min_participants))
+
     def statistics(self) -> RoundStatistics:
         return RoundStatistics(self.phase, self.role, len(self.accepted),
                                sum(a.num_samples for a in self.accepted.values()), dict(self.rejected_by_reason))
@@ -237,12 +278,16 @@ class RoundState:
 
     def _trigger(self, now: float) -> Trigger | None:
         n = len(self.accepted)
+        unsettled = self.role is Role.COORDINATOR and self.outcome_unknown
         if self.is_open:
-            if n >= self.manifest.max_participants:
-                return Trigger.FULL
-            if now >= self.deadline:
+            if n >= self.manifest.max_participants or now >= self.deadline:
+                if unsettled:
+                    return Trigger.CLOSED_UNSETTLED
+                if n >= self.manifest.max_participants:
+                    return Trigger.FULL
                 return Trigger.DEADLINE_MET if n >= self.manifest.min_participants else Trigger.DEADLINE_MISSED
-        elif self.phase is Phase.AGGREGATING and self.role is Role.COORDINATOR and not self.aggregation_started:
+        elif (self.phase is Phase.AGGREGATING and self.role is Role.COORDINATOR and not self.aggregation_started
+              and not unsettled):
             return Trigger.DEADLINE_MET if n >= self.manifest.min_participants else Trigger.DEADLINE_MISSED
         return None
 
@@ -251,6 +296,8 @@ class RoundState:
         if trigger is None:
             return
         self.phase = self._transition(trigger)
+        if trigger is Trigger.CLOSED_UNSETTLED:
+            return  # collection is over; aggregate or fail only once the outcome is settled
         if self.role is Role.COORDINATOR:
             if self.phase is Phase.AGGREGATING:
                 effects.append(self._start_aggregation())
@@ -266,11 +313,13 @@ class RoundState:
 
     def _fail(self, reason: str, now: float) -> PublishFailure:
         self.failure_reason = reason[:200]
-        return PublishFailure(RoundFailed(
+        failure = RoundFailed(
             community_id=self.manifest.community_id, round_id=self.round_id,
             round_number=self.manifest.round_number, coordinator_node_id=self.node_id, term=self.term,
             reason=self.failure_reason, failed_at=max(0.0, now),
-        ))
+        )
+        self.outcome = SignedOutcome.of(failure)
+        return PublishFailure(failure)
 
     def _apply(self, event: RoundEvent, effects: list[Effect]) -> Validation:
         if isinstance(event, Tick):
@@ -284,9 +333,13 @@ class RoundState:
             return self._on_manifest(event, effects)
         if isinstance(event, AggregateSeen | FailureSeen):
             return self._on_verdict_message(event, effects)
+        if isinstance(event, SyncAnswered):
+            return self._on_sync_answered(event)
         if isinstance(event, CoordinatorChanged):
             return self._on_coordinator_changed(event, effects)
         if isinstance(event, CloseSubmissions):
+            if self.outcome_unknown and self.role is Role.COORDINATOR:
+                raise LocalProtocolError(f"round {self.round_id}: cannot close a round whose outcome is unknown")
             self.phase = self._transition(CloseSubmissions)
             if self.phase is Phase.AGGREGATING:
                 if len(self.accepted) < self.manifest.min_participants:
@@ -299,6 +352,7 @@ class RoundState:
         if isinstance(event, AggregationDone):
             self.phase = self._transition(AggregationDone)
             self.merged_sha256, self.merged_size = event.merged_sha256, event.merged_size
+            self.outcome = SignedOutcome(PUBLISHED, self.term, self.node_id, event.merged_sha256)
             effects.append(PublishAggregate(AggregateAnnounce(
                 community_id=self.manifest.community_id, round_id=self.round_id,
                 round_number=self.manifest.round_number, coordinator_node_id=self.node_id, term=self.term,
@@ -376,7 +430,10 @@ class RoundState:
 
     def record_rejection(self, node_id: str, v: Validation, delta_sha256: str = "") -> Validation:
         """Record a submission the driver refused before it reached the machine (bad blob, bad
-        signature) in the round record; counted per reason, bounded by max_recorded_rejections."""
+        signature) in the round record; counted per reason, bounded by max_recorded_rejections.
+        A REJECTed participant counts as answered for closing the round early."""
+        if v.verdict is Verdict.REJECT and len(self.refused) < self.max_recorded_rejections:
+            self.refused.add(node_id)
         self.rejected_by_reason[v.reason] = self.rejected_by_reason.get(v.reason, 0) + 1
         if len(self.rejections) < self.max_recorded_rejections:
             self.rejections.append(Rejection(node_id[:64], v.reason, v.detail, delta_sha256))
@@ -407,17 +464,53 @@ class RoundState:
         msg = event.announce if isinstance(event, AggregateSeen) else event.failure
         if msg.round_id != self.round_id:
             return Validation(Verdict.IGNORE, "wrong_round", msg.round_id[:64])
-        if msg.coordinator_node_id != self.coordinator_node_id or msg.term < self.term:
+        if not legitimate_signer(term=msg.term, signer=msg.coordinator_node_id, manifest_term=self.manifest.term,
+                                 current_term=self.term, current_coordinator=self.coordinator_node_id,
+                                 known_coordinators=self.coordinators, concluded=self.phase in TERMINAL):
             return Validation(Verdict.IGNORE, "not_coordinator", f"{msg.coordinator_node_id} term {msg.term}")
-        before = self.phase
+        seen = SignedOutcome.of(msg)
+        if self.phase in TERMINAL:
+            return self._on_second_outcome(seen, event, effects)
         self.phase = self._transition(type(event))
-        if before is self.phase:
-            return Validation(Verdict.IGNORE, "round_closed", f"round is {self.phase.value}")
+        self.outcome, self.outcome_unknown = seen, False
         if isinstance(event, AggregateSeen):
             self.merged_sha256, self.merged_size = event.announce.merged_sha256, event.announce.merged_size
             effects.append(InstallAdapter(self.round_id, self.merged_sha256, self.merged_size))
         else:
             self.failure_reason = event.failure.reason
+        return ACCEPTED
+
+    def _on_second_outcome(self, seen: SignedOutcome, event: AggregateSeen | FailureSeen,
+                           effects: list[Effect]) -> Validation:
+        """A signed outcome for a round we already hold one for. The same result is a duplicate; a
+        different one is a conflict: recorded once, and the earlier one stands. Only between two
+        aggregates does that change what this node holds (it installs the earlier one); a terminal
+        phase never changes (no node un-installs an adapter or revives a failed round)."""
+        held = self.outcome
+        if held is None or held.same_result(seen):
+            return Validation(Verdict.IGNORE, "round_closed", f"round is {self.phase.value}")
+        kept = earlier(held, seen)
+        if kept is seen and not (isinstance(event, AggregateSeen) and self.phase is Phase.PUBLISHED):
+            kept = held  # a different kind: keep the terminal phase, still report the conflict
+        conflict = OutcomeConflict(kept=kept, other=held if kept is seen else seen)
+        if conflict not in self.conflicts and len(self.conflicts) < MAX_RECORDED_CONFLICTS:
+            self.conflicts.append(conflict)
+        if kept is seen and isinstance(event, AggregateSeen):
+            self.outcome = seen
+            self.merged_sha256, self.merged_size = event.announce.merged_sha256, event.announce.merged_size
+            effects.append(InstallAdapter(self.round_id, self.merged_sha256, self.merged_size))
+            return ACCEPTED
+        return Validation(Verdict.IGNORE, "outcome_conflict",
+                          f"{seen.kind} {seen.merged_sha256[:16]} term {seen.term}; keeping {kept.kind} "
+                          f"{kept.merged_sha256[:16]} term {kept.term}")
+
+    def _on_sync_answered(self, event: SyncAnswered) -> Validation:
+        if not self.outcome_unknown or self.role is not Role.COORDINATOR:
+            return Validation(Verdict.IGNORE, "settled", "the round's outcome is not in question")
+        if len(self.sync_answered) < self.max_recorded_rejections:
+            self.sync_answered.add(event.node_id)
+        if may_conclude_unpublished(self.sync_answered, event.live_members, self.node_id):
+            self.outcome_unknown = False  # nobody live holds an outcome: ours to decide (the clock runs next)
         return ACCEPTED
 
     def _on_coordinator_changed(self, event: CoordinatorChanged, effects: list[Effect]) -> Validation:
@@ -427,10 +520,15 @@ class RoundState:
         if self.phase in TERMINAL:
             return Validation(Verdict.IGNORE, "round_closed", f"round is {self.phase.value}")
         self.term, self.coordinator_node_id = event.term, event.coordinator_node_id
+        if event.term in self.coordinators or len(self.coordinators) < self.max_recorded_rejections:
+            self.coordinators[event.term] = event.coordinator_node_id
         new_role = Role.COORDINATOR if event.coordinator_node_id == self.node_id else Role.PARTICIPANT
         if new_role is not self.role:
             self.role = new_role
             self.aggregation_started = False
+            if new_role is Role.COORDINATOR:  # taken over: a predecessor may have concluded the round
+                self.outcome_unknown, self.sync_answered = True, set()
+                effects.append(QueryOutcome(self.round_id))
         if self.role is Role.PARTICIPANT and self.own_submission is not None:
             effects.append(Reannounce(self.own_submission))
             self.schedule_reannounce(event.now)  # and again with backoff: the new mesh may still be forming

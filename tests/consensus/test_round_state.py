@@ -21,12 +21,14 @@ from fednode.consensus import (
     Phase,
     PublishAggregate,
     PublishFailure,
+    QueryOutcome,
     Reannounce,
     Role,
     RoundState,
     StartAggregation,
     SubmissionReceived,
     Superseded,
+    SyncAnswered,
     Tick,
     TrainAndSubmit,
 )
@@ -176,7 +178,10 @@ def test_new_coordinator_continues_the_round_with_what_it_accepted() -> None:
     state.handle(SubmissionReceived(announce(P2), EPOCH + 2))
     assert state.handle(Tick(EPOCH + 3600)).effects == () and state.phase is Phase.AGGREGATING  # waits
     out = state.handle(CoordinatorChanged(1, P1.node_id, EPOCH + 3601))
-    assert state.role is Role.COORDINATOR and isinstance(out.effects[0], StartAggregation)
+    # it took the round over: first it asks whether COORD concluded it (tests/consensus/test_outcome.py)
+    assert state.role is Role.COORDINATOR and out.effects == (QueryOutcome("round-1"),)
+    out = state.handle(SyncAnswered(P2.node_id, frozenset({P1.node_id, P2.node_id}), EPOCH + 3602))
+    assert isinstance(out.effects[0], StartAggregation)
     assert len(out.effects[0].contributions) == 2
     other = RoundState(manifest(COORD), node_id=P2.node_id)
     other.handle(ManifestSeen(EPOCH))
