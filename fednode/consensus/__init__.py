@@ -24,6 +24,7 @@ from fednode.consensus.election import (
     PublishClaim,
     rank,
 )
+from fednode.consensus.outcome import OutcomeConflict, SignedOutcome
 from fednode.consensus.round_events import (
     AggregateSeen,
     AggregationDone,
@@ -43,14 +44,13 @@ from fednode.consensus.round_events import (
     SyncAnswered,
     TrainAndSubmit,
 )
-from fednode.consensus.outcome import OutcomeConflict, SignedOutcome
 from fednode.consensus.round_state import TRANSITIONS, Phase, Rejection, Role, RoundState, RoundStatistics, Trigger
 
 __all__ = [
     "TRANSITIONS", "AggregateSeen", "AggregationDone", "AggregationFailed", "ClaimSeen", "CloseSubmissions",
-    "ContributionRejected", "CoordinatorChanged", "Effect", "ElectionConfig", "ElectionState",
-    "FailureSeen", "HeartbeatSeen", "InstallAdapter", "ManifestSeen", "Outcome", "Phase", "PublishAggregate",
-    "OutcomeConflict", "PublishClaim", "PublishFailure", "QueryOutcome", "Reannounce", "Rejection", "Role",
+    "ContributionRejected", "CoordinatorChanged", "Effect", "ElectionConfig", "ElectionState", "FailureSeen",
+    "HeartbeatSeen", "InstallAdapter", "ManifestSeen", "Outcome", "OutcomeConflict", "Phase",
+    "PublishAggregate", "PublishClaim", "PublishFailure", "QueryOutcome", "Reannounce", "Rejection", "Role",
     "RoundState", "RoundStatistics", "SignedOutcome", "StartAggregation", "SubmissionReceived", "Superseded",
     "SyncAnswered", "Tick", "TrainAndSubmit", "Trigger", "rank",
 ]

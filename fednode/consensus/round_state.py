@@ -48,6 +48,16 @@ from typing import Any
 
 from fednode.consensus import round_snapshot
 from fednode.consensus.common import Effect, Outcome, Tick
+from fednode.consensus.outcome import (
+    MAX_RECORDED_CONFLICTS,
+    PUBLISHED,
+    OutcomeConflict,
+    SignedOutcome,
+    close_early_due,
+    earlier,
+    legitimate_signer,
+    may_conclude_unpublished,
+)
 from fednode.consensus.round_events import (
     AggregateSeen,
     AggregationDone,
@@ -68,16 +78,6 @@ from fednode.consensus.round_events import (
     Superseded,
     SyncAnswered,
     TrainAndSubmit,
-)
-from fednode.consensus.outcome import (
-    MAX_RECORDED_CONFLICTS,
-    PUBLISHED,
-    OutcomeConflict,
-    SignedOutcome,
-    close_early_due,
-    earlier,
-    legitimate_signer,
-    may_conclude_unpublished,
 )
 from fednode.errors import LocalProtocolError
 from fednode.wire import codec

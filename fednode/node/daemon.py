@@ -121,7 +121,8 @@ class Node:
             federated=self.enabled)
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
-                                  live_members=self._live_federated, inline_training=inline_training)
+                                  live_members=self._live_federated, inline_training=inline_training,
+                                  sync=self._round_messages)
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
         self._holders: dict[str, str] = {}  # node id -> merged sha256 it announced holding
@@ -263,16 +264,28 @@ class Node:
                                  term=heard["term"])
 
     async def _sync_round(self, peer: str, round_id: str) -> None:
-        assert self.transport is not None
         try:
-            for data in await request_sync(self.transport, peer, round_id):
-                checked = self.validator.check(data, self.clock(), check_window=False)
-                if checked.message is not None:
-                    self.dispatch(checked.message)
+            for message in await self._round_messages(peer, round_id):
+                self.dispatch(message)
         except Exception as exc:  # a peer that can't sync us is not fatal; the next heartbeat retries
             logger.info("sync of %s from %s failed: %s", round_id, peer[-8:], exc)
         finally:
             self._syncing.discard(round_id)
+
+    async def _round_messages(self, peer: str, round_id: str) -> list[Message]:
+        """The signed messages `peer` holds for `round_id`, each validated as if from gossip (outside
+        the replay window: they are old by nature). One we already validated (the duplicate cache
+        knows its id) is returned too: the round's outcome must not be lost because gossip brought
+        it first, when the round could not take it yet."""
+        assert self.transport is not None
+        out: list[Message] = []
+        for data in await request_sync(self.transport, peer, round_id):
+            checked = self.validator.check(data, self.clock(), check_window=False)
+            if checked.message is not None:
+                out.append(checked.message)
+            elif checked.validation.reason == "duplicate":  # passed every check when first seen
+                out.append(codec.decode(data, max_bytes=self.config.network.max_message_bytes))
+        return out
 
     def _sync_lookup(self, round_id: str) -> list[bytes]:
         row = self.db.get_round(round_id)

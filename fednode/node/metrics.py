@@ -26,6 +26,8 @@ class StatusCollector(Collector):
         yield GaugeMetricFamily("fednode_term", "current election term", value=s.get("term", 0))
         yield GaugeMetricFamily("fednode_rounds_completed", "rounds with a merged adapter installed",
                                 value=s.get("rounds_completed", 0))
+        yield CounterMetricFamily("fednode_outcome_conflicts", "two different signed outcomes met for one round",
+                                  value=s.get("outcome_conflicts", 0))
         counters = s.get("counters", {})
         for verdict in ("accepted", "rejected", "ignored"):
             fam = CounterMetricFamily(f"fednode_messages_{verdict}", f"control messages {verdict}",

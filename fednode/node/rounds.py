@@ -35,12 +35,14 @@ from fednode.consensus import (
     Phase,
     PublishAggregate,
     PublishFailure,
+    QueryOutcome,
     Reannounce,
     Role,
     RoundState,
     StartAggregation,
     SubmissionReceived,
     Superseded,
+    SyncAnswered,
     Tick,
     TrainAndSubmit,
 )
@@ -75,8 +77,11 @@ DEFAULT_PREFETCH_RETRY_MAX_SECONDS = 4.0  # the wait doubles up to this
 DEFAULT_PREFETCH_PATIENCE_SECONDS = 30.0  # then its update is rejected as unavailable, live or not
 DEFAULT_INSTALL_RETRY_SECONDS = 1.0  # first wait before fetching a merged adapter again
 DEFAULT_INSTALL_RETRY_MAX_SECONDS = 30.0  # the wait doubles up to this
+DEFAULT_SETTLE_RETRY_SECONDS = 1.0  # a taken-over round's outcome: first wait before asking everyone again
+DEFAULT_SETTLE_RETRY_MAX_SECONDS = 10.0  # the wait doubles up to this; it never gives up
 
 Publish = Callable[[Message], Awaitable[None]]
+SyncRound = Callable[[str, str], Awaitable[list[Message]]]  # (peer, round id) -> its signed messages for it
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Progress:
     refused: dict[str, int] = field(default_factory=dict)
     bytes_fetched: int = 0
     pending_evaluations: int = 0
+    outcome_conflicts: int = 0  # two different signed outcomes met for one round (round-v1.md)
 
 
 def aggregation_options(config: Config) -> AggregationOptions:
@@ -107,7 +113,8 @@ def aggregation_options(config: Config) -> AggregationOptions:
 class RoundDriver:
     def __init__(self, *, config: Config, identity: Identity, store: BlobStore, db: StateDB, trainer: Trainer | None,
                  publish: Publish, clock: Callable[[], float], holders: Callable[[str], list[str]],
-                 live_members: Callable[[], list[str]], inline_training: bool = False) -> None:
+                 live_members: Callable[[], list[str]], inline_training: bool = False,
+                 sync: SyncRound | None = None) -> None:
         self.config = config
         self.identity = identity
         self.me = identity.node_id
@@ -119,6 +126,8 @@ class RoundDriver:
         self.holders = holders
         self.live_members = live_members
         self.inline_training = inline_training
+        self.sync = sync
+        self._settling: set[str] = set()  # rounds whose outcome a _settle task is asking for
         self.transport: Transport | None = None
         self.nursery: trio.Nursery | None = None
         self.rounds: dict[str, RoundState] = {}
@@ -164,6 +173,7 @@ class RoundDriver:
             else:
                 state = RoundState.restore(snap, reannounce_seconds=self._reannounce_seconds)
             self.rounds[row.round_id] = state
+            self.progress.outcome_conflicts += len(state.conflicts)
             logger.info("restored round %s (%s, %s, %d accepted)", row.round_id, state.phase.value,
                         state.role.value, len(state.accepted))
         self.progress.rounds_completed = self._count_installed()
@@ -176,6 +186,8 @@ class RoundDriver:
         """After restore: re-issue the work that died with the old process."""
         now = self.clock()
         for state in list(self.rounds.values()):
+            if state.outcome_unknown and state.role is Role.COORDINATOR:
+                self._perform(state, QueryOutcome(state.round_id))
             if state.phase is Phase.COLLECTING and state.own_submission is None:
                 self._spawn(self._train_and_submit, state.manifest)
             elif state.own_submission is not None and state.is_open:
@@ -244,14 +256,18 @@ class RoundDriver:
         left out (persisting it per submission is quadratic in the round size): after a restart or
         a failover, participants re-announce, and the coordinator's signed aggregate is the record."""
         counts = (len(state.accepted), len(state.rejections)) if state.role is Role.COORDINATOR else ()
-        return (state.phase, state.term, state.role, state.own_submission is not None, *counts)
+        return (state.phase, state.term, state.role, state.own_submission is not None, state.outcome_unknown,
+                state.merged_sha256, len(state.conflicts), *counts)
 
     def _feed(self, state: RoundState, event: RoundEvent) -> Validation:
         before = self._persisted_view(state)
+        conflicts = len(state.conflicts)
         outcome = state.handle(event)
         after = self._persisted_view(state)
         if before != after:
             self._persist(state)
+        if len(state.conflicts) > conflicts:
+            self._on_conflict(state, len(state.conflicts) - conflicts)
         for effect in outcome.effects:
             self._perform(state, effect)
         self._forget_old_rounds()
@@ -282,6 +298,51 @@ class RoundDriver:
             self._spawn(self._install, effect)
         elif isinstance(effect, Reannounce):
             self._spawn(self._publish_message, effect.announce)
+        elif isinstance(effect, QueryOutcome) and state.round_id not in self._settling:
+            self._settling.add(state.round_id)
+            self._spawn(self._settle, state)
+
+    # -- one outcome per round (fednode/consensus/outcome.py) ---------------------------------
+    async def _settle(self, state: RoundState) -> None:
+        """A round this node took over: ask every live member for the round's signed outcome until
+        the state machine calls it settled (an outcome adopted, or every live member answered
+        without one). A failed request proves nothing: ask again, with backoff, forever."""
+        delay = DEFAULT_SETTLE_RETRY_SECONDS
+        try:
+            while self.sync is not None and self._unsettled(state):
+                for peer in [n for n in self.live_members() if n != self.me]:
+                    if not self._unsettled(state):
+                        return
+                    try:
+                        messages = await self.sync(peer, state.round_id)
+                    except (FednodeError, trio.TooSlowError, OSError) as exc:
+                        logger.info("round %s: outcome query to %s failed: %s", state.round_id, peer[-8:], exc)
+                        continue
+                    for message in messages:
+                        self.on_message(message)
+                    if not any(isinstance(m, AggregateAnnounce | RoundFailed) and m.round_id == state.round_id
+                               for m in messages):
+                        self._feed(state, SyncAnswered(peer, frozenset(self.live_members()), self.clock()))
+                if self._unsettled(state):
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, DEFAULT_SETTLE_RETRY_MAX_SECONDS)
+        finally:
+            self._settling.discard(state.round_id)
+
+    def _unsettled(self, state: RoundState) -> bool:
+        return state.outcome_unknown and state.role is Role.COORDINATOR and self.rounds.get(state.round_id) is state
+
+    def _on_conflict(self, state: RoundState, new: int) -> None:
+        """Two different signed outcomes for one round: count it, log it loudly, and put it in the
+        round's record if that is written already (else it goes in when it is)."""
+        self.progress.outcome_conflicts += new
+        logger.error("round %s: conflicting outcomes %s", state.round_id, [c.as_dict() for c in state.conflicts])
+        row = self.db.get_round(state.round_id)
+        if row is not None and row.record and state.round_id not in self._installing:
+            record = {**row.record, "outcome_conflicts": [c.as_dict() for c in state.conflicts]}
+            self.db.finish_round(state.round_id, state=row.state, merged_sha256=row.merged_sha256,
+                                 outcome=row.outcome or b"", record=record, now=self.clock())
+            write_record(self.config.data_dir, record)
 
     # -- open rounds -------------------------------------------------------------------------
     def open_round(self) -> RoundState | None:
@@ -306,13 +367,9 @@ class RoundDriver:
             self._maybe_close_early(state, now)
 
     def _maybe_close_early(self, state: RoundState, now: float) -> None:
-        """Coordinator: once every live federated member has submitted (and at least min_participants
-        have), waiting for the deadline gains nothing."""
-        if state.role is not Role.COORDINATOR or not state.is_open:
-            return
-        if len(state.accepted) < state.manifest.min_participants:
-            return
-        if set(self.live_members()) <= set(state.accepted):
+        """Coordinator: once every live federated member has been accepted or refused (and at least
+        min_participants accepted), waiting for the deadline gains nothing (RoundState.close_early_due)."""
+        if state.close_early_due(self.live_members()):
             self._feed(state, CloseSubmissions(now))
 
     # -- messages from the network (already validated: signature, community, window) ----------
@@ -608,6 +665,8 @@ class RoundDriver:
             await self._prefetched[(state.round_id, a.participant_node_id)].wait()
         bad = [(a, self._update_errors[(state.round_id, a.participant_node_id)]) for a in effect.announces
                if (state.round_id, a.participant_node_id) in self._update_errors]
+        if not self._aggregation_wanted(state):
+            return
         if bad:
             for a, reason in bad:
                 kind = "invalid_update" if "InvalidUpdate" in reason or "DecodeError" in reason else "unavailable"
@@ -634,11 +693,23 @@ class RoundDriver:
             else:
                 merged, discarded = await trio.to_thread.run_sync(work)
         except FednodeError as exc:
-            self._feed(state, AggregationFailed(f"aggregation failed: {exc}"[:200], self.clock()))
+            if self._aggregation_wanted(state):
+                self._feed(state, AggregationFailed(f"aggregation failed: {exc}"[:200], self.clock()))
             return
         sha = self.store.put_bytes(merged)
+        if not self._aggregation_wanted(state):
+            return
         self._discarded[state.round_id] = discarded
         self._feed(state, AggregationDone(sha, len(merged), self.clock()))
+
+    def _aggregation_wanted(self, state: RoundState) -> bool:
+        """Still ours to conclude: an earlier coordinator's outcome may have arrived meanwhile (it
+        stands), or the election may have handed the round to another node."""
+        if state.phase is Phase.AGGREGATING and state.role is Role.COORDINATOR:
+            return True
+        logger.info("round %s: dropping our aggregation (round is %s, we are %s)", state.round_id,
+                    state.phase.value, state.role.value)
+        return False
 
     def _record_submission_rejected(self, state: RoundState, a: SubmissionAnnounce, kind: str, reason: str) -> None:
         detail = f"{kind}: {reason}"[:200]
@@ -772,6 +843,8 @@ class RoundDriver:
                               merged_sha256=sha, merged_size=size,
                               discarded_energy=self._discarded.get(state.round_id), reason=state.failure_reason,
                               metrics=metrics)
+        if state.conflicts:
+            record["outcome_conflicts"] = [c.as_dict() for c in state.conflicts]
         record["final_coordinator_node_id"] = state.coordinator_node_id
         record["final_term"] = state.term
         record["recorded_by"] = self.me
@@ -790,6 +863,8 @@ class RoundDriver:
             "transfer": self.progress.transfer,
             "refused": self.progress.refused,
             "pending_evaluations": self.progress.pending_evaluations,
+            "outcome_conflicts": self.progress.outcome_conflicts,
+            "unsettled_rounds": sorted(r.round_id for r in self.rounds.values() if self._unsettled(r)),
         }
         if shown is not None:
             now = self.clock()

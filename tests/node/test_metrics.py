@@ -31,7 +31,7 @@ def test_metrics_server_exposes_status_figures_and_stops_cleanly() -> None:
 
     status: dict[str, Any] = {"members": [{"node_id": "a"}, {"node_id": "b"}], "term": 3, "rounds_completed": 2,
                               "counters": {"rejected": {"bad_signature": 4}, "accepted": {"heartbeat": 9}},
-                              "bytes": {"blob_served": 1234}}
+                              "bytes": {"blob_served": 1234}, "outcome_conflicts": 1}
     before = set(threading.enumerate())
     server = MetricsServer(_free_port(), lambda: status)
     try:
@@ -44,6 +44,7 @@ def test_metrics_server_exposes_status_figures_and_stops_cleanly() -> None:
     assert "fednode_rounds_completed 2.0" in text
     assert 'fednode_messages_rejected_total{reason="bad_signature"} 4.0' in text
     assert 'fednode_bytes_total{direction="blob_served"} 1234.0' in text
+    assert "fednode_outcome_conflicts_total 1.0" in text  # round-v1.md: one outcome per round
     assert set(threading.enumerate()) <= before  # no thread left behind
 
 
@@ -57,5 +58,6 @@ async def test_daemon_serves_metrics_only_when_enabled(tmp_path: Path,
         await wait_until(lambda: on.driver.progress.rounds_completed >= 1 and off.driver.progress.rounds_completed >= 1)
         text = await trio.to_thread.run_sync(_scrape, port)
         assert "fednode_rounds_completed 1.0" in text
+        assert "fednode_outcome_conflicts_total 0.0" in text
         assert 'fednode_messages_accepted_total{reason="heartbeat"}' in text
         assert off.config.metrics.enabled is False

@@ -1,0 +1,163 @@
+"""The r36 fork of issue 13, reproduced on the memory transport and the virtual clock.
+
+Round r36-t1 was published in term 1 with merged adapter 80b543de on two nodes. A third node had
+missed the announce (restarted with a corrupt latest merged blob) and its sync of the round kept
+failing ("No known addresses to peer"). When the coordinator was stopped, that node became
+coordinator in term 2, aggregated r36 again from a different set of updates and published 197cd0ce:
+two merged adapters for one round.
+
+Here: 4 nodes; node X (the one the election picks next) never receives the coordinator K's own
+submission nor its AggregateAnnounce over gossip (so its accepted set differs), and every sync
+request it makes fails until the test lifts that. K is killed after the others installed the
+round. X becomes coordinator; it must not aggregate the round while it cannot learn its outcome,
+and once sync works it must adopt K's announce: every node ends with K's merged sha256, and X never
+publishes an AggregateAnnounce for the round. (Before round-v1 r1, X aggregated its own set as soon
+as it took over, published a second merged adapter for the round, and its record disagreed.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from fednode.consensus import Phase, Role, rank
+from fednode.errors import PeerUnavailable
+from fednode.node import daemon as daemon_module
+from fednode.node.daemon import Node
+from fednode.wire import codec
+from fednode.wire.messages import AggregateAnnounce, Message, SubmissionAnnounce
+from fednode.wire.verdict import Validation, Verdict
+from tests.node.checks import check_round_agreement, read_record
+from tests.node.conftest import clock as clock_now
+from tests.node.conftest import cluster, seed_identity, wait_until
+
+N = 4
+SECTIONS: dict[str, dict[str, Any]] = {
+    "round": {"min_participants": 2, "max_participants": N, "wait_for_members": N, "max_rounds": 1,
+              "round_timeout_seconds": 60.0},
+}
+BROKEN_SYNC_SECONDS = 40.0  # virtual seconds X stays coordinator of a round it cannot settle
+
+
+@pytest.fixture
+def clock(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
+    autojump_clock.autojump_threshold = 0.01  # real disk work must not jump the virtual clock
+    return autojump_clock
+
+
+def next_coordinator(coordinator: str, term: int) -> str:
+    """Who the election picks for term + 1 once `coordinator` is dead (every other node live)."""
+    others = [seed_identity(i).node_id for i in range(N) if seed_identity(i).node_id != coordinator]
+    return min(others, key=lambda n: rank(term + 1, n))
+
+
+class Fault:
+    """X's view: K's submission and aggregate never arrive by gossip; its sync requests fail."""
+
+    def __init__(self) -> None:
+        self.coordinator = ""  # K, the first coordinator elected
+        self.victim = ""  # X
+        self.sync_broken = True
+        self.dropped: list[str] = []
+        self.failed_syncs = 0
+
+    def drops(self, node_id: str, message: Message) -> bool:
+        if not self.victim or node_id != self.victim:
+            return False
+        if isinstance(message, AggregateAnnounce):
+            return message.coordinator_node_id == self.coordinator
+        return isinstance(message, SubmissionAnnounce) and message.participant_node_id == self.coordinator
+
+
+async def test_new_coordinator_that_missed_the_announce_adopts_it(tmp_path: Path, clock: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    fault = Fault()
+    validate = Node._validate
+
+    def lossy_validate(self: Node, data: bytes, received_from: str) -> Validation:
+        if fault.victim == self.node_id:
+            message = codec.decode(data)
+            if fault.drops(self.node_id, message):
+                fault.dropped.append(type(message).__name__)
+                return Validation(Verdict.IGNORE, "test_dropped")
+        return validate(self, data, received_from)
+
+    request_sync = daemon_module.request_sync
+
+    async def failing_sync(transport: Any, peer_id: str, round_id: str, *args: Any, **kwargs: Any) -> list[bytes]:
+        if fault.sync_broken and transport.local_peer_id == fault.victim:
+            fault.failed_syncs += 1
+            raise PeerUnavailable(f"failed to open stream to {peer_id}: No known addresses to peer")
+        return await request_sync(transport, peer_id, round_id, *args, **kwargs)
+
+    monkeypatch.setattr(Node, "_validate", lossy_validate)
+    monkeypatch.setattr(daemon_module, "request_sync", failing_sync)
+
+    async with cluster(tmp_path) as c:
+        for i in range(N):
+            await c.start(i, N, **SECTIONS)
+        nodes = dict(c.nodes)
+
+        def elected() -> bool:  # K is elected a heartbeat interval before it opens the first round
+            for node in nodes.values():
+                if node.driver.coordinator:
+                    fault.coordinator = node.driver.coordinator
+                    fault.victim = next_coordinator(fault.coordinator, node.driver.term)
+                    return True
+            return False
+
+        # From K's election on, X loses K's submission and aggregate (and every sync request).
+        await wait_until(elected, step=0.01)
+        await wait_until(lambda: any(n.driver.rounds for n in nodes.values()))
+        k = next(i for i, n in nodes.items() if n.node_id == fault.coordinator)
+        x = next(i for i, n in nodes.items() if n.node_id == fault.victim)
+        others = [i for i in nodes if i not in (k, x)]
+        round_id = next(iter(nodes[k].driver.rounds))
+        assert nodes[k].driver.rounds[round_id].role is Role.COORDINATOR
+        published_by_x: list[Message] = []
+        original_publish = nodes[x].publish
+
+        async def recording_publish(message: Message) -> None:
+            published_by_x.append(message)
+            await original_publish(message)
+
+        nodes[x].publish = recording_publish  # type: ignore[method-assign]
+        nodes[x].driver.publish = recording_publish
+
+        # K and the two others install the round; X waits for an outcome it never hears
+        await wait_until(lambda: all(nodes[i].driver.progress.rounds_completed >= 1 for i in (k, *others)),
+                         timeout=300.0)
+        merged = read_record(nodes[k], 1)["merged_sha256"]
+        assert "AggregateAnnounce" in fault.dropped and "SubmissionAnnounce" in fault.dropped
+        assert nodes[x].driver.rounds[round_id].phase not in (Phase.PUBLISHED, Phase.FAILED)
+        assert fault.coordinator not in nodes[x].driver.rounds[round_id].accepted  # a different set
+
+        c.kill(k)  # the coordinator goes away; X is next in line
+        await wait_until(lambda: nodes[x].driver.coordinator == nodes[x].node_id, timeout=120.0)
+        state = nodes[x].driver.rounds[round_id]
+        took_over = trio.current_time()
+        waited = max(BROKEN_SYNC_SECONDS, state.deadline - clock_now() + 5.0)
+        await trio.sleep(waited)  # past the round's deadline too
+        assert fault.failed_syncs > 0
+        # the fork: X aggregated its own set and announced a second merged adapter for the round
+        assert not [m for m in published_by_x if isinstance(m, AggregateAnnounce)]
+        assert state.role is Role.COORDINATOR and state.outcome_unknown and not state.aggregation_started
+        assert state.phase is Phase.AGGREGATING  # collection ended at the deadline; nothing concluded
+        assert nodes[x].status()["unsettled_rounds"] == [round_id]
+
+        fault.sync_broken = False  # the network heals: X's next query reaches a holder
+        await wait_until(lambda: nodes[x].driver.progress.rounds_completed >= 1, timeout=120.0)
+        assert trio.current_time() - took_over < waited + 30.0
+        survivors = [nodes[i] for i in (x, *others)]
+        record = check_round_agreement(survivors, 1)
+        assert record["merged_sha256"] == merged
+        x_record = read_record(nodes[x], 1)
+        assert x_record["merged_sha256"] == merged and "outcome_conflicts" not in x_record
+        assert fault.coordinator in [a["node_id"] for a in x_record["accepted"]]  # K's announce is the record
+        assert not any(isinstance(m, AggregateAnnounce) for m in published_by_x)  # no second announce
+        for node in survivors:
+            assert node.status()["outcome_conflicts"] == 0
