@@ -101,6 +101,10 @@ def _format_status(s: dict[str, Any]) -> str:
              f"coordinator {s.get('coordinator') or '-'} (term {s.get('term')})",
              f"members     {sum(1 for m in s.get('members', []) if m.get('alive'))} alive of "
              f"{len(s.get('members', []))} seen; {len(s.get('peers', []))} connected"]
+    paused = s.get("paused")
+    if paused:
+        lines.append(f"PAUSED      {paused.get('reason')} for {paused.get('seconds', 0):.0f} s "
+                     f"({paused.get('detail', '')}); retrying every {paused.get('retry_every_seconds', 0):.0f} s")
     cur = s.get("current_round")
     if cur:
         lines.append(f"round       #{cur['round_number']} {cur['round_id']} {cur['state']} as {cur['role']}, "

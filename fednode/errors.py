@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class FednodeError(Exception):
     """Base class of every error fednode raises on purpose."""
@@ -79,3 +81,17 @@ class BaseModelMismatch(FednodeError):
         )
         self.expected = expected
         self.actual = actual
+
+
+class DiskFull(FednodeError):
+    """A write failed because the disk (or the user's quota) is full: ENOSPC / EDQUOT, or sqlite's
+    SQLITE_FULL ("database or disk is full"). A state to wait out, not a crash."""
+
+
+class CorruptState(FednodeError):
+    """state.sqlite cannot be read as a database, or fails sqlite's integrity check."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for DiskFull and for an OSError whose errno says the disk or quota is full."""
+    return isinstance(exc, DiskFull) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fednode.errors import CorruptState, DiskFull
+
 SCHEMA_VERSION = 1
+MAX_INTEGRITY_PROBLEMS_SHOWN = 3  # quick_check findings named in the error
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -88,25 +91,55 @@ class StateDB:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        self._conn.executescript(_SCHEMA)  # idempotent; executescript commits on its own
-        with self._tx() as c:
-            c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA busy_timeout=5000")
+            problems = [str(r[0]) for r in self._conn.execute(f"PRAGMA quick_check({MAX_INTEGRITY_PROBLEMS_SHOWN})")]
+            if problems != ["ok"]:
+                raise CorruptState(self._corrupt_message("; ".join(problems)))
+            self._conn.executescript(_SCHEMA)  # idempotent; executescript commits on its own
+            with self._tx() as c:
+                c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            if _is_full(exc):
+                raise DiskFull(f"{path}: {exc}; free space on its filesystem and start again") from None
+            raise CorruptState(self._corrupt_message(str(exc))) from None
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _corrupt_message(self, problem: str) -> str:
+        p = self.path
+        return (f"{p} is corrupt ({problem[:300]}); the node will not start from it. Move it aside "
+                f"(mv {p} {p}.corrupt, and {p.name}-wal / {p.name}-shm next to it if present) and start the node "
+                f"again: it creates a new state.sqlite and resyncs members and the open round from its peers "
+                f"(blobs/, adapters/ and rounds/ are kept)")
 
     def close(self) -> None:
         self._conn.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
+        """One write transaction. SQLITE_FULL (disk or quota full) becomes DiskFull, nothing written."""
         try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # sqlite may have rolled back already (SQLITE_FULL does)
+                    self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if _is_full(exc):
+                raise DiskFull(f"{self.path}: {exc}") from exc
             raise
-        self._conn.execute("COMMIT")
+
+    def probe_write(self, now: float) -> None:
+        """One small committed write (raises DiskFull while the disk is still full)."""
+        self.set_meta("disk_probe_at", repr(now))
 
     # -- members ---------------------------------------------------------------------------
     def touch_member(self, node_id: str, now: float, *, federated_learning: bool, term: int) -> None:
@@ -224,6 +257,10 @@ class StateDB:
         if row is None:
             return None
         return OwnUpdate(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _round_row(row: tuple[Any, ...]) -> RoundRow:

@@ -302,9 +302,18 @@ class RoundState:
             if self.phase is Phase.AGGREGATING:
                 effects.append(self._start_aggregation())
             elif self.phase is Phase.FAILED:
-                n, need = len(self.accepted), self.manifest.min_participants
-                effects.append(self._fail(f"deadline passed with {n} accepted submissions, fewer than "
-                                          f"min_participants={need}", now))
+                effects.append(self._fail(self._too_few_reason(now), now))
+
+    def _too_few_reason(self, now: float) -> str:
+        """Why the round fails for too few submissions. Not only the deadline does that: a round
+        closed early (max_participants, or every live member submitted) re-plans when an accepted
+        update proves unusable, and may then hold fewer than min_participants before its deadline."""
+        n, need = len(self.accepted), self.manifest.min_participants
+        if now >= self.deadline:
+            return f"deadline passed with {n} accepted submissions, fewer than min_participants={need}"
+        dropped = ", ".join(sorted({v.reason for v in self.excluded.values()})) or "none"
+        return (f"{n} usable submissions after dropping {len(self.excluded)} ({dropped}), fewer than "
+                f"min_participants={need}; the round had closed early, {self.deadline - now:.0f} s before its deadline")
 
     def _start_aggregation(self) -> StartAggregation:
         self.aggregation_started = True

@@ -36,9 +36,10 @@ from fednode.consensus import (
     PublishClaim,
     Tick,
 )
-from fednode.errors import FednodeError
+from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
 from fednode.node.control import serve_control
+from fednode.node.diskfull import DiskPause, probe_free_space, watch_disk
 from fednode.node.rounds import RoundDriver
 from fednode.node.sync import request_sync, serve_sync
 from fednode.node.trainers import Trainer
@@ -99,6 +100,7 @@ class Node:
         self.trainer = trainer if self.enabled else None
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskPause(clock)
         self.store = BlobStore(data / "blobs", chunk_size=config.blobs.chunk_bytes,
                                limits=ManifestLimits(max_blob_bytes=config.blobs.max_blob_bytes))
         self.db = StateDB(data / "state.sqlite")
@@ -122,7 +124,7 @@ class Node:
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
                                   live_members=self._live_federated, inline_training=inline_training,
-                                  sync=self._round_messages)
+                                  sync=self._round_messages, disk=self.disk)
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
         self._holders: dict[str, str] = {}  # node id -> merged sha256 it announced holding
@@ -160,6 +162,7 @@ class Node:
                     self.driver.restore()
                     self.driver.resume_effects()
                 nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(watch_disk, self.disk, self._probe_disk, self._resume_after_disk_full)
                 nursery.start_soon(self._timer_loop)
                 await nursery.start(serve_control, self.config.control_socket_path,
                                     {"status": self.status, "start_round": self._start_round_now})
@@ -182,6 +185,16 @@ class Node:
         finally:
             self._persist_members(force=True)
             self.db.close()
+
+    def _probe_disk(self) -> None:
+        self.db.probe_write(self.clock())
+        probe_free_space(self.store.root)
+
+    def _resume_after_disk_full(self) -> None:
+        self._persist_members(force=True)
+        if self.enabled:
+            self.driver.resume_after_disk_full()
+        self._wake.set()
 
     def _stream_allowed(self, peer_id: str) -> bool:
         return self.allowlist is None or peer_id in self.allowlist
@@ -259,9 +272,12 @@ class Node:
         if not force and now - self._members_persisted_at < MEMBER_PERSIST_INTERVAL_SECONDS:
             return
         self._members_persisted_at = now
-        for node_id, heard in self._heard.items():
-            self.db.touch_member(node_id, heard["seen"], federated_learning=heard["federated_learning"],
-                                 term=heard["term"])
+        try:
+            for node_id, heard in self._heard.items():
+                self.db.touch_member(node_id, heard["seen"], federated_learning=heard["federated_learning"],
+                                     term=heard["term"])
+        except DiskFull as exc:  # the member view lives in memory; it is saved again once there is room
+            self.disk.note(exc, "saving members")
 
     async def _sync_round(self, peer: str, round_id: str) -> None:
         try:
@@ -400,6 +416,8 @@ class Node:
             "term": self.election.term,
             "counters": {k: dict(v) for k, v in self.counters.items()},
             "peers": sorted(self.transport.peers()) if self.transport is not None else [],
+            "paused": self.disk.status(),  # None while participating; else why (e.g. disk_full) and since when
+            "disk_full_events": self.disk.events,
         }
         blob_stats = self.blob_server.statistics() if hasattr(self, "blob_server") else None
         out["bytes"] = {

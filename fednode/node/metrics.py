@@ -36,6 +36,10 @@ class StatusCollector(Collector):
             for reason, count in sorted(by_reason.items()):
                 fam.add_metric([reason], count)
             yield fam
+        yield CounterMetricFamily("fednode_disk_full_pauses", "times the node paused participation for a full disk",
+                                  value=s.get("disk_full_events", 0))
+        yield GaugeMetricFamily("fednode_paused", "1 while participation is paused (e.g. a full disk)",
+                                value=1 if s.get("paused") else 0)
         bytes_moved = s.get("bytes", {})
         fam = CounterMetricFamily("fednode_bytes", "bytes moved", labels=["direction"])
         for direction, count in sorted(bytes_moved.items()):

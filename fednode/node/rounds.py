@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -46,8 +47,17 @@ from fednode.consensus import (
     Tick,
     TrainAndSubmit,
 )
-from fednode.errors import FednodeError, InvalidUpdate, TransferError, TransportError
+from fednode.errors import (
+    BlobIntegrityError,
+    DiskFull,
+    FednodeError,
+    InvalidUpdate,
+    TransferError,
+    TransportError,
+    is_disk_full,
+)
 from fednode.identity import Identity
+from fednode.node.diskfull import DiskPause
 from fednode.node.records import round_record, write_record
 from fednode.node.trainers import Trainer
 from fednode.state import OwnUpdate, StateDB
@@ -79,6 +89,7 @@ DEFAULT_INSTALL_RETRY_SECONDS = 1.0  # first wait before fetching a merged adapt
 DEFAULT_INSTALL_RETRY_MAX_SECONDS = 30.0  # the wait doubles up to this
 DEFAULT_SETTLE_RETRY_SECONDS = 1.0  # a taken-over round's outcome: first wait before asking everyone again
 DEFAULT_SETTLE_RETRY_MAX_SECONDS = 10.0  # the wait doubles up to this; it never gives up
+MAX_BLOB_REFETCHES = 2  # a blob found corrupt on our disk is quarantined and fetched again this often
 
 Publish = Callable[[Message], Awaitable[None]]
 SyncRound = Callable[[str, str], Awaitable[list[Message]]]  # (peer, round id) -> its signed messages for it
@@ -114,7 +125,7 @@ class RoundDriver:
     def __init__(self, *, config: Config, identity: Identity, store: BlobStore, db: StateDB, trainer: Trainer | None,
                  publish: Publish, clock: Callable[[], float], holders: Callable[[str], list[str]],
                  live_members: Callable[[], list[str]], inline_training: bool = False,
-                 sync: SyncRound | None = None) -> None:
+                 sync: SyncRound | None = None, disk: DiskPause | None = None) -> None:
         self.config = config
         self.identity = identity
         self.me = identity.node_id
@@ -153,6 +164,11 @@ class RoundDriver:
         self._coordinator_since = -math.inf
         self._metrics: dict[str, dict[str, Any]] = {}  # round id -> {"local"/"merged": figures}
         self._eval_limiter = trio.CapacityLimiter(1)
+        # A full disk pauses participation (fednode.node.diskfull); what it stopped is redone on resume.
+        self.disk = disk or DiskPause(clock)
+        self._unsaved: set[str] = set()  # rounds whose snapshot a full disk kept out of state.sqlite
+        self._unsaved_outcomes: dict[str, bytes] = {}  # round id -> signed outcome not yet saved
+        self._deferred_training: set[str] = set()  # open rounds we did not train for while paused
 
     @property
     def enabled(self) -> bool:
@@ -202,6 +218,33 @@ class RoundDriver:
                 self._finish_failed(state)
             self._feed(state, Tick(now))
 
+    def resume_after_disk_full(self) -> None:
+        """The disk has room again: save what could not be saved, and redo the work a full disk
+        stopped (training for rounds still open, aggregating, installing, recording)."""
+        now = self.clock()
+        try:
+            for round_id, outcome in list(self._unsaved_outcomes.items()):
+                self._save_outcome(round_id, outcome)
+            for state in list(self.rounds.values()):
+                if state.round_id in self._unsaved:
+                    self._persist(state)
+                row = self.db.get_round(state.round_id)
+                recorded = row is not None and row.record is not None
+                if state.is_open and state.round_id in self._deferred_training:
+                    self._deferred_training.discard(state.round_id)
+                    self._spawn(self._train_and_submit, state.manifest)
+                elif (state.phase is Phase.AGGREGATING and state.role is Role.COORDINATOR
+                      and state.round_id not in self._aggregating):
+                    state.aggregation_started = False  # the aggregation that hit the full disk is re-planned
+                elif state.phase is Phase.PUBLISHED and state.merged_sha256 and not recorded:
+                    self._spawn(self._install, InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))
+                elif state.phase is Phase.FAILED and not recorded:
+                    self._finish_failed(state)
+                self._feed(state, Tick(now))
+        except DiskFull as exc:
+            self.disk.note(exc, "resuming")
+        self._deferred_training.intersection_update(r.round_id for r in self.rounds.values() if r.is_open)
+
     async def _republish_and_install(self, state: RoundState) -> None:
         """A coordinator restarted after aggregating: announce again (same merged blob) and install."""
         row = self.db.get_round(state.round_id)
@@ -217,7 +260,7 @@ class RoundDriver:
             round_number=state.manifest.round_number, coordinator_node_id=self.me, term=state.term,
             merged_sha256=state.merged_sha256, merged_size=state.merged_size, aggregation=state.manifest.aggregation,
             contributions=state.contributions(), announced_at=self.clock()), self.identity)
-        self.db.set_outcome(state.round_id, codec.encode(announce))
+        self._save_outcome(state.round_id, codec.encode(announce))
         await self.publish(announce)
         return announce
 
@@ -233,7 +276,9 @@ class RoundDriver:
         try:
             await fn(*args)
         except (FednodeError, OSError, trio.TooSlowError) as exc:
-            logger.warning("%s failed: %s", getattr(fn, "__name__", fn), exc)
+            name = getattr(fn, "__name__", str(fn))
+            if not self.disk.note(exc, name):
+                logger.warning("%s failed: %s", name, exc)
 
     async def _publish_message(self, message: Message) -> None:
         await self.publish(message)
@@ -242,6 +287,24 @@ class RoundDriver:
         return self.config.data_dir / "adapters" / f"round-{round_number}"
 
     def _persist(self, state: RoundState, *, new: bool = False) -> None:
+        """Save the round's snapshot; a full disk leaves it in memory (saved on resume) and pauses."""
+        try:
+            self._persist_now(state, new=new or state.round_id in self._unsaved)
+            self._unsaved.discard(state.round_id)
+        except DiskFull as exc:
+            self.disk.note(exc, f"saving round {state.round_id}")
+            self._unsaved.add(state.round_id)
+
+    def _save_outcome(self, round_id: str, outcome: bytes) -> None:
+        """Remember a signed outcome in state.sqlite; a full disk keeps it in memory until resume."""
+        try:
+            self.db.set_outcome(round_id, outcome)
+            self._unsaved_outcomes.pop(round_id, None)
+        except DiskFull as exc:
+            self.disk.note(exc, f"saving the outcome of round {round_id}")
+            self._unsaved_outcomes[round_id] = outcome
+
+    def _persist_now(self, state: RoundState, *, new: bool = False) -> None:
         now = self.clock()
         if new:
             self.db.put_round(round_id=state.round_id, round_number=state.manifest.round_number, term=state.term,
@@ -397,16 +460,19 @@ class RoundDriver:
             if verdict.accepted and state.merged_sha256 == message.merged_sha256:
                 # Keep the coordinator's signed word: the round record lists what it aggregated
                 # (our own view of the submissions may differ), and we can serve it to a late node.
-                self.db.set_outcome(state.round_id, codec.encode(message))
+                self._save_outcome(state.round_id, codec.encode(message))
             return verdict
         if isinstance(message, RoundFailed):
             return self._feed(state, FailureSeen(message, now))
         return Validation(Verdict.IGNORE, "not_a_round_message")
 
     def _record_submission(self, state: RoundState, a: SubmissionAnnounce, status: str, reason: str) -> None:
-        self.db.add_submission(round_id=state.round_id, node_id=a.participant_node_id, announce=codec.encode(a),
-                               delta_sha256=a.delta_sha256, num_samples=a.num_samples, status=status, reason=reason,
-                               now=self.clock())
+        try:
+            self.db.add_submission(round_id=state.round_id, node_id=a.participant_node_id, announce=codec.encode(a),
+                                   delta_sha256=a.delta_sha256, num_samples=a.num_samples, status=status,
+                                   reason=reason, now=self.clock())
+        except DiskFull as exc:  # the verdict stands in memory (and in the coordinator's snapshot)
+            self.disk.note(exc, f"recording a submission to round {state.round_id}")
 
     def _on_manifest(self, manifest: RoundManifest, now: float) -> Validation:
         if manifest.round_id in self.rounds:
@@ -477,7 +543,7 @@ class RoundDriver:
         """The coordinator's decision to open the next round (None = not now). `force` skips the
         round budget, the pause and the member quorum (an operator's `fednode start-round`)."""
         cfg = self.config.round
-        if not self.enabled or self.coordinator != self.me or self.open_round() is not None:
+        if not self.enabled or self.coordinator != self.me or self.open_round() is not None or self.disk.paused:
             return None
         if self.trainer is None or self._installing or self._aggregating:
             return None  # the next round must start from the adapter being installed now
@@ -502,12 +568,19 @@ class RoundDriver:
             max_participants=cfg.max_participants, round_timeout_seconds=cfg.round_timeout_seconds, created_at=now,
             term=self.term, round_number=number, base_model_hash=self.trainer.base_model_hash,
             start_adapter_sha256=latest.merged_sha256 if latest else "",
-            start_adapter_size=self.store.size(latest.merged_sha256) if latest else 0,
+            start_adapter_size=self._merged_size(latest) if latest else 0,
             local_steps=cfg.local_steps, aggregation=cfg.aggregation,
         )
         manifest = codec.sign(manifest, self.identity)
         self._adopt(manifest, now)
         return manifest
+
+    def _merged_size(self, row: Any) -> int:
+        """A published round's merged adapter size, from the round record: our copy of the blob may
+        be gone (deleted, quarantined); the manifest names it and participants fetch it from any holder."""
+        if self.store.has(row.merged_sha256):
+            return self.store.size(row.merged_sha256)
+        return int((row.record or {}).get("merged_size", 0))
 
     @staticmethod
     def _finished_at(row: Any) -> float:
@@ -517,10 +590,22 @@ class RoundDriver:
     async def _train_and_submit(self, manifest: RoundManifest) -> None:
         if self.trainer is None:
             return
+        if self.disk.paused:  # resume_after_disk_full trains for it if the round is still open
+            self._deferred_training.add(manifest.round_id)
+            return
+        try:
+            await self._train_and_submit_now(manifest)
+        except Exception as exc:
+            if is_disk_full(exc):
+                self._deferred_training.add(manifest.round_id)
+            raise
+
+    async def _train_and_submit_now(self, manifest: RoundManifest) -> None:
+        assert self.trainer is not None
         async with self._train_lock:
             start = await self._start_adapter(manifest)
             cached = self.db.get_own_update(manifest.round_number, manifest.start_adapter_sha256)
-            if cached is not None and self.store.has(cached.delta_sha256):
+            if cached is not None and await self._own_update_present(manifest, cached):
                 update = cached
             else:
                 update = await self._train(manifest, start)
@@ -536,6 +621,19 @@ class RoundDriver:
             await self.publish(announce)
         if self.config.learning.evaluate:  # after submitting: scoring never holds a round up
             self._spawn(self._evaluate, manifest.round_id, "local", update.delta_sha256)
+
+    async def _own_update_present(self, manifest: RoundManifest, update: OwnUpdate) -> bool:
+        """Our update from before a restart, verified. Missing or corrupt, it is fetched from the
+        coordinator (which may have pulled it already); False: train again."""
+        sha = update.delta_sha256
+        try:
+            await self._read_blob(sha, lambda: self._fetch(sha, None,
+                                                           [manifest.coordinator_node_id, *self.holders(sha)]))
+        except (TransportError, trio.TooSlowError, BlobIntegrityError) as exc:
+            logger.info("round %s: our earlier update %s is gone (%s); training again", manifest.round_id,
+                        sha[:16], str(exc)[:200])
+            return False
+        return True
 
     async def _train(self, manifest: RoundManifest, start: bytes | None) -> OwnUpdate:
         assert self.trainer is not None
@@ -565,11 +663,26 @@ class RoundDriver:
         sha = manifest.start_adapter_sha256
         if not sha:
             return None
-        if not self.store.has(sha):
-            await self._fetch(sha, manifest.start_adapter_size, [manifest.coordinator_node_id, *self.holders(sha)])
-        return self.store.read(sha)
+        return await self._read_blob(sha, lambda: self._fetch(
+            sha, manifest.start_adapter_size, [manifest.coordinator_node_id, *self.holders(sha)]))
 
-    async def _fetch(self, sha: str, size: int, holders: list[str]) -> None:
+    async def _read_blob(self, sha: str, fetch: Callable[[], Awaitable[None]]) -> bytes:
+        """The verified bytes of a blob this node needs. Missing, or corrupt on our disk (the read
+        quarantines it), it is fetched again with `fetch` (from the other holders; never from us)."""
+        for attempt in range(MAX_BLOB_REFETCHES + 1):
+            if not self.store.has(sha):
+                await fetch()
+            try:
+                return self.store.read(sha)
+            except BlobIntegrityError as exc:
+                if attempt == MAX_BLOB_REFETCHES:
+                    raise
+                logger.warning("blob %s is corrupt on disk (%s): quarantined; fetching it again", sha[:16], exc)
+            except KeyError:  # removed between has() and the read: fetch it
+                continue
+        raise BlobIntegrityError(f"blob {sha} still missing after {MAX_BLOB_REFETCHES} fetches")
+
+    async def _fetch(self, sha: str, size: int | None, holders: list[str]) -> None:
         """Fetch a blob once: concurrent callers for the same sha256 wait for the first one."""
         lock = self._fetch_locks.setdefault(sha, trio.Lock())
         try:
@@ -580,10 +693,11 @@ class RoundDriver:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._fetch_locks.pop(sha, None)
 
-    async def _fetch_now(self, sha: str, size: int, holders: list[str]) -> None:
+    async def _fetch_now(self, sha: str, size: int | None, holders: list[str]) -> None:
+        """Fetch `sha` from `holders` (`size`: the announced size, None when unknown)."""
         assert self.transport is not None
         peers = [h for h in dict.fromkeys(holders) if h and h != self.me]
-        self.progress.transfer = {"sha256": sha, "size": size, "done": 0}
+        self.progress.transfer = {"sha256": sha, "size": size or 0, "done": 0}
 
         def progress(done: int, total: int) -> None:
             self.progress.transfer.update(done=done, size=total)
@@ -593,12 +707,18 @@ class RoundDriver:
                 await fetch_blob(self.transport, sha, peers, self.store, expected_size=size,
                                  max_size=self.config.blobs.max_blob_bytes, progress=progress)
         except* TransportError as group:  # fetch_blob's worker nursery wraps e.g. our own transport closing
-            first = group.exceptions[0]
+            first = _first_leaf(group)
             if isinstance(first, TransferError):
                 raise first from None
             raise TransferError(f"blob {sha}: {first}"[:300]) from None
-        self.progress.bytes_fetched += size
-        self.progress.transfer.update(done=size, state="verified")
+        except* OSError as group:  # writing the download: a full disk is a pause, not a crash
+            first = _first_leaf(group)
+            if is_disk_full(first):
+                raise DiskFull(f"fetching blob {sha}: {first}"[:300]) from None
+            raise
+        fetched = self.store.size(sha)
+        self.progress.bytes_fetched += fetched
+        self.progress.transfer.update(done=fetched, state="verified")
 
     # -- coordinator: collect and aggregate ---------------------------------------------------
     def _start_prefetch(self, state: RoundState, a: SubmissionAnnounce) -> None:
@@ -625,9 +745,13 @@ class RoundDriver:
                 await trio.sleep(delay)
                 delay = min(2 * delay, DEFAULT_PREFETCH_RETRY_MAX_SECONDS)
         except (FednodeError, trio.TooSlowError, OSError) as exc:
+            if self.disk.note(exc, f"fetching {a.participant_node_id[-8:]}'s update"):
+                self._prefetched.pop(key).set()  # our disk's fault, not theirs: fetch again on resume
+                return
             self._update_errors[key] = f"{type(exc).__name__}: {exc}"[:200]
         finally:
-            self._prefetched[key].set()
+            if key in self._prefetched:
+                self._prefetched[key].set()
 
     def _may_serve_soon(self, node_id: str) -> bool:
         """Live, or we are too freshly started to have heard its heartbeats yet (a restart)."""
@@ -635,13 +759,15 @@ class RoundDriver:
         settling = self.clock() - self._started_at < c.heartbeat_interval_seconds * c.liveness_timeout_heartbeats
         return settling or node_id in self.live_members()
 
+    def _fetch_delta(self, a: SubmissionAnnounce) -> Callable[[], Awaitable[None]]:
+        return lambda: self._fetch(a.delta_sha256, a.delta_size,
+                                   [a.participant_node_id, *self.holders(a.delta_sha256)])
+
     async def _check_delta(self, a: SubmissionAnnounce) -> None:
-        if not self.store.has(a.delta_sha256):
-            await self._fetch(a.delta_sha256, a.delta_size, [a.participant_node_id, *self.holders(a.delta_sha256)])
-        if self.store.size(a.delta_sha256) != a.delta_size:
-            raise InvalidUpdate(f"blob is {self.store.size(a.delta_sha256)} bytes, announced {a.delta_size}")
+        data = await self._read_blob(a.delta_sha256, self._fetch_delta(a))
+        if len(data) != a.delta_size:
+            raise InvalidUpdate(f"blob is {len(data)} bytes, announced {a.delta_size}")
         if self.trainer is not None:
-            data = self.store.read(a.delta_sha256)
             trainer = self.trainer
             max_norm = self.config.aggregation.max_update_norm
             if self.inline_training:
@@ -663,6 +789,8 @@ class RoundDriver:
             self._start_prefetch(state, a)
         for a in effect.announces:
             await self._prefetched[(state.round_id, a.participant_node_id)].wait()
+        if self.disk.paused:  # a download hit the full disk: resume_after_disk_full re-plans
+            return
         bad = [(a, self._update_errors[(state.round_id, a.participant_node_id)]) for a in effect.announces
                if (state.round_id, a.participant_node_id) in self._update_errors]
         if not self._aggregation_wanted(state):
@@ -676,7 +804,7 @@ class RoundDriver:
         learning = self.config.learning
         if learning.task == "fake" and learning.fake_aggregate_delay_seconds:  # fault tests act in this gap
             await trio.sleep(learning.fake_aggregate_delay_seconds)
-        datas = [self.store.read(a.delta_sha256) for a in effect.announces]
+        datas = [await self._read_blob(a.delta_sha256, self._fetch_delta(a)) for a in effect.announces]
         weights = [float(a.num_samples) for a in effect.announces]
         from fednode.aggregation import aggregate, dump_delta
 
@@ -720,22 +848,27 @@ class RoundDriver:
 
     async def _on_published(self, state: RoundState, announce: AggregateAnnounce) -> None:
         signed = codec.sign(announce, self.identity)
-        self.db.set_outcome(state.round_id, codec.encode(signed))
+        self._save_outcome(state.round_id, codec.encode(signed))
         await self.publish(signed)
         await self._install(InstallAdapter(state.round_id, announce.merged_sha256, announce.merged_size))
 
     async def _on_failed(self, state: RoundState, failure: RoundFailed) -> None:
         signed = codec.sign(failure, self.identity)
-        self.db.set_outcome(state.round_id, codec.encode(signed))
+        self._save_outcome(state.round_id, codec.encode(signed))
         await self.publish(signed)
         self._finish_failed(state)
 
     def _finish_failed(self, state: RoundState) -> None:
         record = self._record(state, "failed", "", 0)
         row = self.db.get_round(state.round_id)
-        self.db.finish_round(state.round_id, state="failed", merged_sha256="", outcome=(row.outcome or b"")
-                             if row else b"", record=record, now=self.clock())
-        write_record(self.config.data_dir, record)
+        try:
+            self.db.finish_round(state.round_id, state="failed", merged_sha256="", outcome=(row.outcome or b"")
+                                 if row else b"", record=record, now=self.clock())
+            write_record(self.config.data_dir, record)
+        except (DiskFull, OSError) as exc:
+            if not self.disk.note(exc, f"recording failed round {state.round_id}"):
+                raise
+            return  # resume_after_disk_full records it
         self.progress.rounds_failed += 1
 
     async def _install(self, effect: InstallAdapter) -> None:
@@ -744,9 +877,7 @@ class RoundDriver:
             return
         self._installing.add(effect.round_id)
         try:
-            if not self.store.has(effect.sha256):
-                await self._fetch_merged(state, effect)
-            merged = self.store.read(effect.sha256)
+            merged = await self._read_blob(effect.sha256, lambda: self._fetch_merged(state, effect))
             number = state.manifest.round_number
             target = self.adapter_dir(number)
             if self.trainer is not None:
@@ -760,7 +891,7 @@ class RoundDriver:
                     work()
                 else:
                     await trio.to_thread.run_sync(work)
-            _point_latest(self.config.data_dir / "adapters", target.name)
+            _point_latest(self.config.data_dir / "adapters", number)
             metrics = dict(self._metrics.get(state.round_id, {}))
             own = self.db.get_own_update(number, state.manifest.start_adapter_sha256)
             if own is not None:
@@ -771,8 +902,9 @@ class RoundDriver:
                                  outcome=(row.outcome or b"") if row else b"", record=record, now=self.clock())
             write_record(self.config.data_dir, record)
             self.progress.rounds_completed = self._count_installed()
-            self.progress.last_merged = {"round_number": number, "sha256": effect.sha256, "path": str(target),
-                                         "metrics": metrics.get("merged", {})}
+            if number >= self.progress.last_merged.get("round_number", 0):  # an older round installed late
+                self.progress.last_merged = {"round_number": number, "sha256": effect.sha256, "path": str(target),
+                                             "metrics": metrics.get("merged", {})}
             logger.info("round %s installed: merged %s", state.round_id, effect.sha256[:16])
         finally:
             self._installing.discard(effect.round_id)
@@ -880,12 +1012,36 @@ class RoundDriver:
         return out
 
 
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
 def _finite(x: float) -> float:
     return x if math.isfinite(x) and x >= 0 else 0.0
 
 
-def _point_latest(adapters: Any, name: str) -> None:
-    """adapters/latest -> round-<n>, replaced atomically."""
+def _latest_round(adapters: Path) -> int | None:
+    """The round number adapters/latest names, if it names an installed round."""
+    try:
+        name = os.readlink(adapters / "latest")
+    except OSError:
+        return None
+    prefix = "round-"
+    if not name.startswith(prefix) or not name[len(prefix):].isdigit() or not (adapters / name).is_dir():
+        return None
+    return int(name[len(prefix):])
+
+
+def _point_latest(adapters: Path, round_number: int) -> None:
+    """adapters/latest -> round-<n>, replaced atomically; never moved back to an older round (rounds
+    can be installed out of order: a merged adapter fetched late, a round resumed after a restart)."""
+    current = _latest_round(adapters)
+    if current is not None and current > round_number:
+        return
+    name = f"round-{round_number}"
     tmp = adapters / ".latest.tmp"
     tmp.unlink(missing_ok=True)
     os.symlink(name, tmp)

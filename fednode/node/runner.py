@@ -14,6 +14,7 @@ from fednode.identity import load_key_file
 from fednode.node.control import check_socket_path
 from fednode.node.daemon import Node
 from fednode.node.trainers import Trainer, make_trainer
+from fednode.state import StateDB
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 logger = logging.getLogger("fednode.run")
@@ -32,6 +33,7 @@ def setup_logging(level: str = "INFO") -> None:
 async def run_daemon(config: Config) -> None:
     check_socket_path(config.control_socket_path)  # before any task starts: a ConfigError, not a crash
     identity = load_key_file(config.key_path)
+    StateDB(config.data_dir / "state.sqlite").close()  # a corrupt one is refused (CorruptState) before the slow load
     trainer: Trainer | None = None
     if config.research.federated_learning:
         logger.info("loading the %s task (federated_learning = true)", config.learning.task)

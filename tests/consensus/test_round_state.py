@@ -302,3 +302,27 @@ def test_superseded_closes_an_open_round_locally_and_is_harmless_when_finished()
     done.handle(CloseSubmissions(EPOCH + 2))
     done.handle(AggregationDone("c" * 64, 7, EPOCH + 3))
     assert done.handle(Superseded("r1-t9", EPOCH + 4)).effects == () and done.phase is Phase.PUBLISHED
+
+
+def test_a_round_that_fails_before_its_deadline_does_not_blame_the_deadline() -> None:
+    """Issue 13: "a round failed with 'deadline passed' 47 s before its deadline". Cause: a round
+    closed early (every live member submitted, or max_participants) re-plans when an accepted
+    update proves unusable (blob unavailable after the prefetch patience, invalid); with fewer
+    than min_participants left it fails at once, and the reason said the deadline had passed."""
+    state = started(min_participants=2, max_participants=3, round_timeout_seconds=120.0)
+    for who in (P1, P2):
+        state.handle(SubmissionReceived(announce(who), EPOCH + 1))
+    state.handle(CloseSubmissions(EPOCH + 2))  # the driver's close-early
+    deadline = state.deadline
+    now = deadline - 47.0
+    out = state.handle(ContributionRejected(P2.node_id, "unavailable", now, "no holder served it"))
+    assert state.phase is Phase.FAILED
+    (failure,) = [e for e in out.effects if isinstance(e, PublishFailure)]
+    reason = failure.failure.reason
+    assert "deadline passed" not in reason, reason
+    assert "unavailable" in reason and "min_participants=2" in reason and "47 s before its deadline" in reason
+    at_deadline = started(min_participants=2)
+    out = at_deadline.handle(Tick(at_deadline.deadline))
+    (failure,) = out.effects
+    assert isinstance(failure, PublishFailure)
+    assert failure.failure.reason.startswith("deadline passed with 0 accepted")

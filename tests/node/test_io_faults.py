@@ -1,0 +1,353 @@
+"""I/O faults are states, not crashes (issue 13, part 3).
+
+- A full disk (ENOSPC from the blob store, SQLITE_FULL from state.sqlite) pauses participation:
+  `status()["paused"]` says why, Prometheus counts it, the others finish the round without the
+  node, and once writes succeed again it resumes and installs what it missed.
+- A blob missing or corrupt on our disk (the coordinator's latest merged adapter, a participant's
+  merged adapter or start adapter) is quarantined and fetched again from another holder.
+- A corrupt state.sqlite is refused at start with what to do, a non-zero exit and no traceback.
+- adapters/latest never moves back to an older round (an older round installed late, or again).
+
+Faults are injected in-process on the memory transport (virtual clock); a real full tmpfs is
+tried too when the tests run as root.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from fednode.blobs.store import BlobWriter, PartialBlob
+from fednode.cli import main as cli_main
+from fednode.config import config_to_dict, dump_toml
+from fednode.consensus import InstallAdapter
+from fednode.node.daemon import Node
+from fednode.node.metrics import StatusCollector
+from fednode.node.trainers import FakeTrainer
+from fednode.state import StateDB
+from tests.node.checks import check_round_agreement, read_record
+from tests.node.conftest import cluster, node_config, wait_until
+
+N = 3
+AUTOJUMP_THRESHOLD = 0.01  # see test_crash.py
+PAUSE_BETWEEN_ROUNDS = 5.0  # the window in which a test breaks something before the next round
+ROUND_TIMEOUT = 20.0
+WAIT = 300.0  # virtual seconds; every wait below is on a condition
+
+
+def _sections(rounds: int) -> dict[str, dict[str, Any]]:
+    return {"round": {"max_rounds": rounds, "pause_seconds": PAUSE_BETWEEN_ROUNDS,
+                      "round_timeout_seconds": ROUND_TIMEOUT}}
+
+
+@pytest.fixture
+def clock(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
+    autojump_clock.autojump_threshold = AUTOJUMP_THRESHOLD
+    return autojump_clock
+
+
+def _flip_first_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _participants(nodes: list[Node], coordinator: str) -> list[Node]:
+    return [n for n in nodes if n.node_id != coordinator]
+
+
+# -- a full disk ---------------------------------------------------------------------------------
+class FullDisk:
+    """Makes one node's disk 'full': state.sqlite writes fail with SQLITE_FULL and blob-store,
+    record and adapter writes with ENOSPC, while `full` is set. Other nodes are untouched."""
+
+    def __init__(self, node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = False
+        self.refused = 0
+        root = node.config.data_dir
+        node.db._conn = _FullConnection(node.db._conn, self)  # type: ignore[assignment]
+
+        def guard(path: Path | None) -> None:
+            if self.full and (path is None or root in Path(path).parents):
+                self.refused += 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        real_write, real_chunk = BlobWriter.write, PartialBlob.write_chunk
+
+        def write(w: BlobWriter, data: Any) -> None:
+            guard(w._store.root / "x")
+            real_write(w, data)
+
+        def write_chunk(p: PartialBlob, index: int, data: Any) -> None:
+            guard(p.store.root / "x")
+            real_chunk(p, index, data)
+
+        monkeypatch.setattr(BlobWriter, "write", write)
+        monkeypatch.setattr(PartialBlob, "write_chunk", write_chunk)
+        import fednode.fsutil
+
+        real_atomic = fednode.fsutil.atomic_write_bytes
+
+        def atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+            guard(path)
+            real_atomic(path, data, mode=mode)
+
+        monkeypatch.setattr(fednode.fsutil, "atomic_write_bytes", atomic)
+        trainer = node.trainer
+        assert isinstance(trainer, FakeTrainer)
+        real_install = trainer.install
+
+        def install(adapter: bytes, directory: Path, **kw: Any) -> None:
+            guard(directory)
+            real_install(adapter, directory, **kw)
+
+        trainer.install = install  # type: ignore[method-assign]
+
+
+class _FullConnection:
+    """A sqlite3 connection whose writes fail like a full disk does (SQLITE_FULL)."""
+
+    WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+    def __init__(self, conn: sqlite3.Connection, disk: FullDisk) -> None:
+        self._conn, self._disk = conn, disk
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if self._disk.full and sql.lstrip().upper().startswith(self.WRITES):
+            self._disk.refused += 1
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # what sqlite sets on a real SQLITE_FULL
+            raise exc
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _metric(node: Node, name: str) -> float:
+    for family in StatusCollector(node.status).collect():
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"no metric {name}")
+
+
+async def test_disk_full_pauses_participation_then_resumes(tmp_path: Path, clock: trio.testing.MockClock,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **_sections(2)) for i in range(N)]
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+        coordinator = read_record(nodes[0], 1)["final_coordinator_node_id"]
+        victim = _participants(nodes, coordinator)[0]
+        others = [n for n in nodes if n is not victim]
+        disk = FullDisk(victim, monkeypatch)
+        disk.full = True  # before round 2 opens (PAUSE_BETWEEN_ROUNDS)
+
+        # the others finish round 2 without the victim (at the deadline: the victim is live but silent)
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in others), WAIT)
+        record = read_record(others[0], 2)
+        assert victim.node_id not in {a["node_id"] for a in record["accepted"]}
+        assert len(record["accepted"]) == 2
+        await wait_until(lambda: victim.driver.rounds.get(record["round_id"]) is not None, WAIT)
+        status = victim.status()
+        assert status["paused"] is not None and status["paused"]["reason"] == "disk_full", status["paused"]
+        assert "full" in status["paused"]["detail"] or "space" in status["paused"]["detail"]
+        assert status["disk_full_events"] == 1 and disk.refused > 0
+        assert _metric(victim, "fednode_disk_full_pauses_total") == 1
+        assert _metric(victim, "fednode_paused") == 1
+        assert victim.driver.progress.rounds_completed == 1  # nothing installed while paused
+
+        disk.full = False  # space returns: the probe succeeds within DISK_FULL_RETRY_SECONDS
+        paused_at = trio.current_time()
+        await wait_until(lambda: victim.driver.progress.rounds_completed >= 2, WAIT)
+        from fednode.node.diskfull import DISK_FULL_RETRY_SECONDS
+
+        assert trio.current_time() - paused_at <= DISK_FULL_RETRY_SECONDS + 5.0
+        assert victim.status()["paused"] is None and _metric(victim, "fednode_paused") == 0
+        assert victim.status()["disk_full_events"] == 1
+        check_round_agreement(nodes, 2)
+        # the round the victim saw while paused is in its state.sqlite now
+        row = victim.db.get_round(record["round_id"])
+        assert row is not None and row.state == "published" and row.merged_sha256 == record["merged_sha256"]
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_real_full_tmpfs_gives_disk_full_not_a_crash(tmp_path: Path) -> None:
+    """On a real 2 MiB tmpfs: the store and state.sqlite raise DiskFull / ENOSPC (typed), the
+    probe says full until space is freed, then passes."""
+    from fednode.blobs.store import BlobStore
+    from fednode.errors import DiskFull, is_disk_full
+    from fednode.node.diskfull import probe_free_space
+
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "2m"):
+        pytest.skip("needs root and tmpfs mounts (mount -t tmpfs) to fill a real filesystem")
+    try:
+        db = StateDB(mnt / "state.sqlite")
+        store = BlobStore(mnt / "blobs")
+        filler = mnt / "filler"
+        with pytest.raises(OSError) as info, open(filler, "wb") as f:
+            while True:
+                f.write(b"\1" * 65536)
+                f.flush()
+        assert info.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as info2:
+            store.put_bytes(os.urandom(512 * 1024))
+        assert is_disk_full(info2.value)
+        with pytest.raises(DiskFull):
+            for i in range(200):  # grows the WAL until sqlite hits the full disk
+                db.set_meta(f"k{i}", "x" * 4000)
+        with pytest.raises(DiskFull):
+            probe_free_space(mnt / "blobs")
+        filler.unlink()
+        probe_free_space(mnt / "blobs")
+        db.probe_write(1.0)
+        db.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# -- missing or corrupt blobs ---------------------------------------------------------------------
+async def test_coordinator_whose_latest_merged_blob_was_deleted_fetches_it_again(
+        tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **_sections(2)) for i in range(N)]
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+        first = read_record(nodes[0], 1)
+        coord = next(n for n in nodes if n.node_id == first["final_coordinator_node_id"])
+        coord.store.delete(first["merged_sha256"])  # before round 2 opens
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes), WAIT)
+        second = check_round_agreement(nodes, 2)
+        assert second["manifest"]["start_adapter_sha256"] == first["merged_sha256"]
+        assert second["manifest"]["start_adapter_size"] == first["merged_size"]
+        assert len(second["accepted"]) == N  # the coordinator trained from it too
+        assert coord.store.has(first["merged_sha256"])  # fetched again from a holder
+
+
+async def test_participant_with_a_corrupt_merged_blob_fetches_it_again(
+        tmp_path: Path, clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **_sections(1)) for i in range(N)]
+        await wait_until(lambda: bool(nodes[0].election.coordinator), WAIT)
+        victim = _participants(nodes, nodes[0].election.coordinator)[0]
+        real = victim.driver._fetch_merged
+        corrupted: list[str] = []
+
+        async def fetch_then_rot(state: Any, effect: InstallAdapter) -> None:
+            await real(state, effect)
+            if not corrupted:  # the disk corrupts the first copy it is given
+                corrupted.append(effect.sha256)
+                _flip_first_byte(victim.store.path(effect.sha256))
+
+        monkeypatch.setattr(victim.driver, "_fetch_merged", fetch_then_rot)
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+        record = check_round_agreement(nodes, 1)
+        if victim.node_id == record["final_coordinator_node_id"]:
+            pytest.fail("the victim became coordinator; it never fetches the merged blob")
+        assert corrupted == [record["merged_sha256"]]
+        quarantined = list((victim.store.root / "quarantine").iterdir())
+        assert [p.name.split(".")[0] for p in quarantined] == [record["merged_sha256"]]
+
+
+async def test_participant_with_a_corrupt_start_adapter_fetches_it_again(
+        tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **_sections(2)) for i in range(N)]
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+        first = read_record(nodes[0], 1)
+        victim = _participants(nodes, first["final_coordinator_node_id"])[0]
+        _flip_first_byte(victim.store.path(first["merged_sha256"]))  # bit rot before round 2 opens
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes), WAIT)
+        second = check_round_agreement(nodes, 2)
+        assert victim.node_id in {a["node_id"] for a in second["accepted"]}  # it trained from a good copy
+        assert len(list((victim.store.root / "quarantine").iterdir())) == 1
+
+
+# -- adapters/latest -----------------------------------------------------------------------------
+async def test_latest_never_points_back_to_an_older_round(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    """An older round installed after a newer one (a merged adapter fetched late, or a round
+    resumed after federated_learning was switched back on) must not move adapters/latest back."""
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **_sections(2)) for i in range(N)]
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes), WAIT)
+        node = nodes[0]
+        latest = node.config.data_dir / "adapters" / "latest"
+        assert os.readlink(latest) == "round-2"
+        first = read_record(node, 1)
+        await node.driver._install(InstallAdapter(first["round_id"], first["merged_sha256"], first["merged_size"]))
+        assert os.readlink(latest) == "round-2"
+        assert node.status()["last_merged"]["round_number"] == 2
+
+
+async def test_latest_stays_on_the_newest_round_when_an_older_one_resumes_after_restart(
+        tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    """Round 1 decided but not recorded (the node stopped, or federated_learning was off, before it
+    installed round 1), round 2 installed: the restart re-installs round 1; latest stays on round 2."""
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **_sections(2)) for i in range(N)]
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes), WAIT)
+        first = read_record(nodes[0], 1)
+        victim = _participants(nodes, first["final_coordinator_node_id"])[0]
+        index = nodes.index(victim)
+        c.kill(index)
+        await trio.sleep(1.0)
+        with sqlite3.connect(victim.config.data_dir / "state.sqlite") as conn:
+            conn.execute("UPDATE rounds SET record = NULL WHERE round_id = ?", (first["round_id"],))
+        conn.close()
+        again = await c.start(index, N, **_sections(2))
+        await wait_until(lambda: again.driver.progress.rounds_completed >= 2, WAIT)
+        assert os.readlink(again.config.data_dir / "adapters" / "latest") == "round-2"
+        assert again.status()["last_merged"]["round_number"] == 2
+
+
+# -- a corrupt state.sqlite ----------------------------------------------------------------------
+def _corrupt_not_a_database(path: Path) -> None:
+    path.write_bytes(b"this is not an sqlite file " * 200)
+
+
+def _corrupt_a_page(path: Path) -> None:
+    db = StateDB(path)
+    for i in range(200):  # several pages of rows and index
+        db.put_round(round_id=f"r{i}", round_number=i, term=0, coordinator="c", manifest=b"m" * 300,
+                     state="published", now=1.0)
+    db.close()  # the last close checkpoints the WAL into the main file
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 4 * page
+    data[2 * page: 3 * page] = os.urandom(page)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_not_a_database, _corrupt_a_page], ids=["not_a_database", "bad_page"])
+def test_corrupt_state_db_is_refused_at_start_with_advice(tmp_path: Path, corrupt: Any) -> None:
+    data_dir = tmp_path / "node"
+    config = node_config(data_dir, 0, 1)
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(dump_toml(config_to_dict(config)))
+    assert cli_main(["keygen", str(config.key_path)]) == 0
+    db_path = data_dir / "state.sqlite"
+    corrupt(db_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "fednode", "run", "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert str(db_path) in proc.stderr and "corrupt" in proc.stderr
+    assert "mv " in proc.stderr and "resync" in proc.stderr, proc.stderr
+    assert db_path.exists()  # refused, not deleted: moving it aside is the operator's call
