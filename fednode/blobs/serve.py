@@ -92,6 +92,7 @@ class ServeStatistics:
     chunks_served: int = 0
     manifests_served: int = 0
     rejected_busy_by_peer: dict[str, int] = field(default_factory=dict)
+    # send_timeout, peer_gone, protocol_error, internal_error
     aborted_by_reason: dict[str, int] = field(default_factory=dict)
     refused_by_reason: dict[str, int] = field(default_factory=dict)  # streams refused at the door
 
@@ -147,9 +148,15 @@ class BlobServer:
             log.info("blob stream to %s aborted: send timeout", peer)
         except PeerUnavailable:
             self._aborted["peer_gone"] += 1
-        except RemoteProtocolError as exc:
+        except RemoteProtocolError as exc:  # garbage, an oversize frame, a lane frame that fails its MAC
             self._aborted["protocol_error"] += 1
             log.info("blob stream from %s: protocol error: %s", peer, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._aborted["peer_gone"] += 1
+            log.info("blob stream from %s broke: %r", peer, exc)
+        except Exception:  # contained here, whatever it is: one stream never takes the node down
+            self._aborted["internal_error"] += 1
+            log.exception("blob stream from %s failed", peer)
         finally:
             self._active[peer] -= 1
             if not self._active[peer]:
