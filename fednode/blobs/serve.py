@@ -92,7 +92,7 @@ class ServeStatistics:
     chunks_served: int = 0
     manifests_served: int = 0
     rejected_busy_by_peer: dict[str, int] = field(default_factory=dict)
-    # send_timeout, peer_gone, protocol_error, internal_error
+    # send_timeout, idle_timeout, peer_gone, protocol_error (undecodable), bad_request, internal_error
     aborted_by_reason: dict[str, int] = field(default_factory=dict)
     refused_by_reason: dict[str, int] = field(default_factory=dict)  # streams refused at the door
 
@@ -191,8 +191,11 @@ class BlobServer:
     async def _serve_channel(self, channel: FrameChannel, stream: Stream | None) -> None:
         while True:
             frame = None
-            with trio.move_on_after(self.limits.idle_timeout):
+            with trio.move_on_after(self.limits.idle_timeout) as idle:
                 frame = await channel.receive_frame(0)
+            if idle.cancelled_caught:
+                self._aborted["idle_timeout"] += 1
+                return
             if frame is None:
                 return
             header, _ = frame
@@ -202,6 +205,7 @@ class BlobServer:
                 if kind in (GET_MANIFEST, GET_CHUNKS):
                     check_hex_digest(sha)  # type: ignore[arg-type]
             except DecodeError as exc:
+                self._aborted["bad_request"] += 1
                 await self._send(channel, error_header(ERR_BAD_REQUEST, str(exc)))
                 return
             if kind == GET_MANIFEST:
@@ -224,6 +228,7 @@ class BlobServer:
                         await lane.aclose()
                     return
             else:
+                self._aborted["bad_request"] += 1
                 await self._send(channel, error_header(ERR_BAD_REQUEST, f"unknown request {kind!r:.40}"))
                 return
 
@@ -237,6 +242,7 @@ class BlobServer:
             or not 0 < len(idx) <= self.limits.max_chunks_per_request
             or not all(type(i) is int and 0 <= i < m.num_chunks for i in idx)
         ):
+            self._aborted["bad_request"] += 1
             await self._send(channel, error_header(ERR_BAD_REQUEST, "bad chunk index list"))
             return False
         # Reading, verifying and sealing run in a worker thread, `readahead` frames ahead of the
