@@ -10,6 +10,7 @@ import collections
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,18 @@ class ControlServer:
         self._served += 1
 
 
+def _refuse_a_live_socket(path: Path) -> None:
+    """A socket someone still accepts on belongs to a live daemon (e.g. another data dir with the
+    same absolute control.socket): never delete it from under that daemon."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # nothing there, or a stale file of a killed daemon
+    raise ConfigError(f"key 'control.socket': another daemon is serving {path}; give this node its own "
+                      f"control.socket (or node.data_dir)")
+
+
 async def serve_control(path: Path, commands: dict[str, StatusFn], *,
                         timeout: float = DEFAULT_CONTROL_TIMEOUT_SECONDS,
                         task_status: TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED) -> None:
@@ -117,7 +130,8 @@ async def serve_control(path: Path, commands: dict[str, StatusFn], *,
     returns the ControlServer (for `statistics()`)."""
     check_socket_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # a stale socket from a killed daemon (the data-dir lock rules out a live one)
+    _refuse_a_live_socket(path)
+    path.unlink(missing_ok=True)  # a stale socket from a killed daemon
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
