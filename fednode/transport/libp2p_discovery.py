@@ -40,6 +40,7 @@ PEER_EXCHANGE_PROTOCOL = protocol("/fednode/peers/1.0.0")
 MAX_ADDRS_PER_PEER = 8
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_CONCURRENT_DIALS = 32
+DIAL_FAILURE_LOG_EVERY = 10  # a peer's repeated dial failures are logged at INFO once per this many
 PEER_EXCHANGE_SERVE_TIMEOUT = 10.0  # seconds an answer may take to leave before the stream is reset
 
 logger = logging.getLogger("fednode.transport.libp2p")
@@ -130,6 +131,18 @@ def make_peer_exchange_handler(
     return handle
 
 
+def _short(exc: BaseException) -> str:
+    """One line for a dial error: py-libp2p wraps the cause in several layers of messages."""
+    def line(e: BaseException) -> str:
+        return (str(e) or e.__class__.__name__).splitlines()[0]
+
+    root = exc
+    while root.__cause__ is not None:  # the innermost cause says what happened (e.g. refused)
+        root = root.__cause__
+    text = line(exc) if root is exc else f"{line(exc)}: {line(root)}"
+    return text[:300]
+
+
 def _requester(stream: INetStream) -> str:
     try:
         return str(stream.muxed_conn.peer_id)
@@ -189,9 +202,14 @@ async def maintain_links(
         except Exception as exc:
             state.dials_failed += 1
             backoff.failed(trio.current_time(), backoff_min, backoff_max)
-            logger.info("dial %s failed (%d in a row): %r", info.peer_id, backoff.failures, exc)
+            # Expected while a peer is not up yet: said once at INFO (then every DIAL_FAILURE_LOG_EVERY-th)
+            level = logging.INFO if backoff.failures % DIAL_FAILURE_LOG_EVERY == 1 else logging.DEBUG
+            logger.log(level, "dial %s failed (%d in a row): %s; will retry with backoff (at most %g s apart)",
+                       info.peer_id, backoff.failures, _short(exc), backoff_max)
         else:
             state.dials_ok += 1
+            if backoff.failures:
+                logger.info("dial %s succeeded after %d failed attempts", info.peer_id, backoff.failures)
             backoff.succeeded()
         finally:
             if in_flight.get(info.peer_id) == started:

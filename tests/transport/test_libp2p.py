@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from types import SimpleNamespace
@@ -18,9 +19,11 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from multiaddr import Multiaddr
 
+from fednode.harness.cluster import free_port
 from fednode.identity import Identity
 from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
 from fednode.transport.libp2p_discovery import (
+    DIAL_FAILURE_LOG_EVERY,
     PEER_EXCHANGE_PROTOCOL,
     PEER_EXCHANGE_SERVE_TIMEOUT,
     ask_for_peers,
@@ -145,3 +148,26 @@ async def test_a_rude_peer_exchange_asker_leaves_the_node_serving() -> None:
         assert ID.from_base58(c.local_peer_id) in found
         assert b.peers() >= {a.local_peer_id, c.local_peer_id}
         assert set(b.statistics().streams_failed) <= {f"{PEER_EXCHANGE_PROTOCOL}:peer_gone"}
+
+
+async def test_a_bootstrap_peer_not_up_yet_is_logged_once_at_info_not_as_an_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Before: py-libp2p logged `ERROR ... Failed to open TCP stream` on every dial of a peer that
+    is not up yet (a normal start), and we logged each failure again at INFO."""
+    caplog.set_level(logging.DEBUG)
+    absent = Identity.generate().node_id
+
+    def our_failures() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "fednode.transport.libp2p" and absent in r.getMessage()
+                and "failed" in r.getMessage()]
+
+    limits = Libp2pLimits(maintenance_interval=0.1, reconnect_backoff_min=0.1, reconnect_backoff_max=0.4)
+    async with open_libp2p_transport(Identity.generate(), listen_addrs=LOCAL, limits=limits,
+                                     bootstrap=[f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{absent}"]):
+        await wait_until(lambda: len(our_failures()) >= 3, timeout=20)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    ours = our_failures()
+    assert len(ours) >= 3 and len(ours) < DIAL_FAILURE_LOG_EVERY
+    infos = [r for r in ours if r.levelno == logging.INFO]
+    assert len(infos) == 1 and "will retry" in infos[0].getMessage()
