@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from fednode.errors import FednodeError
 
 Handler = Callable[[argparse.Namespace], int]
+EXIT_BROKEN_PIPE = 128 + 13  # as if killed by SIGPIPE, the shell's convention
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -279,12 +281,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        rc = handler(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return rc
     except FednodeError as exc:
         print(f"fednode {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `fednode status | head`: the reader left; stop quietly, like any filter
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -268,8 +268,45 @@ def _check_aggregate_fits(config: Config) -> None:
                       f"'network.max_message_bytes' ({limit}); at most {lo} fit (or raise max_message_bytes)")
 
 
+_LISTEN_FORM = "/ip4/<address>/tcp/<port> or /ip6/<address>/tcp/<port>"
+_BOOTSTRAP_FORM = "/ip4|ip6|dns|dns4|dns6/<host>/tcp/<port>/p2p/<peer id>"
+
+
+def _check_multiaddrs(config: Config) -> None:
+    """Malformed listen/bootstrap addresses are config errors naming the key and the value (before,
+    `config --check` passed them and `run` died in libp2p with a 60-line ExceptionGroup)."""
+    from multiaddr import Multiaddr  # installed with libp2p; imported only here, config stays light
+
+    def parse(key: str, addr: str, form: str) -> list[tuple[str, str]]:
+        def fail(problem: str) -> ConfigError:
+            return ConfigError(f"{config.source}: key '{key}': {addr!r} {problem}; expected {form}")
+
+        try:
+            parsed = Multiaddr(addr)
+            names = [p.name for p in parsed.protocols()]
+            values = [parsed.value_for_protocol(p.code) or "" for p in parsed.protocols()]
+        except Exception as exc:  # the multiaddr package raises several types for "malformed"
+            detail = str(exc).split(" (string:", 1)[0]
+            raise fail(f"is not a valid multiaddr ({detail})") from None
+        if len(names) < 2 or names[1] != "tcp":
+            raise fail("is not a TCP address")
+        return list(zip(names, values, strict=True))
+
+    for addr in config.network.listen:
+        parts = parse("network.listen", addr, _LISTEN_FORM)
+        if parts[0][0] not in ("ip4", "ip6") or len(parts) != 2:
+            raise ConfigError(f"{config.source}: key 'network.listen': {addr!r} cannot be listened on; "
+                              f"expected {_LISTEN_FORM}")
+    for addr in config.network.bootstrap:
+        parts = parse("network.bootstrap", addr, _BOOTSTRAP_FORM)
+        if parts[0][0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or len(parts) != 3 or parts[2][0] != "p2p":
+            raise ConfigError(f"{config.source}: key 'network.bootstrap': {addr!r} must end in /p2p/<peer id> "
+                              f"after a host and TCP port; expected {_BOOTSTRAP_FORM}")
+
+
 def _check_cross_fields(config: Config) -> None:
     where = config.source
+    _check_multiaddrs(config)
     if config.round.min_participants > config.round.max_participants:
         raise ConfigError(f"{where}: key 'round.min_participants' ({config.round.min_participants}) "
                           f"must not exceed 'round.max_participants' ({config.round.max_participants})")

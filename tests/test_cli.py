@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fednode.cli import main
+from fednode.cli import EXIT_BROKEN_PIPE, main
 from fednode.identity import load_key_file
 
 
@@ -44,3 +44,17 @@ def test_run_and_status_refuse_a_socket_path_too_long_naming_the_key(tmp_path: P
         assert main(command) == 1
         err = capsys.readouterr().err
         assert "control.socket" in err and "107-byte limit" in err and "Traceback" not in err
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`fednode status | head` (or any command whose reader leaves): before, a BrokenPipeError
+    traceback; now a quiet exit with the SIGPIPE convention's code."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        done = subprocess.run([sys.executable, "-m", "fednode", "config", "--example"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == EXIT_BROKEN_PIPE
+    assert done.stderr == ""

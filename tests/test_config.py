@@ -40,6 +40,16 @@ def test_gate_defaults_to_false_when_missing() -> None:
         ("research = 1\n", ["[research] must be a table"]),
         ("[round\n", ["not valid TOML"]),
         ("[learning]\nnode_index = 4\nnum_nodes = 4\n", ["learning.node_index"]),
+        # malformed multiaddrs: before, `config --check` passed them and `run` died in libp2p
+        ("[network]\nlisten = [\"/ip4/1.2.3/tcp/1\"]\n", ["bad.toml", "network.listen", "'/ip4/1.2.3/tcp/1'"]),
+        ("[network]\nlisten = [\"/ip4/0.0.0.0/tcp/99999\"]\n", ["network.listen", "99999", "/tcp/<port>"]),
+        ("[network]\nlisten = [\"0.0.0.0:4001\"]\n", ["network.listen", "'0.0.0.0:4001'"]),
+        ("[network]\nlisten = [\"/ip4/0.0.0.0/udp/4001\"]\n", ["network.listen", "not a TCP address"]),
+        ("[network]\nbootstrap = [\"/ip4/10.0.0.1/tcp/4001\"]\n", ["network.bootstrap", "/p2p/<peer id>"]),
+        ("[network]\nbootstrap = [\"/ip4/10.0.0.1/tcp/4001/p2p/notapeer\"]\n",
+         ["network.bootstrap", "'/ip4/10.0.0.1/tcp/4001/p2p/notapeer'", "not a valid multiaddr"]),
+        ("[network]\nbootstrap = [\"12D3KooWLNPE2CA1u4WhPuoA9gdP4Njp5c5DT6MAE1eQrzXBm6ku\"]\n",
+         ["network.bootstrap", "/p2p/<peer id>"]),
     ],
 )
 def test_bad_configs_name_file_key_and_expectation(text: str, needles: list[str]) -> None:
@@ -136,3 +146,12 @@ def test_learning_rate_schedule_keys_reach_the_local_trainer(monkeypatch: pytest
     assert seen["lr_schedule"] == LrSchedule()  # the defaults the demo and bench_quality were tuned with
     with pytest.raises(ConfigError, match=r"learning\.lr_schedule"):
         parse_config('[learning]\nlr_schedule = "step"\n')
+
+
+def test_well_formed_multiaddrs_load() -> None:
+    peer = "12D3KooWLNPE2CA1u4WhPuoA9gdP4Njp5c5DT6MAE1eQrzXBm6ku"
+    net = parse_config(f"""[network]
+listen = ["/ip4/0.0.0.0/tcp/4001", "/ip6/::/tcp/0"]
+bootstrap = ["/ip4/203.0.113.7/tcp/4001/p2p/{peer}", "/dns4/node.example.org/tcp/4001/p2p/{peer}"]
+""").network
+    assert net.listen == ["/ip4/0.0.0.0/tcp/4001", "/ip6/::/tcp/0"] and len(net.bootstrap) == 2

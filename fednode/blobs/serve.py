@@ -92,6 +92,7 @@ class ServeStatistics:
     chunks_served: int = 0
     manifests_served: int = 0
     rejected_busy_by_peer: dict[str, int] = field(default_factory=dict)
+    # send_timeout, idle_timeout, peer_gone, protocol_error (undecodable), bad_request, internal_error
     aborted_by_reason: dict[str, int] = field(default_factory=dict)
     refused_by_reason: dict[str, int] = field(default_factory=dict)  # streams refused at the door
 
@@ -147,9 +148,15 @@ class BlobServer:
             log.info("blob stream to %s aborted: send timeout", peer)
         except PeerUnavailable:
             self._aborted["peer_gone"] += 1
-        except RemoteProtocolError as exc:
+        except RemoteProtocolError as exc:  # garbage, an oversize frame, a lane frame that fails its MAC
             self._aborted["protocol_error"] += 1
             log.info("blob stream from %s: protocol error: %s", peer, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._aborted["peer_gone"] += 1
+            log.info("blob stream from %s broke: %r", peer, exc)
+        except Exception:  # contained here, whatever it is: one stream never takes the node down
+            self._aborted["internal_error"] += 1
+            log.exception("blob stream from %s failed", peer)
         finally:
             self._active[peer] -= 1
             if not self._active[peer]:
@@ -184,8 +191,11 @@ class BlobServer:
     async def _serve_channel(self, channel: FrameChannel, stream: Stream | None) -> None:
         while True:
             frame = None
-            with trio.move_on_after(self.limits.idle_timeout):
+            with trio.move_on_after(self.limits.idle_timeout) as idle:
                 frame = await channel.receive_frame(0)
+            if idle.cancelled_caught:
+                self._aborted["idle_timeout"] += 1
+                return
             if frame is None:
                 return
             header, _ = frame
@@ -195,6 +205,7 @@ class BlobServer:
                 if kind in (GET_MANIFEST, GET_CHUNKS):
                     check_hex_digest(sha)  # type: ignore[arg-type]
             except DecodeError as exc:
+                self._aborted["bad_request"] += 1
                 await self._send(channel, error_header(ERR_BAD_REQUEST, str(exc)))
                 return
             if kind == GET_MANIFEST:
@@ -217,6 +228,7 @@ class BlobServer:
                         await lane.aclose()
                     return
             else:
+                self._aborted["bad_request"] += 1
                 await self._send(channel, error_header(ERR_BAD_REQUEST, f"unknown request {kind!r:.40}"))
                 return
 
@@ -230,6 +242,7 @@ class BlobServer:
             or not 0 < len(idx) <= self.limits.max_chunks_per_request
             or not all(type(i) is int and 0 <= i < m.num_chunks for i in idx)
         ):
+            self._aborted["bad_request"] += 1
             await self._send(channel, error_header(ERR_BAD_REQUEST, "bad chunk index list"))
             return False
         # Reading, verifying and sealing run in a worker thread, `readahead` frames ahead of the

@@ -164,8 +164,9 @@ class Node:
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(watch_disk, self.disk, self._probe_disk, self._resume_after_disk_full)
                 nursery.start_soon(self._timer_loop)
-                await nursery.start(serve_control, self.config.control_socket_path,
-                                    {"status": self.status, "start_round": self._start_round_now})
+                self.control_server = await nursery.start(functools.partial(
+                    serve_control, self.config.control_socket_path,
+                    {"status": self.status, "start_round": self._start_round_now}))
                 metrics = None
                 if self.config.metrics.enabled:
                     from fednode.node.metrics import MetricsServer
@@ -434,6 +435,15 @@ class Node:
         sync_stats = self.sync_server.statistics() if hasattr(self, "sync_server") else None
         out["streams_refused"] = {"blob": getattr(blob_stats, "refused_by_reason", {}),
                                   "sync": getattr(sync_stats, "refused_by_reason", {})}
+        # clients that misbehaved or failed (closed early, stalled, sent garbage or too much), by reason:
+        # each cost only its own connection or stream
+        control_stats = self.control_server.statistics() if hasattr(self, "control_server") else None
+        out["handler_errors"] = {
+            "control": getattr(control_stats, "failed_by_reason", {}),
+            "sync": getattr(sync_stats, "failed_by_reason", {}),
+            "blob": getattr(blob_stats, "aborted_by_reason", {}),
+            "streams": dict(transport_stats.streams_failed) if transport_stats else {},
+        }
         if self.enabled:
             out.update(self.driver.status())
         else:

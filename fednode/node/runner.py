@@ -13,6 +13,7 @@ from fednode.config import Config
 from fednode.identity import load_key_file
 from fednode.node.control import check_socket_path
 from fednode.node.daemon import Node
+from fednode.node.ownership import check_listen_addrs_free, data_dir_lock
 from fednode.node.trainers import Trainer, make_trainer
 from fednode.state import StateDB
 
@@ -32,6 +33,12 @@ def setup_logging(level: str = "INFO") -> None:
 
 async def run_daemon(config: Config) -> None:
     check_socket_path(config.control_socket_path)  # before any task starts: a ConfigError, not a crash
+    with data_dir_lock(config.data_dir):  # held for the daemon's life; a second daemon stops here
+        check_listen_addrs_free(config.network.listen)
+        await _run_locked(config)
+
+
+async def _run_locked(config: Config) -> None:
     identity = load_key_file(config.key_path)
     StateDB(config.data_dir / "state.sqlite").close()  # a corrupt one is refused (CorruptState) before the slow load
     trainer: Trainer | None = None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
-from fednode.errors import PeerUnavailable, RemoteProtocolError
+from fednode.errors import LimitExceeded, PeerUnavailable, RemoteProtocolError
 from fednode.transport.base import Stream, Transport
 
 SYNC_PROTOCOL_ID = "/fednode/sync/1.0.0"
@@ -40,14 +40,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class SyncStatistics:
     served: int = 0
-    refused_by_reason: dict[str, int] = field(default_factory=dict)
+    refused_by_reason: dict[str, int] = field(default_factory=dict)  # not_member, bad_request, too_large
+    failed_by_reason: dict[str, int] = field(default_factory=dict)  # peer_gone, timeout, internal_error
 
 
 async def _read_frame(stream: Stream, max_bytes: int) -> bytes:
     header = await _read_exact(stream, 4)
     (length,) = struct.unpack(">I", header)
     if length > max_bytes:
-        raise RemoteProtocolError(f"sync frame of {length} bytes exceeds the limit of {max_bytes}")
+        raise LimitExceeded(f"sync frame of {length} bytes exceeds the limit of {max_bytes}")
     return await _read_exact(stream, length)
 
 
@@ -75,33 +76,59 @@ class SyncServer:
         self.timeout = timeout
         self._served = 0
         self._refused: collections.Counter[str] = collections.Counter()
+        self._failed: collections.Counter[str] = collections.Counter()
 
     def statistics(self) -> SyncStatistics:
-        return SyncStatistics(self._served, dict(self._refused))
+        return SyncStatistics(self._served, dict(self._refused), dict(self._failed))
+
+    def _fail(self, reason: str, peer: str, detail: object) -> None:
+        self._failed[reason] += 1
+        log.info("sync stream from %s: %s (%s)", peer[-8:], reason, detail)
 
     async def handle(self, stream: Stream) -> None:
-        if self.allow_peer is not None and not self.allow_peer(stream.remote_peer_id):
+        """Serve one stream. A peer that closes early, sends garbage or too much, or stalls costs
+        only its stream: each case is counted by reason (refused: not_member, bad_request,
+        too_large; failed: peer_gone, timeout, internal_error) and none escapes."""
+        peer = stream.remote_peer_id
+        if self.allow_peer is not None and not self.allow_peer(peer):
             self._refused["not_member"] += 1
-            log.info("sync stream from %s refused: not a member", stream.remote_peer_id[-8:])
+            log.info("sync stream from %s refused: not a member", peer[-8:])
             return  # the transport closes the stream
-        with trio.move_on_after(self.timeout):
-            try:
-                request = msgpack.unpackb(await _read_frame(stream, MAX_SYNC_REQUEST_BYTES), raw=False)
-            except (RemoteProtocolError, PeerUnavailable, ValueError, msgpack.ExtraData, msgpack.FormatError,
-                    msgpack.StackError):
-                self._refused["bad_request"] += 1
-                return
-            round_id = request.get("round_id") if isinstance(request, dict) else None
-            if not isinstance(round_id, str) or len(round_id) > 64:
-                self._refused["bad_request"] += 1
-                return
-            messages = self.lookup(round_id)[:MAX_SYNC_MESSAGES]
-            try:
-                await stream.send_all(_frame(msgpack.packb(messages, use_bin_type=True)))
-                await stream.send_eof()
-            except PeerUnavailable:
-                return
-            self._served += 1
+        try:
+            with trio.move_on_after(self.timeout) as scope:
+                await self._answer(stream, peer)
+            if scope.cancelled_caught:
+                self._fail("timeout", peer, f"no complete exchange within {self.timeout} s")
+        except PeerUnavailable as exc:
+            self._fail("peer_gone", peer, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail("peer_gone", peer, repr(exc))
+        except Exception:  # a bug here (or in lookup) must not reach the transport's nursery
+            self._failed["internal_error"] += 1
+            log.exception("sync stream from %s failed", peer[-8:])
+
+    async def _answer(self, stream: Stream, peer: str) -> None:
+        try:
+            frame = await _read_frame(stream, MAX_SYNC_REQUEST_BYTES)
+        except LimitExceeded as exc:
+            self._refused["too_large"] += 1
+            log.info("sync stream from %s refused: %s", peer[-8:], exc)
+            return
+        except RemoteProtocolError:  # ended early, mid-frame
+            self._refused["bad_request"] += 1
+            return
+        try:
+            request = msgpack.unpackb(frame, raw=False)
+        except Exception:  # msgpack raises ValueError, TypeError (unhashable keys), its own types
+            request = None
+        round_id = request.get("round_id") if isinstance(request, dict) else None
+        if not isinstance(round_id, str) or len(round_id) > 64:
+            self._refused["bad_request"] += 1
+            return
+        messages = self.lookup(round_id)[:MAX_SYNC_MESSAGES]
+        await stream.send_all(_frame(msgpack.packb(messages, use_bin_type=True)))
+        await stream.send_eof()
+        self._served += 1
 
 
 def serve_sync(transport: Transport, lookup: Lookup, *, allow_peer: PeerPredicate | None = None) -> SyncServer:

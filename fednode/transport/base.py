@@ -79,6 +79,9 @@ class TransportStatistics:
     bytes_sent: int = 0
     bytes_received: int = 0
     peers: int = 0
+    # inbound streams that ended in an error, keyed "<protocol>:<reason>" (e.g. a peer-exchange
+    # asker that closed early, or "internal_error": a handler that raised, caught by the transport)
+    streams_failed: dict[str, int] = field(default_factory=dict)
 
 
 class Transport(Protocol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -217,7 +218,8 @@ class Libp2pTransport:
             wrapped = Libp2pStream(stream, remote, self._count_stream_bytes)
             try:
                 await handler(wrapped)
-            except Exception:
+            except Exception:  # contained: one escaping a py-libp2p stream handler tears down the host
+                self._counters.count_stream_failure(protocol_id, "internal_error")
                 logger.exception("handler of %s from %s failed; resetting the stream", protocol_id, remote)
                 await wrapped.reset()
             finally:
@@ -313,8 +315,9 @@ async def open_libp2p_transport(
     pubsub = make_pubsub(host, router, max_rpc_size=4 * limits.max_message_size + 65536,
                          seen_ttl=limits.seen_ttl)
     transport = Libp2pTransport(host, pubsub, router, limits)
-    host.set_stream_handler(PEER_EXCHANGE_PROTOCOL,
-                            make_peer_exchange_handler(host, limits.max_exchanged_peers))
+    host.set_stream_handler(PEER_EXCHANGE_PROTOCOL, make_peer_exchange_handler(
+        host, limits.max_exchanged_peers,
+        on_failure=functools.partial(transport._counters.count_stream_failure, str(PEER_EXCHANGE_PROTOCOL))))
     try:
         async with (
             host.run(listen_addrs=[Multiaddr(a) for a in listen_addrs]),

@@ -31,6 +31,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from fednode.transport.libp2p_host import protocol
+from fednode.transport.libp2p_stream import PEER_GONE as _PEER_GONE
 
 if TYPE_CHECKING:  # trio-typing's stubs shadow trio's own annotations under mypy
     from trio_typing import TaskStatus
@@ -39,6 +40,8 @@ PEER_EXCHANGE_PROTOCOL = protocol("/fednode/peers/1.0.0")
 MAX_ADDRS_PER_PEER = 8
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_CONCURRENT_DIALS = 32
+DIAL_FAILURE_LOG_EVERY = 10  # a peer's repeated dial failures are logged at INFO once per this many
+PEER_EXCHANGE_SERVE_TIMEOUT = 10.0  # seconds an answer may take to leave before the stream is reset
 
 logger = logging.getLogger("fednode.transport.libp2p")
 
@@ -78,32 +81,73 @@ def parse_bootstrap(addrs: list[str]) -> list[PeerInfo]:
     return infos
 
 
-def make_peer_exchange_handler(host: IHost, max_peers: int) -> Callable[[INetStream], Awaitable[None]]:
+def make_peer_exchange_handler(
+    host: IHost, max_peers: int, on_failure: Callable[[str], None] = lambda reason: None,
+    timeout: float = PEER_EXCHANGE_SERVE_TIMEOUT,
+) -> Callable[[INetStream], Awaitable[None]]:
+    """The server side. It reads nothing from the asker, so garbage or an oversize request costs
+    nothing; an asker that closes early or never reads is counted (`on_failure(reason)`:
+    peer_gone, timeout, internal_error) and never reaches the host."""
+
     async def handle(stream: INetStream) -> None:
         # An exception escaping a py-libp2p stream handler tears down the whole host: catch all.
         try:
-            requester = stream.muxed_conn.peer_id
-            entries = []
-            for peer_id in list(host.get_network().connections):
-                if peer_id == requester:
-                    continue
-                try:
-                    known = host.get_peerstore().addrs(peer_id)
-                except Exception:  # PeerStoreError: no addresses (yet) for a connected peer
-                    continue
-                addrs = [str(a) for a in known[:MAX_ADDRS_PER_PEER]]
-                if addrs:
-                    entries.append([peer_id.to_base58(), addrs])
-                if len(entries) >= max_peers:
-                    break
-            await stream.write(msgpack.packb(entries))
-            await stream.close()
-        except Exception as exc:
-            logger.debug("peer exchange answer failed: %r", exc)
+            with trio.fail_after(timeout):
+                await answer(stream)
+        except trio.TooSlowError:
+            on_failure("timeout")
+            logger.info("peer exchange answer to %s timed out after %.1f s", _requester(stream), timeout)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+        except _PEER_GONE as exc:
+            on_failure("peer_gone")
+            logger.debug("peer exchange answer to %s failed: %r", _requester(stream), exc)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+        except Exception:
+            on_failure("internal_error")
+            logger.exception("peer exchange answer to %s failed", _requester(stream))
             with contextlib.suppress(Exception):
                 await stream.reset()
 
+    async def answer(stream: INetStream) -> None:
+        requester = stream.muxed_conn.peer_id
+        entries = []
+        for peer_id in list(host.get_network().connections):
+            if peer_id == requester:
+                continue
+            try:
+                known = host.get_peerstore().addrs(peer_id)
+            except Exception:  # PeerStoreError: no addresses (yet) for a connected peer
+                continue
+            addrs = [str(a) for a in known[:MAX_ADDRS_PER_PEER]]
+            if addrs:
+                entries.append([peer_id.to_base58(), addrs])
+            if len(entries) >= max_peers:
+                break
+        await stream.write(msgpack.packb(entries))
+        await stream.close()
+
     return handle
+
+
+def _short(exc: BaseException) -> str:
+    """One line for a dial error: py-libp2p wraps the cause in several layers of messages."""
+    def line(e: BaseException) -> str:
+        return (str(e) or e.__class__.__name__).splitlines()[0]
+
+    root = exc
+    while root.__cause__ is not None:  # the innermost cause says what happened (e.g. refused)
+        root = root.__cause__
+    text = line(exc) if root is exc else f"{line(exc)}: {line(root)}"
+    return text[:300]
+
+
+def _requester(stream: INetStream) -> str:
+    try:
+        return str(stream.muxed_conn.peer_id)
+    except Exception:
+        return "?"
 
 
 async def ask_for_peers(host: IHost, peer_id: ID, max_peers: int, timeout: float) -> dict[ID, list[Multiaddr]]:
@@ -158,9 +202,14 @@ async def maintain_links(
         except Exception as exc:
             state.dials_failed += 1
             backoff.failed(trio.current_time(), backoff_min, backoff_max)
-            logger.info("dial %s failed (%d in a row): %r", info.peer_id, backoff.failures, exc)
+            # Expected while a peer is not up yet: said once at INFO (then every DIAL_FAILURE_LOG_EVERY-th)
+            level = logging.INFO if backoff.failures % DIAL_FAILURE_LOG_EVERY == 1 else logging.DEBUG
+            logger.log(level, "dial %s failed (%d in a row): %s; will retry with backoff (at most %g s apart)",
+                       info.peer_id, backoff.failures, _short(exc), backoff_max)
         else:
             state.dials_ok += 1
+            if backoff.failures:
+                logger.info("dial %s succeeded after %d failed attempts", info.peer_id, backoff.failures)
             backoff.succeeded()
         finally:
             if in_flight.get(info.peer_id) == started:

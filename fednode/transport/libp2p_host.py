@@ -154,8 +154,26 @@ def stop_pubsub_threads(pubsub: Pubsub) -> None:
         stop()
 
 
+# py-libp2p logs every failed dial at ERROR before raising; the dialler (libp2p_discovery.dial)
+# catches the error and says itself what happens next (a retry with backoff), so these records
+# are demoted to DEBUG. A bootstrap peer that is not up yet is normal, not an error.
+_EXPECTED_DIAL_ERRORS = ("Failed to open TCP stream", "Unexpected error opening TCP stream")
+_TCP_LOGGER = "libp2p.transport.tcp.tcp"
+
+
+def _demote_expected_dial_errors(record: logging.LogRecord) -> bool:
+    if isinstance(record.msg, str) and record.msg.startswith(_EXPECTED_DIAL_ERRORS):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(_TCP_LOGGER).isEnabledFor(logging.DEBUG)
+    return True
+
+
 def restore_log_propagation() -> None:
+    """Make the `libp2p` logger propagate again, and demote its expected dial errors."""
     logging.getLogger("libp2p").propagate = True
+    tcp_logger = logging.getLogger(_TCP_LOGGER)
+    if _demote_expected_dial_errors not in tcp_logger.filters:
+        tcp_logger.addFilter(_demote_expected_dial_errors)
 
 
 def protocol(name: str) -> TProtocol:

@@ -18,7 +18,7 @@ from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError
 from fednode.errors import PeerUnavailable
 
 # What py-libp2p raises from a stream whose peer or connection went away.
-_PEER_GONE: tuple[type[BaseException], ...] = (
+PEER_GONE: tuple[type[BaseException], ...] = (
     StreamError,
     MuxedStreamError,
     ConnectionError,
@@ -64,7 +64,7 @@ class Libp2pStream:
             raise trio.ClosedResourceError("send_eof was already called")
         try:
             await self._stream.write(bytes(data))
-        except _PEER_GONE as exc:
+        except PEER_GONE as exc:
             raise PeerUnavailable(f"stream to {self._remote_peer_id} failed: {exc!r}") from exc
         self._on_bytes(len(data), 0)
 
@@ -79,7 +79,7 @@ class Libp2pStream:
             chunk = await self._stream.read(max_bytes)
         except (StreamEOF, MuxedStreamEOF):
             chunk = b""
-        except _PEER_GONE as exc:
+        except PEER_GONE as exc:
             raise PeerUnavailable(f"stream from {self._remote_peer_id} failed: {exc!r}") from exc
         if not chunk:
             self._eof_received = True
@@ -93,12 +93,12 @@ class Libp2pStream:
         self._eof_sent = True
         try:
             await self._stream.close_write()  # type: ignore[attr-defined]
-        except _PEER_GONE as exc:
+        except PEER_GONE as exc:
             raise PeerUnavailable(f"stream to {self._remote_peer_id} failed: {exc!r}") from exc
 
     async def reset(self) -> None:
         self._closed = True
-        with contextlib.suppress(*_PEER_GONE):
+        with contextlib.suppress(*PEER_GONE):
             await self._stream.reset()
 
     async def aclose(self) -> None:
@@ -106,5 +106,5 @@ class Libp2pStream:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
-        with contextlib.suppress(*_PEER_GONE):
+        with contextlib.suppress(*PEER_GONE):
             await self._stream.close()

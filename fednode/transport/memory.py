@@ -300,7 +300,8 @@ class MemoryTransport:
     async def _run_handler(self, handler: StreamHandler, stream: MemoryStream) -> None:
         try:
             await handler(stream)
-        except Exception:
+        except Exception:  # contained: one stream's failure never reaches the transport's nursery
+            self._counters.count_stream_failure(stream.protocol, "internal_error")
             logger.exception("handler of %s from %s failed; resetting the stream",
                              stream.protocol, stream.remote_peer_id)
             stream.reset("the peer's handler failed")

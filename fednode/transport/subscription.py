@@ -37,6 +37,10 @@ class GossipCounters:
     dropped: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    streams_failed: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def count_stream_failure(self, protocol: str, reason: str) -> None:
+        self.streams_failed[f"{protocol}:{reason}"] += 1
 
     def count_drop(self, what: str, *args: object) -> None:
         """Count one dropped message and log it (first drop, then every power of two)."""
@@ -60,6 +64,7 @@ class GossipCounters:
             bytes_sent=self.bytes_sent,
             bytes_received=self.bytes_received,
             peers=peers,
+            streams_failed=dict(self.streams_failed),
         )
 
 

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,49 @@ def test_signal_stops_the_daemon_cleanly(tmp_path: Path, signum: signal.Signals)
         assert (tmp_path / "rounds" / f"round-{number}.json").exists()
         assert (tmp_path / "blobs" / sha).exists()
     assert not (tmp_path / "control.sock").exists()  # the control socket is removed on the way out
+
+
+def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "fednode", "run", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.mark.slow
+def test_a_second_daemon_on_the_same_data_dir_or_port_is_refused(tmp_path: Path) -> None:
+    """Before: both started; the second deleted the first's control.sock and both wrote
+    state.sqlite; on the same port both listened (SO_REUSEPORT) and split the connections."""
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    config = write_config(first_dir)
+    proc = _start(config, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + STARTUP_LIMIT_SECONDS
+        while time.monotonic() < deadline and proc.poll() is None and status_of(first_dir) is None:
+            time.sleep(0.2)
+        assert status_of(first_dir) is not None, (tmp_path / "first.log").read_text()[-3000:]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        same_dir = subprocess.run([sys.executable, "-m", "fednode", "run", "--config", str(config)],
+                                  capture_output=True, text=True, env=env, timeout=STARTUP_LIMIT_SECONDS)
+        assert same_dir.returncode == 1, same_dir.stderr
+        assert f"pid {proc.pid}" in same_dir.stderr and "node.data_dir" in same_dir.stderr, same_dir.stderr
+        assert "Traceback" not in same_dir.stderr
+        # the same listen port, another data dir
+        other = write_config(second_dir)
+        listen = tomllib.loads(config.read_text())["network"]["listen"][0]
+        other.write_text(other.read_text().replace(tomllib.loads(other.read_text())["network"]["listen"][0], listen))
+        same_port = subprocess.run([sys.executable, "-m", "fednode", "run", "--config", str(other)],
+                                   capture_output=True, text=True, env=env, timeout=STARTUP_LIMIT_SECONDS)
+        assert same_port.returncode == 1, same_port.stderr
+        assert "network.listen" in same_port.stderr and listen in same_port.stderr, same_port.stderr
+        assert "Traceback" not in same_port.stderr
+        # the first daemon noticed nothing: its socket is where it was and it answers
+        assert (first_dir / "control.sock").exists() and status_of(first_dir) is not None
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=SHUTDOWN_LIMIT_SECONDS + 5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

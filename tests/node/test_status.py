@@ -7,8 +7,11 @@ as they do in production.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,13 @@ import trio.testing
 
 from fednode.cli import main as cli_main
 from fednode.config import config_to_dict, dump_toml
-from fednode.node.control import query_control
+from fednode.node.control import (
+    DEFAULT_CONTROL_TIMEOUT_SECONDS,
+    MAX_REQUEST_BYTES,
+    ControlError,
+    query_control,
+    serve_control,
+)
 from fednode.transport.memory import open_memory_transport
 from tests.node.checks import read_record
 from tests.node.conftest import cluster, wait_until
@@ -85,3 +94,76 @@ async def test_status_over_the_control_socket(tmp_path: Path, autojump_clock: tr
         assert printed["current_round"]["state"] == "published"
         assert set(printed["counters"]) >= {"accepted", "rejected"} and set(printed["bytes"]) >= {
             "transport_sent", "transport_received", "blob_served", "blob_fetched"}
+
+
+def _rude_client(path: Path, payload: bytes) -> None:
+    """A blocking client that sends `payload` and closes at once, before the daemon answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # the daemon stopped reading first
+            s.sendall(payload)
+
+
+async def test_misbehaving_control_clients_cannot_take_the_daemon_down(tmp_path: Path) -> None:
+    """Before: `status\\n` then close made the daemon's answer hit EPIPE, and the BrokenResourceError
+    escaped the handler into the node's nursery: the daemon died. Now each client costs only its
+    connection and is counted by reason. (Real clock: real unix-socket I/O.)"""
+    async with cluster(tmp_path) as c:
+        node = await c.start(0, 1, research={"federated_learning": False})
+        path = node.config.control_socket_path
+        hung = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await hung.connect(str(path))  # connects, never sends a line: the server gives up on it
+        for payload in (b"status\n", b"status\n", b"", b"\xff\xfe garbage \x00\n", b"s" * 10_000):
+            await trio.to_thread.run_sync(_rude_client, path, payload)
+        # an oversize line answered (the client reads): an error naming the limit
+        stream = await trio.open_unix_socket(str(path))
+        await stream.send_all(b"x" * (MAX_REQUEST_BYTES + 1))  # no line end, and no more: unread bytes would reset
+        await stream.send_eof()
+        answer = b""
+        while chunk := await stream.receive_some():
+            answer += chunk
+        await stream.aclose()
+        assert "MAX_REQUEST_BYTES" in json.loads(answer)["error"]
+        await wait_until(lambda: node.control_server.statistics().failed_by_reason.get("timeout", 0) >= 1,
+                         timeout=DEFAULT_CONTROL_TIMEOUT_SECONDS * 4, step=0.05)
+        hung.close()
+        status = await query_control(path)  # the daemon is still up and answers
+        assert status["node_id"] == node.node_id
+        failed = status["handler_errors"]["control"]
+        assert failed["peer_gone"] >= 2  # the two early closes (and maybe the empty one)
+        assert failed["too_large"] == 2 and failed["unknown_command"] >= 1 and failed["timeout"] == 1
+        assert "internal_error" not in failed
+
+
+async def test_a_failing_control_command_is_answered_and_counted(tmp_path: Path) -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("a bug in status")
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(functools.partial(
+            serve_control, tmp_path / "c.sock", {"status": broken, "ok": lambda: {"ok": True}}))
+        answer = await query_control(tmp_path / "c.sock")
+        assert "RuntimeError: a bug in status" in answer["error"]
+        assert await query_control(tmp_path / "c.sock", "ok") == {"ok": True}
+        assert server.statistics().failed_by_reason == {"internal_error": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_query_control_turns_a_reset_into_a_control_error(tmp_path: Path) -> None:
+    """Before: a daemon that closed the connection unread (e.g. its handler gave up) made the
+    harness's status poller die with trio.BrokenResourceError (ECONNRESET)."""
+    path = tmp_path / "rude.sock"
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen(1)
+
+    async def close_unread() -> None:
+        conn, _ = await listener.accept()
+        await trio.lowlevel.wait_readable(conn)  # the request has arrived; closing it unread resets
+        conn.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_unread)
+        with pytest.raises(ControlError, match="no daemon answers"):
+            await query_control(path)
+    listener.close()

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.network.exceptions import SwarmDialAllFailedError
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from multiaddr import Multiaddr
 
+from fednode.harness.cluster import free_port
 from fednode.identity import Identity
 from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
+from fednode.transport.libp2p_discovery import (
+    DIAL_FAILURE_LOG_EVERY,
+    PEER_EXCHANGE_PROTOCOL,
+    PEER_EXCHANGE_SERVE_TIMEOUT,
+    ask_for_peers,
+    make_peer_exchange_handler,
+)
 from fednode.transport.testing import open_transports, wait_topic_peers, wait_until
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
@@ -75,3 +88,86 @@ async def test_publish_to_deliver_latency_over_two_hops() -> None:
         print(f"A->B->C publish->deliver: median {median * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms")
         assert median < 1.0
         assert c.statistics().dropped == 0
+
+
+class _FakeStream:
+    """Stands in for a py-libp2p INetStream whose asker misbehaves in `write`."""
+
+    def __init__(self, on_write: Any) -> None:
+        self.muxed_conn = SimpleNamespace(peer_id=ID(b"asker"))
+        self.on_write = on_write
+        self.was_reset = False
+
+    async def write(self, data: bytes) -> None:
+        await self.on_write()
+
+    async def close(self) -> None:
+        pass
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+
+async def test_peer_exchange_server_contains_and_counts_misbehaving_askers(autojump_clock: trio.abc.Clock) -> None:
+    """An asker that resets early, one that never reads (the answer cannot leave) and a failure of
+    our own each end in a counted reason and a reset stream; nothing escapes the handler (an
+    exception escaping a py-libp2p stream handler tears down the host). Before: failures were
+    logged at DEBUG, never counted, and a stalled write had no deadline."""
+    host = SimpleNamespace(get_network=lambda: SimpleNamespace(connections={}), get_peerstore=lambda: None)
+    failures: list[str] = []
+    handler = make_peer_exchange_handler(host, 8, on_failure=failures.append)  # type: ignore[arg-type]
+
+    async def reset_by_peer() -> None:
+        raise MuxedStreamReset("the asker reset the stream")
+
+    async def never_drains() -> None:
+        await trio.sleep_forever()
+
+    async def our_bug() -> None:
+        raise KeyError("a bug of ours")
+
+    for on_write in (reset_by_peer, never_drains, our_bug):
+        stream = _FakeStream(on_write)
+        await handler(stream)  # type: ignore[arg-type]
+        assert stream.was_reset
+    assert failures == ["peer_gone", "timeout", "internal_error"]
+    assert trio.current_time() == pytest.approx(PEER_EXCHANGE_SERVE_TIMEOUT)
+
+
+async def test_a_rude_peer_exchange_asker_leaves_the_node_serving() -> None:
+    """Over real libp2p: an asker that sends garbage (the server reads none of it) and resets."""
+    limits = Libp2pLimits(peer_exchange=False)
+    async with open_transports("libp2p", 3, "line", limits=limits) as (a, b, c):
+        await wait_until(lambda: b.local_peer_id in a.peers() and c.local_peer_id in b.peers(), timeout=20)
+        b_id = ID.from_base58(b.local_peer_id)
+        for _ in range(3):
+            stream = await a._host.new_stream(b_id, [PEER_EXCHANGE_PROTOCOL])  # type: ignore[attr-defined]
+            await stream.write(b"\xc1" * 65536)
+            await stream.reset()
+        found = await ask_for_peers(a._host, b_id, 8, timeout=10)  # type: ignore[attr-defined]
+        assert ID.from_base58(c.local_peer_id) in found
+        assert b.peers() >= {a.local_peer_id, c.local_peer_id}
+        assert set(b.statistics().streams_failed) <= {f"{PEER_EXCHANGE_PROTOCOL}:peer_gone"}
+
+
+async def test_a_bootstrap_peer_not_up_yet_is_logged_once_at_info_not_as_an_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Before: py-libp2p logged `ERROR ... Failed to open TCP stream` on every dial of a peer that
+    is not up yet (a normal start), and we logged each failure again at INFO."""
+    caplog.set_level(logging.DEBUG)
+    absent = Identity.generate().node_id
+
+    def our_failures() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "fednode.transport.libp2p" and absent in r.getMessage()
+                and "failed" in r.getMessage()]
+
+    limits = Libp2pLimits(maintenance_interval=0.1, reconnect_backoff_min=0.1, reconnect_backoff_max=0.4)
+    async with open_libp2p_transport(Identity.generate(), listen_addrs=LOCAL, limits=limits,
+                                     bootstrap=[f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{absent}"]):
+        await wait_until(lambda: len(our_failures()) >= 3, timeout=20)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    ours = our_failures()
+    assert len(ours) >= 3 and len(ours) < DIAL_FAILURE_LOG_EVERY
+    infos = [r for r in ours if r.levelno == logging.INFO]
+    assert len(infos) == 1 and "will retry" in infos[0].getMessage()
