@@ -45,23 +45,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fednode.config import example_toml
-    from fednode.identity import write_key_file
+    from fednode.node_init import InitOptions, create_node_folder, describe
 
-    root = Path(args.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    config_path = root / "node.toml"
-    if config_path.exists():
-        print(f"fednode init: {config_path} already exists; refusing to overwrite it", file=sys.stderr)
-        return 1
-    identity = write_key_file(root / "node.key")
-    text = example_toml().replace('data_dir = "./fednode-data"', 'data_dir = "."')
-    text = text.replace('id = "default"', f'id = "{args.community}"')
-    if args.federated_learning:
-        text = text.replace("federated_learning = false", "federated_learning = true")
-    config_path.write_text(text)
-    print(f"node id:  {identity.node_id}\nkey:      {root / 'node.key'} (mode 0600)\nconfig:   {config_path}")
-    print(f"next:     edit [network] bootstrap, then: fednode run --config {config_path}")
+    folder = create_node_folder(InitOptions(
+        Path(args.dir), community=args.community, federated_learning=args.federated_learning, share=args.share,
+        listen=args.listen or [], bootstrap=args.bootstrap or [], settings=args.set or []))
+    print(describe(folder))
     return 0
 
 
@@ -215,11 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create a node folder: key (0600) and a commented config",
                        description="Create DIR with a new node key (node.key, mode 0600) and node.toml, a "
-                       "commented config with every key (data_dir = DIR).")
+                       "commented config with every key (data_dir = DIR), set from the flags below; print the "
+                       "node id and the address other members bootstrap from. Nothing is written if a flag is bad.")
     p.add_argument("dir", help="folder to create")
     p.add_argument("--community", default="default", help="community id (default: %(default)s)")
     p.add_argument("--federated-learning", action="store_true",
                    help="set [research] federated_learning = true (off by default)")
+    p.add_argument("--share", metavar="I/N",
+                   help="train on share I (1..N) of the built-in task's data split into N shares: give each "
+                   "member its own I (sets learning.node_index = I-1, learning.num_nodes = N)")
+    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+                   help="[network] listen address, e.g. /ip4/0.0.0.0/tcp/4001 (repeatable)")
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
+                   help="[network] bootstrap: the address another member's `fednode init` printed, "
+                   "/ip4/<ip>/tcp/<port>/p2p/<peer id> (repeatable)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="any other config key, e.g. round.local_steps=5 (VALUE in TOML; repeatable)")
     p.set_defaults(handler=_cmd_init)
 
     p = sub.add_parser("run", help="run the node daemon until SIGINT/SIGTERM",

@@ -336,15 +336,22 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def config_keys() -> list[tuple[str, str, Any, str]]:
     """(section, key, default, doc) for every key: used by docs and the example-config test."""
-    out = []
+    return [(section, f.name, _field_default(f), f.metadata.get("doc", "")) for section, f in _config_fields()]
+
+
+def _config_fields() -> list[tuple[str, dataclasses.Field[Any]]]:
     hints = typing.get_type_hints(Config)
-    for sec in dataclasses.fields(Config):
-        if sec.name == "source":
-            continue
-        for f in dataclasses.fields(hints[sec.name]):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
-            out.append((sec.name, f.name, default, f.metadata.get("doc", "")))
-    return out
+    return [(sec.name, f) for sec in dataclasses.fields(Config) if sec.name != "source"
+            for f in dataclasses.fields(hints[sec.name])]
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def config_choices() -> dict[str, tuple[str, ...]]:
+    """{"section.key": allowed values} for every enum key (those declared with `choices`)."""
+    return {f"{section}.{f.name}": f.metadata["choices"] for section, f in _config_fields() if f.metadata.get("choices")}
 
 
 def _toml_value(value: Any) -> str:
@@ -372,25 +379,33 @@ def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
             if f.name != "source"}
 
 
-def example_toml() -> str:
-    """The documented example config (configs/node.toml is this text; a test keeps them equal)."""
+def example_toml(values: dict[str, dict[str, Any]] | None = None) -> str:
+    """The documented example config (configs/node.toml is this text; a test keeps them equal).
+    `values` = {section: {key: value}} written instead of the defaults (what `fednode init` sets)."""
     lines = [
         "# fednode node configuration: every key, with its default and meaning.",
         "# Load with `fednode run --config FILE`. Unknown keys, wrong types and out-of-range values",
         "# are errors that name the file and the key. Relative paths resolve against this file's folder.",
     ]
     current = None
-    for section, key, default, doc in config_keys():
+    for section, f in _config_fields():
         if section != current:
             lines += ["", f"[{section}]"]
             current = section
-        lines += [f"# {doc}", f"{key} = {_toml_value(default)}"]
+        doc, choices = f.metadata.get("doc", ""), f.metadata.get("choices")
+        if choices:
+            doc += "; one of " + ", ".join(_toml_value(c) for c in choices)
+        value = (values or {}).get(section, {}).get(f.name, _field_default(f))
+        lines += [f"# {doc}", f"{f.name} = {_toml_value(value)}"]
     return "\n".join(lines) + "\n"
 
 
 def config_markdown() -> str:
     """Every key as a Markdown table (README.md embeds it; a test keeps them equal)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section, key, default, doc in config_keys():
-        rows.append(f"| `{section}.{key}` | `{_toml_value(default)}` | {doc} |")
+    for section, f in _config_fields():
+        doc, choices = f.metadata.get("doc", ""), f.metadata.get("choices")
+        if choices:
+            doc += "; one of " + ", ".join(f"`{_toml_value(c)}`" for c in choices)
+        rows.append(f"| `{section}.{f.name}` | `{_toml_value(_field_default(f))}` | {doc} |")
     return "\n".join(rows) + "\n"
