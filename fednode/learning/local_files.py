@@ -131,7 +131,7 @@ def _read_source(source: Path) -> datasets.Dataset:
                 return datasets.Dataset.from_json(str(source), cache_dir=cache, keep_in_memory=True)
             if kind == "csv":
                 return _read_csv(source, cache)
-            return datasets.Dataset.from_parquet(str(source), cache_dir=cache, keep_in_memory=True)
+            return _read_parquet(source, cache)
     except DataError:
         raise
     except Exception as exc:  # the loaders raise anything from StopIteration to ArrowInvalid
@@ -148,10 +148,20 @@ def _read_csv(source: Path, cache: str) -> datasets.Dataset:
                                      keep_default_na=False)
 
 
+def _read_parquet(source: Path, cache: str) -> datasets.Dataset:
+    import pyarrow.parquet as pq
+
+    if pq.ParquetFile(source).metadata.num_rows == 0:  # the loader fails on it with an obscure error
+        raise DataError(source, "is empty (no rows)")
+    return datasets.Dataset.from_parquet(str(source), cache_dir=cache, keep_in_memory=True)
+
+
 def _read_saved(source: Path) -> datasets.Dataset:
     try:
         loaded = datasets.load_from_disk(str(source), keep_in_memory=True)
     except Exception as exc:
+        if _saved_without_data(source):
+            raise DataError(source, "is empty (no rows)") from None
         raise DataError(source, f"cannot be read as a save_to_disk dataset: {exc}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
@@ -162,14 +172,29 @@ def _read_saved(source: Path) -> datasets.Dataset:
     return loaded
 
 
+def _saved_without_data(source: Path) -> bool:
+    # An empty Dataset saves a state.json listing no Arrow files, which load_from_disk cannot load.
+    try:
+        state = json.loads((source / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
+
+
 def _explain_unreadable(source: Path, kind: str, exc: BaseException) -> DataError:
     """The loaders' errors name no line; for JSON lines find the first bad one ourselves."""
+    detail = str(exc).strip() or type(exc).__name__
+    if kind == "parquet":
+        return DataError(source, f"cannot be read as Parquet: {detail}")
     try:
         text = source.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         return DataError(source, f"is not UTF-8 text (byte {err.start})")
-    if not text.strip():
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
         return DataError(source, "is empty (no rows)")
+    if kind == "csv" and len(lines) == 1:
+        return DataError(source, "is empty (a header, no rows)")
     if kind == "json" and not text.lstrip().startswith("["):
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -180,5 +205,4 @@ def _explain_unreadable(source: Path, kind: str, exc: BaseException) -> DataErro
                 return DataError(source, f"not valid JSON: {err.msg} (character {err.colno})", row=number)
             if not isinstance(value, dict):
                 return DataError(source, f"expected a JSON object per line, got {type(value).__name__}", row=number)
-    detail = str(exc).strip() or type(exc).__name__
     return DataError(source, f"cannot be read as {kind.upper()}: {detail}")
