@@ -32,6 +32,7 @@ token after truncation is dropped (and counted). No usable row at all is an erro
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from collections.abc import Mapping, Sequence
@@ -310,7 +311,7 @@ class _Encoder:
         # A slow tokenizer has no offsets: tokenize the pieces between span edges one by one.
         edges = sorted({0, len(text), *(e for span in loss_spans for e in span)})
         ids, labels = [], []
-        for a, b in zip(edges, edges[1:], strict=False):
+        for a, b in itertools.pairwise(edges):
             piece = self.tok(text[a:b], add_special_tokens=False)["input_ids"]
             in_loss = any(a >= s and b <= e for s, e in loss_spans)
             ids += piece

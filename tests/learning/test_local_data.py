@@ -207,7 +207,8 @@ BAD_CASES: list[tuple[str, str, list[dict[str, Any]], dict[str, Any], int | None
                                              {"role": "assistant", "content": "y"}]}], {}, 1, "messages",
      "turn 1: role must be one of"),
     ("chat-not-a-list", "chat", [CHAT_ROWS[0], {"messages": "hello"}], {}, 2, "messages", "JSON array"),
-    ("overlength-error", "text", [{"text": "one " * 300}], {"overlength": "error"}, 1, None, "over learning.max_length"),
+    ("overlength-error", "text", [{"text": "one " * 300}], {"overlength": "error"}, 1, None,
+     "over learning.max_length"),
 ]
 
 
@@ -265,7 +266,7 @@ def test_empty_and_unreadable_files_are_refused_naming_the_file(tok: Any, tmp_pa
             path.write_text("text")
         with pytest.raises(DataError, match=words):
             load_local_data(section(path, "text"), tok, max_length=MAX_LENGTH)
-    with pytest.raises(DataError, match="'data.max_rows'"):
+    with pytest.raises(DataError, match=r"'data\.max_rows'"):
         load_local_data(section(write_jsonl(tmp_path / "many", TEXT_ROWS), "text", max_rows=2), tok,
                         max_length=MAX_LENGTH)
 
@@ -328,3 +329,36 @@ def test_ensure_pad_token_pads_with_eos(tok: Any) -> None:
     bare.pad_token = None
     assert bare.pad_token is None
     assert ensure_pad_token(bare).pad_token == bare.eos_token
+
+
+def test_classification_with_an_encoder_tokenizer_keeps_its_special_tokens_when_truncated(tmp_path: Path) -> None:
+    bert = load_tokenizer(resolve_tokenizer_dir(get_task("minilm-bbc")))  # MiniLM: [CLS] ... [SEP], no EOS
+    rows = [{"text": "word " * 100, "label": "tech"}, *CLASSIFICATION_ROWS]
+    data = load_local_data(section(write_jsonl(tmp_path / "c", rows), "classification"), bert, max_length=16)
+    first = data.train[0].input_ids
+    assert len(first) == 16 and (first[0], first[-1]) == (bert.cls_token_id, bert.sep_token_id)
+    assert data.report.truncated == 1 and bert.pad_token == "[PAD]"  # its own pad token is kept
+
+
+class _NoOffsets:
+    """A tokenizer seen as "slow" (no offset mapping): the loss is placed by tokenizing pieces."""
+
+    is_fast = False
+
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+
+    def __call__(self, text: str, **kw: Any) -> Any:
+        assert "return_offsets_mapping" not in kw
+        return self._tok(text, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+
+def test_a_tokenizer_without_offsets_still_puts_the_loss_on_the_completion(tok: Any, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "i", INSTRUCTION_ROWS)
+    slow = load_local_data(section(path, "instruction"), _NoOffsets(tok), max_length=MAX_LENGTH)
+    fast = load_local_data(section(path, "instruction"), tok, max_length=MAX_LENGTH)
+    assert [loss_text(tok, ex) for ex in slow.train] == [r["completion"] + tok.eos_token for r in INSTRUCTION_ROWS]
+    assert slow.train == fast.train  # these prompts end where a token ends
