@@ -38,6 +38,7 @@ from fednode.consensus.round_events import (
     PublishFailure,
     QueryOutcome,
     Reannounce,
+    Resumed,
     StartAggregation,
     SubmissionReceived,
     Superseded,
@@ -50,7 +51,7 @@ __all__ = [
     "TRANSITIONS", "AggregateSeen", "AggregationDone", "AggregationFailed", "ClaimSeen", "CloseSubmissions",
     "ContributionRejected", "CoordinatorChanged", "Effect", "ElectionConfig", "ElectionState", "FailureSeen",
     "HeartbeatSeen", "InstallAdapter", "ManifestSeen", "Outcome", "OutcomeConflict", "Phase",
-    "PublishAggregate", "PublishClaim", "PublishFailure", "QueryOutcome", "Reannounce", "Rejection", "Role",
+    "PublishAggregate", "PublishClaim", "PublishFailure", "QueryOutcome", "Reannounce", "Rejection", "Resumed", "Role",
     "RoundState", "RoundStatistics", "SignedOutcome", "StartAggregation", "SubmissionReceived", "Superseded",
     "SyncAnswered", "Tick", "TrainAndSubmit", "Trigger", "rank",
 ]

@@ -67,6 +67,15 @@ class SyncAnswered:
 
 
 @dataclass(frozen=True, slots=True)
+class Resumed:
+    """Local: this node restarted and restored the round from its snapshot. A coordinator does not
+    know what happened while it was down (another node may have taken the round over and concluded
+    it), so it settles the outcome first, as after a takeover."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class CloseSubmissions:
     """Coordinator only: stop collecting now and aggregate (needs >= min_participants accepted)."""
 
@@ -109,7 +118,7 @@ class Superseded:
 
 RoundEvent = (
     Tick | ManifestSeen | SubmissionReceived | AggregateSeen | FailureSeen | SyncAnswered | CoordinatorChanged
-    | CloseSubmissions | ContributionRejected | AggregationDone | AggregationFailed | Superseded
+    | Resumed | CloseSubmissions | ContributionRejected | AggregationDone | AggregationFailed | Superseded
 )
 
 # ---- effects -----------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ reason. Participants never declare a round failed on their own view: at the dead
 in AGGREGATING for the coordinator's AggregateAnnounce or RoundFailed.
 
 One outcome per round (outcome.py): a node that becomes coordinator of a round another node
-coordinated sets `outcome_unknown` and asks for the outcome (`QueryOutcome`); until a signed
+coordinated, or a coordinator restored after a restart (`Resumed`: it does not know what happened
+while it was down), sets `outcome_unknown` and asks for the outcome (`QueryOutcome`); until a signed
 outcome arrives (adopted) or every live member answered without one (`SyncAnswered`), collection
 may end (`Trigger.CLOSED_UNSETTLED`) but it neither aggregates nor fails the round. A second,
 different outcome met in a terminal state is recorded in `conflicts`; between two aggregates the
@@ -72,6 +73,7 @@ from fednode.consensus.round_events import (
     PublishFailure,
     QueryOutcome,
     Reannounce,
+    Resumed,
     RoundEvent,
     StartAggregation,
     SubmissionReceived,
@@ -122,7 +124,7 @@ MP, CO, AG, PU, FA = Phase.MANIFEST_PUBLISHED, Phase.COLLECTING, Phase.AGGREGATI
 
 # Remote messages and the clock: legal everywhere; in a terminal state they change nothing.
 _ALWAYS: tuple[EventKey, ...] = (Tick, ManifestSeen, SubmissionReceived, AggregateSeen, FailureSeen, SyncAnswered,
-                                 CoordinatorChanged)
+                                 CoordinatorChanged, Resumed)
 
 
 def _row(state: Phase, extra: Mapping[EventKey, Phase]) -> dict[EventKey, Phase]:
@@ -262,7 +264,8 @@ class RoundState:
     # -- the one entry point -------------------------------------------------------------------
     def handle(self, event: RoundEvent) -> Outcome:
         effects: list[Effect] = []
-        self._advance_clock(event.now, effects)
+        if not isinstance(event, Resumed):  # a restart is taken in before the clock may conclude anything
+            self._advance_clock(event.now, effects)
         validation = self._apply(event, effects)
         self._advance_clock(event.now, effects)  # e.g. the submission that filled the round
         return Outcome(validation, tuple(effects))
@@ -344,6 +347,11 @@ class RoundState:
             return self._on_verdict_message(event, effects)
         if isinstance(event, SyncAnswered):
             return self._on_sync_answered(event)
+        if isinstance(event, Resumed):
+            self._transition(Resumed)
+            if self.role is Role.COORDINATOR and self.phase not in TERMINAL:
+                self._outcome_in_question(effects)
+            return ACCEPTED
         if isinstance(event, CoordinatorChanged):
             return self._on_coordinator_changed(event, effects)
         if isinstance(event, CloseSubmissions):
@@ -513,6 +521,10 @@ class RoundState:
                           f"{seen.kind} {seen.merged_sha256[:16]} term {seen.term}; keeping {kept.kind} "
                           f"{kept.merged_sha256[:16]} term {kept.term}")
 
+    def _outcome_in_question(self, effects: list[Effect]) -> None:
+        self.outcome_unknown, self.sync_answered = True, set()
+        effects.append(QueryOutcome(self.round_id))
+
     def _on_sync_answered(self, event: SyncAnswered) -> Validation:
         if not self.outcome_unknown or self.role is not Role.COORDINATOR:
             return Validation(Verdict.IGNORE, "settled", "the round's outcome is not in question")
@@ -536,8 +548,7 @@ class RoundState:
             self.role = new_role
             self.aggregation_started = False
             if new_role is Role.COORDINATOR:  # taken over: a predecessor may have concluded the round
-                self.outcome_unknown, self.sync_answered = True, set()
-                effects.append(QueryOutcome(self.round_id))
+                self._outcome_in_question(effects)
         if self.role is Role.PARTICIPANT and self.own_submission is not None:
             effects.append(Reannounce(self.own_submission))
             self.schedule_reannounce(event.now)  # and again with backoff: the new mesh may still be forming

@@ -38,6 +38,7 @@ from fednode.consensus import (
     PublishFailure,
     QueryOutcome,
     Reannounce,
+    Resumed,
     Role,
     RoundState,
     StartAggregation,
@@ -202,8 +203,7 @@ class RoundDriver:
         """After restore: re-issue the work that died with the old process."""
         now = self.clock()
         for state in list(self.rounds.values()):
-            if state.outcome_unknown and state.role is Role.COORDINATOR:
-                self._perform(state, QueryOutcome(state.round_id))
+            self._feed(state, Resumed(now))  # a coordinator first settles what happened while it was down
             if state.phase is Phase.COLLECTING and state.own_submission is None:
                 self._spawn(self._train_and_submit, state.manifest)
             elif state.own_submission is not None and state.is_open:

@@ -21,6 +21,7 @@ from fednode.consensus import (
     PublishAggregate,
     PublishFailure,
     QueryOutcome,
+    Resumed,
     Role,
     RoundState,
     StartAggregation,
@@ -219,3 +220,26 @@ def test_may_conclude_unpublished_needs_every_live_member_and_at_least_one() -> 
     assert not may_conclude_unpublished({B.node_id}, {me, B.node_id, D.node_id}, me)
     assert may_conclude_unpublished({B.node_id, D.node_id}, {me, B.node_id, D.node_id}, me)
     assert may_conclude_unpublished({B.node_id, D.node_id, A.node_id}, {me, B.node_id}, me)
+
+
+def test_restarted_coordinator_settles_before_it_re_aggregates() -> None:
+    # A coordinator restored mid-aggregation (the work died with the process) does not know whether
+    # another node took the round over and concluded it while it was down.
+    state = RoundState(manifest(A, term=1, min_participants=2, round_timeout_seconds=60.0), node_id=A.node_id)
+    state.handle(ManifestSeen(EPOCH))
+    state.handle(SubmissionReceived(announce(A), EPOCH + 1))
+    state.handle(SubmissionReceived(announce(B), EPOCH + 2))
+    assert isinstance(state.handle(Tick(EPOCH + 61)).effects[0], StartAggregation)
+    back = RoundState.restore(json.loads(json.dumps(state.snapshot())))
+    out = back.handle(Resumed(EPOCH + 500))
+    assert out.effects == (QueryOutcome("round-1"),) and back.outcome_unknown
+    assert back.handle(Tick(EPOCH + 501)).effects == ()
+    # C took it over in term 2 and published; A learns of C, then of C's announce
+    back.handle(CoordinatorChanged(2, C.node_id, EPOCH + 502))
+    assert back.role is Role.PARTICIPANT
+    out = back.handle(AggregateSeen(aggregate(C, 2, "c" * 64, (Contribution(C.node_id, "3" * 64, 10),)), EPOCH + 503))
+    assert out.accepted and back.phase is Phase.PUBLISHED and out.effects == (InstallAdapter("round-1", "c" * 64, 7),)
+    # a participant restored is not in question: it never concludes a round itself
+    part = RoundState(manifest(A, term=1), node_id=B.node_id)
+    part.handle(ManifestSeen(EPOCH))
+    assert part.handle(Resumed(EPOCH + 5)).effects == () and not part.outcome_unknown
