@@ -223,6 +223,58 @@ def test_real_full_tmpfs_gives_disk_full_not_a_crash(tmp_path: Path) -> None:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def _fill(folder: Path) -> Path:
+    """Write a file in `folder` until the filesystem is full; returns it (delete it to free space)."""
+    filler = folder / "filler"
+    with pytest.raises(OSError) as info, open(filler, "wb") as f:
+        while True:
+            f.write(b"\1" * 65536)
+            f.flush()
+    assert info.value.errno == errno.ENOSPC
+    return filler
+
+
+async def test_real_full_disk_pauses_survives_a_restart_and_resumes(tmp_path: Path,
+                                                                    clock: trio.testing.MockClock) -> None:
+    """The victim's data dir is a real 4 MiB tmpfs, filled between rounds: real ENOSPC and SQLITE_FULL.
+    It pauses, is restarted while the disk is still full (it comes up, paused), and resumes once
+    the filler is removed."""
+    mnt = tmp_path / "node-2"  # the cluster's data dir of node 2
+    if not _mount_tmpfs(mnt, "4m"):
+        pytest.skip("needs root and tmpfs mounts (mount -t tmpfs) to fill a real filesystem")
+    try:
+        async with cluster(tmp_path) as c:
+            nodes = [await c.start(i, N, **_sections(2)) for i in range(N)]
+            await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+            coordinator = read_record(nodes[0], 1)["final_coordinator_node_id"]
+            if nodes[2].node_id == coordinator:
+                pytest.skip("node 2 (on the tmpfs) was elected coordinator; this test needs it a participant")
+            filler = _fill(mnt)
+            await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes[:2]), WAIT)
+            await wait_until(lambda: nodes[2].status()["paused"] is not None, WAIT)
+            assert nodes[2].driver.progress.rounds_completed == 1
+            c.kill(2)  # restart while the disk is still full: it must come up, not crash
+            await trio.sleep(1.0)
+            again = await c.start(2, N, **_sections(2))
+            await wait_until(lambda: again.status()["paused"] is not None, WAIT)  # its first write failed
+            await trio.sleep(30.0)  # a few probe intervals: still full, still running
+            assert again.status()["paused"] is not None
+            filler.unlink()
+            await wait_until(lambda: again.status()["paused"] is None, WAIT)
+            # it takes part again: an operator's start-round opens round 3 (max_rounds is spent); the
+            # restarted node fetches round 2's adapter to start from, trains and submits
+            coord = next(n for n in nodes if n.node_id == coordinator)
+            assert "result" in coord._start_round_now()
+            everyone = [nodes[0], nodes[1], again]
+            await wait_until(lambda: all(n.driver.progress.last_merged.get("round_number") == 3
+                                         for n in everyone), WAIT)
+            third = check_round_agreement(everyone, 3)
+            assert again.node_id in {a["node_id"] for a in third["accepted"]}
+            assert os.readlink(again.config.data_dir / "adapters" / "latest") == "round-3"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 # -- missing or corrupt blobs ---------------------------------------------------------------------
 async def test_coordinator_whose_latest_merged_blob_was_deleted_fetches_it_again(
         tmp_path: Path, clock: trio.testing.MockClock) -> None:
