@@ -731,8 +731,10 @@ class RoundDriver:
     async def _aggregate_inner(self, state: RoundState, effect: StartAggregation) -> None:
         for a in effect.announces:
             self._start_prefetch(state, a)
-        for a in effect.announces:
-            await self._prefetched[(state.round_id, a.participant_node_id)].wait()
+        # the events themselves: a prefetch stopped by a full disk drops its entry (to fetch again later)
+        checked = [self._prefetched[(state.round_id, a.participant_node_id)] for a in effect.announces]
+        for event in checked:
+            await event.wait()
         if self.disk.paused:  # a download hit the full disk: resume_after_disk_full re-plans
             return
         bad = [(a, self._update_errors[(state.round_id, a.participant_node_id)]) for a in effect.announces

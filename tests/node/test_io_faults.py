@@ -403,3 +403,20 @@ def test_corrupt_state_db_is_refused_at_start_with_advice(tmp_path: Path, corrup
     assert str(db_path) in proc.stderr and "corrupt" in proc.stderr
     assert "mv " in proc.stderr and "resync" in proc.stderr, proc.stderr
     assert db_path.exists()  # refused, not deleted: moving it aside is the operator's call
+
+
+def test_status_text_says_why_the_node_is_paused() -> None:
+    from fednode.cli import _format_status
+    from fednode.node.diskfull import DiskPause
+
+    now = [100.0]
+    pause = DiskPause(lambda: now[0])
+    assert pause.status() is None and _format_status({"paused": pause.status()}).count("PAUSED") == 0
+    assert not pause.note(ValueError("not a disk error"), "x")  # other errors are not a pause
+    assert pause.note(OSError(errno.ENOSPC, "No space left on device"), "training")
+    now[0] = 112.0
+    text = _format_status({"paused": pause.status()})
+    assert "PAUSED      disk_full for 12 s (training: [Errno 28] No space left on device)" in text, text
+    assert pause.note(OSError(errno.EDQUOT, "Disk quota exceeded"), "install") and pause.events == 1
+    pause.resume()
+    assert pause.status() is None and pause.events == 1
