@@ -34,6 +34,7 @@ from fednode.node.daemon import Node
 from fednode.node.metrics import StatusCollector
 from fednode.node.trainers import FakeTrainer
 from fednode.state import StateDB
+from fednode.wire.messages import SubmissionAnnounce
 from tests.node.checks import check_round_agreement, read_record
 from tests.node.conftest import cluster, node_config, wait_until
 
@@ -328,6 +329,34 @@ async def test_participant_with_a_corrupt_start_adapter_fetches_it_again(
         await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes), WAIT)
         second = check_round_agreement(nodes, 2)
         assert victim.node_id in {a["node_id"] for a in second["accepted"]}  # it trained from a good copy
+        assert len(list((victim.store.root / "quarantine").iterdir())) == 1
+
+
+async def test_participant_whose_own_update_went_bad_serves_it_again(
+        tmp_path: Path, clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The participant's stored update rots just as it announces it: serving it to the coordinator
+    quarantines it. At its next re-announce the participant restores it (no other holder: it
+    trains again, which reproduces the same bytes) and the coordinator's retry gets it."""
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **_sections(1)) for i in range(N)]
+        await wait_until(lambda: bool(nodes[0].election.coordinator), WAIT)
+        victim = _participants(nodes, nodes[0].election.coordinator)[0]
+        real = victim.driver.publish
+        rotted: list[str] = []
+
+        async def rot_then_publish(message: Any) -> None:
+            if isinstance(message, SubmissionAnnounce) and not rotted:
+                rotted.append(message.delta_sha256)
+                _flip_first_byte(victim.store.path(message.delta_sha256))
+            await real(message)
+
+        monkeypatch.setattr(victim.driver, "publish", rot_then_publish)
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+        record = check_round_agreement(nodes, 1)
+        if victim.node_id == record["final_coordinator_node_id"]:
+            pytest.fail("the victim became coordinator")
+        accepted = {a["node_id"]: a["blob_sha256"] for a in record["accepted"]}
+        assert accepted.get(victim.node_id) == rotted[0], record["rejected"]
         assert len(list((victim.store.root / "quarantine").iterdir())) == 1
 
 
