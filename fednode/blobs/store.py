@@ -21,7 +21,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -290,6 +290,8 @@ class BlobStore:
         self.limits = limits
         self.chunk_size = chunk_size
         self.partial_flush_bytes = partial_flush_bytes
+        # called with the sha256 of every blob moved to quarantine (from whichever thread read it)
+        self.on_quarantine: Callable[[str], None] | None = None
         for sub in ("", "manifests", "partial", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".tmp-*"):
@@ -379,6 +381,8 @@ class BlobStore:
             os.replace(self.path(sha256), self.root / "quarantine" / f"{sha256}.{time.time_ns()}")
         with contextlib.suppress(FileNotFoundError):
             (self.root / "manifests" / sha256).unlink()
+        if self.on_quarantine is not None:
+            self.on_quarantine(sha256)
 
     def partial_manifest(self, sha256: str) -> BlobManifest | None:
         """The manifest of an interrupted download of sha256, if one is on disk."""

@@ -9,6 +9,7 @@ questions; those live in the state machine and the election.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -178,6 +179,21 @@ class RoundDriver:
     # -- lifecycle ---------------------------------------------------------------------------
     def attach(self, transport: Transport, nursery: trio.Nursery) -> None:
         self.transport, self.nursery = transport, nursery
+        token = trio.lowlevel.current_trio_token()
+        # a blob found corrupt (by any reader, in any thread) may be our own announced update
+        def quarantined(sha: str) -> None:
+            with contextlib.suppress(trio.RunFinishedError):  # the node has stopped: nothing to restore
+                token.run_sync_soon(self._on_quarantined, sha)
+
+        self.store.on_quarantine = quarantined
+
+    def _on_quarantined(self, sha: str) -> None:
+        for state in list(self.rounds.values()):
+            own = state.own_submission
+            if own is not None and own.delta_sha256 == sha and state.phase not in (Phase.PUBLISHED, Phase.FAILED):
+                logger.warning("round %s: our update %s was corrupt on disk (quarantined); restoring it",
+                               state.round_id, sha[:16])
+                self._spawn(self._recover_own_update, state.manifest, own)
 
     def restore(self) -> None:
         """Reload unfinished rounds from state.sqlite after a restart."""
@@ -360,7 +376,7 @@ class RoundDriver:
         elif isinstance(effect, InstallAdapter):
             self._spawn(self._install, effect)
         elif isinstance(effect, Reannounce):
-            self._spawn(self._publish_message, effect.announce)
+            self._spawn(self._reannounce, effect.announce)
         elif isinstance(effect, QueryOutcome) and state.round_id not in self._settling:
             self._settling.add(state.round_id)
             self._spawn(self._settle, state)
@@ -635,6 +651,32 @@ class RoundDriver:
             return False
         return True
 
+    async def _reannounce(self, announce: SubmissionAnnounce) -> None:
+        """Publish our submission again, first making sure we can still serve its blob: a copy that
+        went bad on our disk was quarantined when the coordinator asked for it."""
+        state = self.rounds.get(announce.round_id)
+        if state is not None and state.is_open and not self.store.has(announce.delta_sha256):
+            await self._recover_own_update(state.manifest, announce)
+        await self.publish(announce)
+
+    async def _recover_own_update(self, manifest: RoundManifest, announce: SubmissionAnnounce) -> None:
+        """Our announced update is gone from our disk: fetch it from another holder, else train again
+        (same start adapter, steps and seed: the same bytes, hence the same announced sha256)."""
+        sha = announce.delta_sha256
+        try:
+            await self._fetch(sha, announce.delta_size, [manifest.coordinator_node_id, *self.holders(sha)])
+            return
+        except (TransportError, trio.TooSlowError) as exc:
+            logger.warning("round %s: our update %s is gone and no holder has it (%s); training it again",
+                           manifest.round_id, sha[:16], str(exc)[:200])
+        async with self._train_lock:
+            if self.store.has(sha):
+                return
+            update = await self._train(manifest, await self._start_adapter(manifest))
+        if update.delta_sha256 != sha:
+            logger.error("round %s: training again gave update %s, not the announced %s; it cannot be served",
+                         manifest.round_id, update.delta_sha256[:16], sha[:16])
+
     async def _train(self, manifest: RoundManifest, start: bytes | None) -> OwnUpdate:
         assert self.trainer is not None
         trainer = self.trainer
@@ -787,8 +829,10 @@ class RoundDriver:
     async def _aggregate_inner(self, state: RoundState, effect: StartAggregation) -> None:
         for a in effect.announces:
             self._start_prefetch(state, a)
-        for a in effect.announces:
-            await self._prefetched[(state.round_id, a.participant_node_id)].wait()
+        # the events themselves: a prefetch stopped by a full disk drops its entry (to fetch again later)
+        checked = [self._prefetched[(state.round_id, a.participant_node_id)] for a in effect.announces]
+        for event in checked:
+            await event.wait()
         if self.disk.paused:  # a download hit the full disk: resume_after_disk_full re-plans
             return
         bad = [(a, self._update_errors[(state.round_id, a.participant_node_id)]) for a in effect.announces

@@ -34,6 +34,7 @@ from fednode.node.daemon import Node
 from fednode.node.metrics import StatusCollector
 from fednode.node.trainers import FakeTrainer
 from fednode.state import StateDB
+from fednode.wire.messages import SubmissionAnnounce
 from tests.node.checks import check_round_agreement, read_record
 from tests.node.conftest import cluster, node_config, wait_until
 
@@ -223,6 +224,58 @@ def test_real_full_tmpfs_gives_disk_full_not_a_crash(tmp_path: Path) -> None:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def _fill(folder: Path) -> Path:
+    """Write a file in `folder` until the filesystem is full; returns it (delete it to free space)."""
+    filler = folder / "filler"
+    with pytest.raises(OSError) as info, open(filler, "wb") as f:
+        while True:
+            f.write(b"\1" * 65536)
+            f.flush()
+    assert info.value.errno == errno.ENOSPC
+    return filler
+
+
+async def test_real_full_disk_pauses_survives_a_restart_and_resumes(tmp_path: Path,
+                                                                    clock: trio.testing.MockClock) -> None:
+    """The victim's data dir is a real 4 MiB tmpfs, filled between rounds: real ENOSPC and SQLITE_FULL.
+    It pauses, is restarted while the disk is still full (it comes up, paused), and resumes once
+    the filler is removed."""
+    mnt = tmp_path / "node-2"  # the cluster's data dir of node 2
+    if not _mount_tmpfs(mnt, "4m"):
+        pytest.skip("needs root and tmpfs mounts (mount -t tmpfs) to fill a real filesystem")
+    try:
+        async with cluster(tmp_path) as c:
+            nodes = [await c.start(i, N, **_sections(2)) for i in range(N)]
+            await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+            coordinator = read_record(nodes[0], 1)["final_coordinator_node_id"]
+            if nodes[2].node_id == coordinator:
+                pytest.skip("node 2 (on the tmpfs) was elected coordinator; this test needs it a participant")
+            filler = _fill(mnt)
+            await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes[:2]), WAIT)
+            await wait_until(lambda: nodes[2].status()["paused"] is not None, WAIT)
+            assert nodes[2].driver.progress.rounds_completed == 1
+            c.kill(2)  # restart while the disk is still full: it must come up, not crash
+            await trio.sleep(1.0)
+            again = await c.start(2, N, **_sections(2))
+            await wait_until(lambda: again.status()["paused"] is not None, WAIT)  # its first write failed
+            await trio.sleep(30.0)  # a few probe intervals: still full, still running
+            assert again.status()["paused"] is not None
+            filler.unlink()
+            await wait_until(lambda: again.status()["paused"] is None, WAIT)
+            # it takes part again: an operator's start-round opens round 3 (max_rounds is spent); the
+            # restarted node fetches round 2's adapter to start from, trains and submits
+            coord = next(n for n in nodes if n.node_id == coordinator)
+            assert "result" in coord._start_round_now()
+            everyone = [nodes[0], nodes[1], again]
+            await wait_until(lambda: all(n.driver.progress.last_merged.get("round_number") == 3
+                                         for n in everyone), WAIT)
+            third = check_round_agreement(everyone, 3)
+            assert again.node_id in {a["node_id"] for a in third["accepted"]}
+            assert os.readlink(again.config.data_dir / "adapters" / "latest") == "round-3"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 # -- missing or corrupt blobs ---------------------------------------------------------------------
 async def test_coordinator_whose_latest_merged_blob_was_deleted_fetches_it_again(
         tmp_path: Path, clock: trio.testing.MockClock) -> None:
@@ -276,6 +329,34 @@ async def test_participant_with_a_corrupt_start_adapter_fetches_it_again(
         await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes), WAIT)
         second = check_round_agreement(nodes, 2)
         assert victim.node_id in {a["node_id"] for a in second["accepted"]}  # it trained from a good copy
+        assert len(list((victim.store.root / "quarantine").iterdir())) == 1
+
+
+async def test_participant_whose_own_update_went_bad_serves_it_again(
+        tmp_path: Path, clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The participant's stored update rots just as it announces it: serving it to the coordinator
+    quarantines it. At its next re-announce the participant restores it (no other holder: it
+    trains again, which reproduces the same bytes) and the coordinator's retry gets it."""
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **_sections(1)) for i in range(N)]
+        await wait_until(lambda: bool(nodes[0].election.coordinator), WAIT)
+        victim = _participants(nodes, nodes[0].election.coordinator)[0]
+        real = victim.driver.publish
+        rotted: list[str] = []
+
+        async def rot_then_publish(message: Any) -> None:
+            if isinstance(message, SubmissionAnnounce) and not rotted:
+                rotted.append(message.delta_sha256)
+                _flip_first_byte(victim.store.path(message.delta_sha256))
+            await real(message)
+
+        monkeypatch.setattr(victim.driver, "publish", rot_then_publish)
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+        record = check_round_agreement(nodes, 1)
+        if victim.node_id == record["final_coordinator_node_id"]:
+            pytest.fail("the victim became coordinator")
+        accepted = {a["node_id"]: a["blob_sha256"] for a in record["accepted"]}
+        assert accepted.get(victim.node_id) == rotted[0], record["rejected"]
         assert len(list((victim.store.root / "quarantine").iterdir())) == 1
 
 
@@ -351,3 +432,20 @@ def test_corrupt_state_db_is_refused_at_start_with_advice(tmp_path: Path, corrup
     assert str(db_path) in proc.stderr and "corrupt" in proc.stderr
     assert "mv " in proc.stderr and "resync" in proc.stderr, proc.stderr
     assert db_path.exists()  # refused, not deleted: moving it aside is the operator's call
+
+
+def test_status_text_says_why_the_node_is_paused() -> None:
+    from fednode.cli import _format_status
+    from fednode.node.diskfull import DiskPause
+
+    now = [100.0]
+    pause = DiskPause(lambda: now[0])
+    assert pause.status() is None and _format_status({"paused": pause.status()}).count("PAUSED") == 0
+    assert not pause.note(ValueError("not a disk error"), "x")  # other errors are not a pause
+    assert pause.note(OSError(errno.ENOSPC, "No space left on device"), "training")
+    now[0] = 112.0
+    text = _format_status({"paused": pause.status()})
+    assert "PAUSED      disk_full for 12 s (training: [Errno 28] No space left on device)" in text, text
+    assert pause.note(OSError(errno.EDQUOT, "Disk quota exceeded"), "install") and pause.events == 1
+    pause.resume()
+    assert pause.status() is None and pause.events == 1
