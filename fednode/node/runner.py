@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 import time
+from typing import NoReturn
 
 import trio
 
@@ -17,7 +21,11 @@ from fednode.node.ownership import check_listen_addrs_free, data_dir_lock
 from fednode.node.trainers import Trainer, make_trainer
 from fednode.state import StateDB
 
-SHUTDOWN_GRACE_SECONDS = 5.0
+# SIGINT/SIGTERM -> process gone within this long (README: "< 5 s"). Stopping the services takes
+# well under a second (measured 0.1-0.3 s mid-round with a connected peer); past this a watchdog
+# ends the process anyway (state.sqlite is crash-safe: a node killed at any instant resumes).
+SHUTDOWN_GRACE_SECONDS = 4.0
+EXIT_SHUTDOWN_OVERDUE = 3
 logger = logging.getLogger("fednode.run")
 
 
@@ -58,12 +66,34 @@ async def _run_locked(config: Config) -> None:
             async for signum in signals:
                 logger.info("signal %s: shutting down", signal.Signals(signum).name)
                 started = time.monotonic()
+                watchdog = threading.Timer(SHUTDOWN_GRACE_SECONDS, _shutdown_overdue)
+                watchdog.daemon = True
+                watchdog.start()
                 nursery.cancel_scope.cancel()
                 break
     logger.info("stopped cleanly in %.2f s", time.monotonic() - started)
 
 
+def _shutdown_overdue() -> None:
+    logger.error("shutdown took over SHUTDOWN_GRACE_SECONDS = %.1f s; exiting now (state.sqlite is crash-safe)",
+                 SHUTDOWN_GRACE_SECONDS)
+    exit_now(EXIT_SHUTDOWN_OVERDUE)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's finalization. Measured before (fake task, a
+    connected peer, mid-round): the services stopped 0.2-0.3 s after SIGTERM, but the process
+    exited 6-12 s later, all of it in module teardown (torch, transformers, numpy: no Python frame
+    left, `finalize_modules` in the stack). Nothing is lost: state.sqlite is closed and checkpointed
+    by then, and the logs and standard streams are flushed here."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def main(config: Config) -> int:
     setup_logging()
     trio.run(run_daemon, config)
-    return 0
+    exit_now(0)  # a clean stop: nothing left to finalize
