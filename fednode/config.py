@@ -416,12 +416,13 @@ def _config_fields() -> list[tuple[str, dataclasses.Field[Any]]]:
 
 
 def _field_default(f: dataclasses.Field[Any]) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
 
 
 def config_choices() -> dict[str, tuple[str, ...]]:
     """{"section.key": allowed values} for every enum key (those declared with `choices`)."""
-    return {f"{section}.{f.name}": f.metadata["choices"] for section, f in _config_fields() if f.metadata.get("choices")}
+    return {f"{section}.{f.name}": f.metadata["choices"] for section, f in _config_fields()
+            if f.metadata.get("choices")}
 
 
 def _toml_value(value: Any) -> str:

@@ -74,15 +74,16 @@ def parse_setting(text: str) -> tuple[str, str, Any]:
     name, raw = name.strip(), raw.strip()
     if name in _FLAG_KEYS:
         raise ConfigError(f"--set {text}: '{name}' is set by {_FLAG_KEYS[name]}; use that instead")
+    default = defaults[name]
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        if not isinstance(defaults[name], str):
+        if not isinstance(default, str):
             raise ConfigError(f"--set {text}: '{raw}' is not a TOML value for key '{name}' "
-                              f"(default {json.dumps(defaults[name])})") from None
+                              f"(default {json.dumps(default)})") from None
         value = raw
-    if isinstance(defaults[name], str) and not isinstance(value, str):
-        value = raw
+    if isinstance(default, str) and not isinstance(value, str):
+        value = raw  # --set node.name=5 means the name "5"
     section, key = name.split(".", 1)
     return section, key, value
 
@@ -138,7 +139,7 @@ def create_node_folder(opts: InitOptions) -> NodeFolder:
 
 
 def shareable_address(listen: str, node_id: str) -> tuple[str, str]:
-    """(the multiaddr other members dial, what to do with it first; "" when nothing)."""
+    """(the multiaddr other members dial, what the operator does with it)."""
     address = f"{listen}/p2p/{node_id}"
     parts = listen.split("/")
     host = parts[2] if len(parts) > 2 else ""
@@ -168,9 +169,7 @@ def describe(folder: NodeFolder) -> str:
                      "give each its own --share I/N")
     for listen in cfg.network.listen:
         address, note = shareable_address(listen, folder.identity.node_id)
-        lines.append(f"address:   {address}")
-        if note:
-            lines.append(f"           {note}")
+        lines += [f"address:   {address}", f"           {note}"]
     lines += [f"bootstrap: {addr}" for addr in cfg.network.bootstrap]
     lines.append(f"next:      fednode run --config {folder.config_path}")
     return "\n".join(lines)

@@ -45,11 +45,11 @@ class Guide:
 
 
 def read_guide(readme: str) -> Guide:
-    """The guide section's ```bash blocks, split by their `# machine X` / `# every machine` comments
-    (continued lines joined), and its ```text blocks."""
+    """The guide section's ```bash blocks (up to the next heading of any level), split by their
+    `# machine X` / `# every machine` comments (continued lines joined), and its ```text blocks."""
     start = readme.index(SECTION)
-    end = readme.find("\n## ", start + len(SECTION))
-    section = readme[start:end if end != -1 else None]
+    end = re.compile(r"^#{2,6} ", flags=re.M).search(readme, start + len(SECTION))  # the next heading
+    section = readme[start:end.start() if end else None]
     blocks = re.findall(r"^( *)```(\w*)\n(.*?)^\1```", section, flags=re.M | re.S)
     machines = sorted({m for _, lang, body in blocks if lang == "bash" for m in re.findall(r"# machine (\w)\b", body)})
     commands: dict[str, list[str]] = {m: [] for m in machines}
