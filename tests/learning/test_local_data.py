@@ -338,6 +338,9 @@ def test_config_check_reads_the_data_and_prints_the_report(tok: Any, tmp_path: P
     assert main(["config", "--check", str(config)]) == 1
     err = capsys.readouterr().err
     assert f"{tmp_path / 'worse.jsonl'}: row 2: column 'messages': no assistant turn" in err
+    config.write_text(config.read_text().replace('"smollm2-lm"', '"fake"'))
+    assert main(["config", "--check", str(config)]) == 0
+    assert "data.path is not read" in capsys.readouterr().out
 
 
 def test_ensure_pad_token_pads_with_eos(tok: Any) -> None:
