@@ -118,6 +118,9 @@ def _format_status(s: dict[str, Any]) -> str:
             lines.append(f"{verdict:<11} " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     b = s.get("bytes", {})
     lines.append("bytes       " + ", ".join(f"{k}={v}" for k, v in sorted(b.items())))
+    errors = {f"{where}:{k}": v for where, counts in (s.get("handler_errors") or {}).items() for k, v in counts.items()}
+    if errors:  # misbehaving clients, each contained to its own connection
+        lines.append("clients     " + ", ".join(f"{k}={v}" for k, v in sorted(errors.items())))
     return "\n".join(lines)
 
 

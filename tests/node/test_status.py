@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from fednode.cli import _format_status
 from fednode.cli import main as cli_main
 from fednode.config import config_to_dict, dump_toml
 from fednode.node.control import (
@@ -133,6 +134,7 @@ async def test_misbehaving_control_clients_cannot_take_the_daemon_down(tmp_path:
         assert failed["peer_gone"] >= 2  # the two early closes (and maybe the empty one)
         assert failed["too_large"] == 2 and failed["unknown_command"] >= 1 and failed["timeout"] == 1
         assert "internal_error" not in failed
+        assert "control:peer_gone=" in _format_status(status)  # `fednode status` shows them too
 
 
 async def test_a_failing_control_command_is_answered_and_counted(tmp_path: Path) -> None:
