@@ -692,7 +692,9 @@ class RoundDriver:
                                  learning_rate=manifest.learning_rate, seed=self.config.learning.seed,
                                  progress=progress)
 
-        out = work() if self.inline_training else await trio.to_thread.run_sync(work)
+        # abandon_on_cancel: a stop (SIGTERM) must not wait for the local steps to finish; the thread's
+        # result is dropped and the daemon exits (a restart trains the round again: nothing was stored).
+        out = work() if self.inline_training else await trio.to_thread.run_sync(work, abandon_on_cancel=True)
         sha = self.store.put_bytes(out.delta_bytes)
         metrics = {f"train_{k}": v for k, v in out.metrics.items()}
         update = OwnUpdate(manifest.round_number, manifest.start_adapter_sha256, sha, out.num_samples,
