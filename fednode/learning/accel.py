@@ -20,15 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from fednode.config import DEVICE_CHOICES, PRECISION_CHOICES, QUANTIZATION_CHOICES
 from fednode.errors import ConfigError
 
 Device = Literal["cpu", "cuda", "mps"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Quantization = Literal["none", "4bit"]
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-QUANTIZATION_CHOICES = ("none", "4bit")
 
 
 @dataclass(frozen=True)

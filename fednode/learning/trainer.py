@@ -30,7 +30,9 @@ from typing import Protocol
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedTokenizerBase
 
+from fednode.config import MAX_GRADIENT_ACCUMULATION_STEPS
 from fednode.errors import ConfigError, InvalidUpdate
 from fednode.learning.accel import Available, Placement, select_placement
 from fednode.learning.adapter_io import adapter_from_bytes, adapter_to_bytes
@@ -53,7 +55,6 @@ DEFAULT_TORCH_THREADS = 1  # several node processes share few cores
 DEFAULT_MAX_GRAD_NORM = 1.0
 DEFAULT_MAX_STEPS = 100_000
 DEFAULT_GRADIENT_ACCUMULATION_STEPS = 1
-MAX_GRADIENT_ACCUMULATION_STEPS = 1024
 # Before each step after the first: stop if (1 + this) steps' time would pass the deadline, leaving
 # about one step's time to store and announce the update.
 DEFAULT_DEADLINE_SLACK_STEPS = 1.0
@@ -123,6 +124,10 @@ def _load(task: TaskSpec, placement: Placement, checkpointing: bool) -> _LoadedM
         tok = load_tokenizer(model_dir)
         four_bit = HALF_DTYPES.get(placement.precision, torch.float32) if placement.quantization == "4bit" else None
         base = load_base_model(task, model_dir, quantize_4bit_compute=four_bit, pad_token_id=tok.pad_token_id)
+        embeddings: torch.nn.Module = base.get_input_embeddings()
+        pad_id = _usable_pad_id(tok, int(getattr(embeddings, "num_embeddings")))  # noqa: B009 (typed Module)
+        if task.kind == "seq_cls":  # decoder classifiers find each row's last token by the pad id we pad with
+            base.config.pad_token_id = pad_id
         if four_bit is not None:
             from peft import prepare_model_for_kbit_training
 
@@ -135,9 +140,18 @@ def _load(task: TaskSpec, placement: Placement, checkpointing: bool) -> _LoadedM
         model.eval()
         initial = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
         _place(model, placement)
-        entry = _LoadedModel(model, model_dir, base_model_hash(model_dir), initial, placement, int(tok.pad_token_id))
+        entry = _LoadedModel(model, model_dir, base_model_hash(model_dir), initial, placement, pad_id)
         _loaded[key] = entry
     return entry
+
+
+def _usable_pad_id(tok: PreTrainedTokenizerBase, vocab_rows: int) -> int:
+    """The tokenizer's pad id if the embeddings have a row for it, else eos/unk/bos: a tokenizer
+    class may add a pad token past the model's vocabulary, and padded positions are masked anyway."""
+    for candidate in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id):
+        if isinstance(candidate, int) and 0 <= candidate < vocab_rows:
+            return candidate
+    raise ConfigError(f"tokenizer {tok.name_or_path!r}: no pad/eos/unk/bos id below the model's {vocab_rows} rows")
 
 
 def _place(model: PeftModel, placement: Placement) -> None:
@@ -255,6 +269,11 @@ class LocalTrainer:
     def initial_adapter_bytes(self) -> bytes:
         """The fresh adapter (seeded by task.init_seed): equal on every node of the task."""
         return adapter_to_bytes(self._entry.initial_state)
+
+    @property
+    def pad_id(self) -> int:
+        """The id batches are padded with (also the model config's pad_token_id for classifiers)."""
+        return self._entry.pad_id
 
     def collate(self, examples: Sequence[ExampleLike]) -> Batch:
         return collate(examples, self.task.kind, self._entry.pad_id)
