@@ -401,6 +401,8 @@ class LocalTrainer:
         self._install(adapter_bytes)
         self._entry.model.eval()
         examples = self.eval_examples[: self.task.max_eval_samples]
+        if not examples:  # own data with nothing held out: no score rather than a made-up one
+            return {"n": 0.0}
         loss_sum, correct, count = 0.0, 0, 0
         for start in range(0, len(examples), self.task.eval_batch_size):
             with self._autocast():

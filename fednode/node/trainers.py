@@ -135,6 +135,9 @@ class LearningTrainer:
         if lc.target_modules:
             overrides["target_modules"] = tuple(lc.target_modules)
         self.task = get_task(lc.task, **overrides)
+        data, salt = None, ""
+        if config.data.path:
+            self.task, data, salt = _with_local_data(self.task, config)
         settings = TrainSettings(device=lc.device, precision=lc.precision,
                                  gradient_accumulation_steps=lc.gradient_accumulation_steps,
                                  gradient_checkpointing=lc.gradient_checkpointing, quantization=lc.quantization)
@@ -142,7 +145,7 @@ class LearningTrainer:
             self.task, lc.node_index, lc.num_nodes, partition_scheme=lc.partition,  # type: ignore[arg-type]
             dirichlet_alpha=lc.dirichlet_alpha, partition_seed=lc.seed, torch_threads=lc.torch_threads,
             lr_schedule=LrSchedule(lc.lr_schedule, lc.lr_floor),  # type: ignore[arg-type]
-            settings=settings,
+            settings=settings, data=data, base_hash_salt=salt,
         )
         self.base_model_id = lc.base_model_id or lc.task
         self.base_model_hash = self._trainer.base_hash
@@ -177,6 +180,22 @@ class LearningTrainer:
         from fednode.learning.adapter_io import save_adapter_dir
 
         save_adapter_dir(adapter, directory, self.task)
+
+
+def _with_local_data(task: Any, config: Config) -> tuple[Any, Any, str]:
+    """(the task shaped by the node's own data, that data, the task identity to mix into the base
+    hash). The data decides the kind: a classification format gives a sequence classifier with one
+    output per `[data] labels` entry; the other formats a causal LM."""
+    from fednode.learning.local_data import load_local_data, task_identity
+    from fednode.learning.model import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir(task))
+    data = load_local_data(config.data, tokenizer, max_length=config.learning.max_length)
+    if data.kind == "seq_cls":
+        task = task.replace(kind="seq_cls", num_labels=len(data.labels), dataset="local")
+    else:  # a profile's classifier head means nothing to a causal LM
+        task = task.replace(kind="causal_lm", num_labels=0, modules_to_save=(), dataset="local")
+    return task, data, task_identity(config.data)
 
 
 def make_trainer(config: Config) -> Trainer:

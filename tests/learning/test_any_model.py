@@ -9,6 +9,7 @@ learns within a few steps. One test runs the built-in data path (fortunes) on th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -305,3 +306,50 @@ def test_learning_keys_reach_the_local_trainer(model_dirs: dict[str, Path], monk
     assert seen["settings"] == TrainSettings()  # device/precision auto, no quantization
     with pytest.raises(ConfigError, match=r"learning\.quantization"):
         parse_config('[learning]\nquantization = "8bit"\n')
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_own_text_data_trains_through_the_daemon_trainer(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from fednode.learning.local_data import task_identity
+    from fednode.learning.model import base_model_hash
+    from fednode.node.trainers import LearningTrainer
+
+    _write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in _sentences(64, 7)])
+    config = parse_config(
+        f'[learning]\ntask = "smollm2-lm"\nbase_model_id = "{model_dirs["llama"]}"\ndevice = "cpu"\n'
+        'precision = "fp32"\nbatch_size = 8\nmax_length = 16\n'
+        '[data]\npath = "train.jsonl"\nformat = "text"\neval_fraction = 0.25\n', base_dir=tmp_path)
+    trainer = LearningTrainer(config)
+    assert trainer.task.kind == "causal_lm" and trainer.task.target_modules == ()
+    file_hash = base_model_hash(model_dirs["llama"])
+    identity = task_identity(config.data)
+    assert trainer.base_model_hash == hashlib.sha256(f"{file_hash}\0{identity}".encode()).hexdigest() != file_hash
+    before = trainer.evaluate(None)
+    assert before["n"] == 16 and "perplexity" in before  # a quarter of the 64 rows held out
+    out = trainer.train(None, round_number=1, steps=12, learning_rate=3e-2, seed=0)
+    assert out.num_samples == 48 and out.metrics["steps"] == 12
+    after = trainer.evaluate(out.delta_bytes)
+    assert after["loss"] < before["loss"] and after["perplexity"] < before["perplexity"]
+
+
+def test_own_classification_data_sizes_the_head_and_the_identity(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from fednode.node.trainers import LearningTrainer
+
+    names = ["sport", "politics", "arts", "tech"]
+    _write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": names[y]} for t, y in _topic_texts(64, 8)])
+    toml = (f'[learning]\ntask = "smollm2-lm"\nbase_model_id = "{model_dirs["qwen3"]}"\ndevice = "cpu"\n'
+            'batch_size = 8\nmax_length = 16\n[data]\npath = "train.jsonl"\nformat = "classification"\n')
+    trainer = LearningTrainer(parse_config(toml + f"labels = {json.dumps(names)}\n", base_dir=tmp_path))
+    assert trainer.task.kind == "seq_cls" and trainer.task.num_labels == 4
+    heads = {k: v for k, v in trainer._trainer.adapter_layout.items() if k.startswith("base_model.model.score.")}
+    assert [shape for shape, _ in heads.values()] == [(4, 32)]
+    out = trainer.train(None, round_number=1, steps=12, learning_rate=2e-2, seed=0)
+    scores = trainer.evaluate(out.delta_bytes)
+    assert scores["n"] > 0 and 0.0 <= scores["accuracy"] <= 1.0 and "perplexity" not in scores
+    # Another label list is another task: the hash every round manifest carries differs.
+    other = LearningTrainer(parse_config(toml + f"labels = {json.dumps([*names, 'extra'])}\n", base_dir=tmp_path))
+    assert other.base_model_hash != trainer.base_model_hash and other.task.num_labels == 5
