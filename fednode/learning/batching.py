@@ -13,9 +13,11 @@ from typing import Protocol
 
 import torch
 
+from fednode.learning.local_formats import IGNORE_INDEX, Example
 from fednode.learning.task import TaskKind
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Batch", "Example", "ExampleLike", "batch_loss", "collate"]
+
 MIN_BATCH_WIDTH = 2  # a causal LM needs >= 2 positions to predict one token
 
 
@@ -28,15 +30,6 @@ class ExampleLike(Protocol):
 
     @property
     def label(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class TokenExample:
-    """The built-in data sets' examples (same fields as local_data.Example)."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...] = ()
-    label: int = -1
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from fednode.config import MAX_GRADIENT_ACCUMULATION_STEPS
 from fednode.errors import ConfigError, InvalidUpdate
 from fednode.learning.accel import Available, Placement, select_placement
 from fednode.learning.adapter_io import adapter_from_bytes, adapter_to_bytes
-from fednode.learning.batching import Batch, ExampleLike, TokenExample, batch_loss, collate
+from fednode.learning.batching import Batch, Example, ExampleLike, batch_loss, collate
 from fednode.learning.data import DEFAULT_DIRICHLET_ALPHA, PartitionScheme, load_dataset, node_share
 from fednode.learning.model import (
     _quiet,
@@ -113,7 +113,7 @@ class _LoadedModel:
 
 
 _loaded: dict[tuple[TaskSpec, str, Placement, bool], _LoadedModel] = {}
-_builtin_examples: dict[tuple[str, str, int, str], tuple[TokenExample, ...]] = {}
+_builtin_examples: dict[tuple[str, str, int, str], tuple[Example, ...]] = {}
 
 
 def _load(task: TaskSpec, placement: Placement, checkpointing: bool) -> _LoadedModel:
@@ -167,7 +167,7 @@ def _place(model: PeftModel, placement: Placement) -> None:
                 p.data = p.data.to(half)
 
 
-def _tokenized_builtin(task: TaskSpec, model_dir: Path) -> tuple[TokenExample, ...]:
+def _tokenized_builtin(task: TaskSpec, model_dir: Path) -> tuple[Example, ...]:
     """The task's whole built-in data set as examples, tokenized once per process."""
     key = (task.dataset, str(model_dir), task.max_len, task.kind)
     cached = _builtin_examples.get(key)
@@ -178,9 +178,9 @@ def _tokenized_builtin(task: TaskSpec, model_dir: Path) -> tuple[TokenExample, .
             enc = tok(list(data.texts), truncation=True, max_length=task.max_len)
         if task.kind == "seq_cls":
             pairs = zip(enc["input_ids"], data.labels, strict=True)
-            cached = tuple(TokenExample(tuple(ids), (), int(y)) for ids, y in pairs)
+            cached = tuple(Example(tuple(ids), (), int(y)) for ids, y in pairs)
         else:
-            cached = tuple(TokenExample(tuple(ids), tuple(ids)) for ids in enc["input_ids"])
+            cached = tuple(Example(tuple(ids), tuple(ids)) for ids in enc["input_ids"])
         _builtin_examples[key] = cached
     return cached
 

@@ -35,7 +35,7 @@ from fednode.config import parse_config
 from fednode.errors import ConfigError
 from fednode.learning import LocalTrainer, TaskSpec, adapter_from_bytes, get_task, save_adapter_dir
 from fednode.learning.accel import Available
-from fednode.learning.batching import TokenExample
+from fednode.learning.batching import Example
 from fednode.learning.model import (
     _quiet,
     auto_target_modules,
@@ -59,8 +59,8 @@ WORDS = (*SPECIALS, "the", ".", *ANIMALS, *VERBS, *THINGS, *(w for topic in TOPI
 
 @dataclass(frozen=True)
 class StandInData:  # the fields of local_data.LocalData the trainer reads
-    train: tuple[TokenExample, ...]
-    eval: tuple[TokenExample, ...]
+    train: tuple[Example, ...]
+    eval: tuple[Example, ...]
 
 
 def _make_model_dir(root: Path, family: str) -> Path:
@@ -103,9 +103,9 @@ def _topic_texts(n: int, seed: int) -> list[tuple[str, int]]:
 def lm_data(model_dir: Path) -> StandInData:
     tok = load_tokenizer(model_dir)
 
-    def examples(texts: list[str]) -> tuple[TokenExample, ...]:
+    def examples(texts: list[str]) -> tuple[Example, ...]:
         ids = [tuple(tok(t)["input_ids"]) for t in texts]
-        return tuple(TokenExample(i, i) for i in ids)
+        return tuple(Example(i, i) for i in ids)
 
     return StandInData(examples(_sentences(96, 1)), examples(_sentences(32, 2)))
 
@@ -113,8 +113,8 @@ def lm_data(model_dir: Path) -> StandInData:
 def cls_data(model_dir: Path) -> StandInData:
     tok = load_tokenizer(model_dir)
 
-    def examples(rows: list[tuple[str, int]]) -> tuple[TokenExample, ...]:
-        return tuple(TokenExample(tuple(tok(t)["input_ids"]), (), y) for t, y in rows)
+    def examples(rows: list[tuple[str, int]]) -> tuple[Example, ...]:
+        return tuple(Example(tuple(tok(t)["input_ids"]), (), y) for t, y in rows)
 
     return StandInData(examples(_topic_texts(96, 3)), examples(_topic_texts(32, 4)))
 

@@ -7,12 +7,12 @@ import math
 
 import torch
 
-from fednode.learning.batching import IGNORE_INDEX, TokenExample, batch_loss, collate
+from fednode.learning.batching import IGNORE_INDEX, Example, batch_loss, collate
 
 
 def test_causal_batches_pad_right_and_mask_padding_and_prompts() -> None:
-    prompt_masked = TokenExample((5, 6, 7, 8), (IGNORE_INDEX, IGNORE_INDEX, 7, 8))
-    plain = TokenExample((9, 10))  # no labels given = every token is a target
+    prompt_masked = Example((5, 6, 7, 8), (IGNORE_INDEX, IGNORE_INDEX, 7, 8))
+    plain = Example((9, 10), ())  # no labels given = every token is a target
     batch = collate([prompt_masked, plain], "causal_lm", pad_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
@@ -28,7 +28,7 @@ def test_causal_batches_pad_right_and_mask_padding_and_prompts() -> None:
 
 
 def test_classification_batches_carry_the_class_ids() -> None:
-    batch = collate([TokenExample((1, 2, 3), (), 2), TokenExample((4,), (), 0)], "seq_cls", pad_id=9)
+    batch = collate([Example((1, 2, 3), (), 2), Example((4,), (), 0)], "seq_cls", pad_id=9)
     assert batch.input_ids.tolist() == [[1, 2, 3], [4, 9, 9]] and batch.targets.tolist() == [2, 0]
     logits = torch.tensor([[0.0, 0.0, 3.0], [0.0, 3.0, 0.0]])
     loss, hits, units = batch_loss(logits, batch, "seq_cls")
@@ -36,7 +36,7 @@ def test_classification_batches_carry_the_class_ids() -> None:
 
 
 def test_a_batch_with_no_target_token_has_zero_loss_not_nan() -> None:
-    batch = collate([TokenExample((1, 2), (IGNORE_INDEX, IGNORE_INDEX))], "causal_lm", pad_id=0)
+    batch = collate([Example((1, 2), (IGNORE_INDEX, IGNORE_INDEX))], "causal_lm", pad_id=0)
     logits = torch.randn(1, 2, 4, requires_grad=True)
     loss, hits, units = batch_loss(logits, batch, "causal_lm")
     assert float(loss.detach()) == 0.0 and (hits, units) == (0, 0)
