@@ -20,6 +20,14 @@ far as a node's round. The peaks come from the earlier constant-rate sweep at 16
 peak 5e-3 decays to a mean rate of 2.75e-3 (close to its best constant 3e-3); the node peak stays
 1e-2. Measured (seed 0, 2 threads, shared box): centralized 96.17, local-only 53.43, fedavg 94.59,
 exact 95.50 (curve 85.8, 93.9, 95.5); all three goals met. --arms runs a subset (for sweeps).
+
+--suite chat: the same four arms as chat SFT of a causal LM (default the embedded
+SmolLM2-135M-Instruct; --model DIR for any local HF causal LM with a chat template). Each node holds
+its own chat data (JSONL through fednode.learning.local_data, loss on the assistant turns), skewed
+to one topic (--skew of its rows; the rest from the other topics), and a held-out set drawn the
+same way. Scores are perplexities on each node's own held-out set and on the pooled held-out set.
+Goals: every federated arm within 5% of centralized perplexity on the pooled held-out set, and
+better (lower) than local-only there.
 """
 
 from __future__ import annotations
@@ -54,6 +62,15 @@ ARMS = ("centralized", "local_only", "fedavg", "exact")
 DEFAULT_BATCH = 16
 DEFAULT_MAX_LEN = 64
 DEFAULT_THREADS = 2
+SUITES = ("classification", "chat")
+# --suite chat: per-suite defaults of the shared flags (a flag given on the command line wins).
+CHAT_DEFAULTS = {"rounds": 3, "local_steps": 4, "lr": 1e-3, "central_lr": 5e-4, "batch": 4, "max_len": 96}
+CLASSIFICATION_DEFAULTS = {"rounds": DEFAULT_ROUNDS, "local_steps": DEFAULT_LOCAL_STEPS, "lr": DEFAULT_LR,
+                           "central_lr": DEFAULT_CENTRAL_LR, "batch": DEFAULT_BATCH, "max_len": DEFAULT_MAX_LEN}
+DEFAULT_CHAT_TRAIN_ROWS = 48  # per node
+DEFAULT_CHAT_EVAL_ROWS = 16  # per node; the pooled held-out set is all nodes' together
+DEFAULT_CHAT_SKEW = 0.8  # fraction of a node's rows from its own topic
+CHAT_PPL_TOLERANCE = 0.05  # federated perplexity within 5% of centralized
 
 
 def fednode_aggregate(
@@ -209,25 +226,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=DEFAULT_NODES)
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
-    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
-    p.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_STEPS)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="node peak LR (local-only, fedavg, exact)")
-    p.add_argument("--central-lr", type=float, default=DEFAULT_CENTRAL_LR, help="centralized arm's peak LR")
+    p.add_argument("--suite", choices=SUITES, default="classification",
+                   help="classification (MiniLM + BBC, the default) or chat (SFT of a causal LM)")
+    p.add_argument("--rounds", type=int, default=None, help=f"default {DEFAULT_ROUNDS}; chat {CHAT_DEFAULTS['rounds']}")
+    p.add_argument("--local-steps", type=int, default=None,
+                   help=f"default {DEFAULT_LOCAL_STEPS}; chat {CHAT_DEFAULTS['local_steps']}")
+    p.add_argument("--lr", type=float, default=None, help="node peak LR (local-only, fedavg, exact); "
+                   f"default {DEFAULT_LR}, chat {CHAT_DEFAULTS['lr']}")
+    p.add_argument("--central-lr", type=float, default=None, help="centralized arm's peak LR; "
+                   f"default {DEFAULT_CENTRAL_LR}, chat {CHAT_DEFAULTS['central_lr']}")
     p.add_argument("--schedule", choices=LR_SCHEDULE_KINDS, default=DEFAULT_SCHEDULE, help="LR within each call")
     p.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="last step's LR as a fraction of the peak")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
     p.add_argument("--no-base", dest="base", action="store_false", help="skip evaluating the fresh adapter")
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
+    p.add_argument("--batch", type=int, default=None, help=f"default {DEFAULT_BATCH}; chat {CHAT_DEFAULTS['batch']}")
+    p.add_argument("--max-len", type=int, default=None,
+                   help=f"default {DEFAULT_MAX_LEN}; chat {CHAT_DEFAULTS['max_len']}")
+    p.add_argument("--model", default="", help="chat: a local HF causal LM dir (default: embedded SmolLM2)")
+    p.add_argument("--chat-train-rows", type=int, default=DEFAULT_CHAT_TRAIN_ROWS, help="chat: rows per node")
+    p.add_argument("--chat-eval-rows", type=int, default=DEFAULT_CHAT_EVAL_ROWS, help="chat: held-out rows per node")
+    p.add_argument("--skew", type=float, default=DEFAULT_CHAT_SKEW, help="chat: share of a node's rows from its topic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     p.add_argument("--curve", action="store_true", help="evaluate the global adapter after every round")
     p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in (CHAT_DEFAULTS if args.suite == "chat" else CLASSIFICATION_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.suite == "chat":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_quality_chat import print_chat_table, run_chat
+
+        figures = run_chat(args, fednode_aggregate)
+        print_chat_table(figures)
+        print(json.dumps(figures, sort_keys=True))
+        return 0
     figures = run(args, fednode_aggregate)
     print_table(figures)
     print(json.dumps(figures, sort_keys=True))

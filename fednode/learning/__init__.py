@@ -23,7 +23,7 @@ from fednode.learning.model import (
 )
 from fednode.learning.schedule import LrSchedule
 from fednode.learning.task import PROFILES, TaskSpec, get_task, task_from_mapping
-from fednode.learning.trainer import LocalTrainer, TrainResult
+from fednode.learning.trainer import LocalTrainer, TrainResult, TrainSettings
 
 __all__ = [
     "PROFILES",
@@ -31,6 +31,7 @@ __all__ = [
     "LrSchedule",
     "TaskSpec",
     "TrainResult",
+    "TrainSettings",
     "adapter_from_bytes",
     "adapter_to_bytes",
     "base_model_hash",

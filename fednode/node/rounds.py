@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -687,10 +688,13 @@ class RoundDriver:
         def progress(step: int, loss: float) -> None:
             self.progress.training.update(step=step, loss=loss)
 
+        # The trainer runs in a worker thread on the wall clock: hand it the round's deadline there.
+        deadline = time.time() + (manifest.deadline - self.clock())
+
         def work() -> Any:
             return trainer.train(start, round_number=manifest.round_number, steps=total,
                                  learning_rate=manifest.learning_rate, seed=self.config.learning.seed,
-                                 progress=progress)
+                                 progress=progress, deadline=deadline)
 
         # abandon_on_cancel: a stop (SIGTERM) must not wait for the local steps to finish; the thread's
         # result is dropped and the daemon exits (a restart trains the round again: nothing was stored).
