@@ -698,7 +698,8 @@ class RoundDriver:
 
         # abandon_on_cancel: a stop (SIGTERM) must not wait for the local steps to finish; the thread's
         # result is dropped and the daemon exits (a restart trains the round again: nothing was stored).
-        out = work() if self.inline_training else await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        out = work() if self.inline_training else await trio.to_thread.run_sync(  # type: ignore[call-arg]
+            work, abandon_on_cancel=True)
         sha = self.store.put_bytes(out.delta_bytes)
         metrics = {f"train_{k}": v for k, v in out.metrics.items()}
         update = OwnUpdate(manifest.round_number, manifest.start_adapter_sha256, sha, out.num_samples,
