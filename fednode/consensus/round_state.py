@@ -216,6 +216,7 @@ class RoundState:
         self.outcome: SignedOutcome | None = None  # the signed outcome this node holds
         self.outcome_unknown = False  # took the round over; a predecessor may have concluded it
         self.sync_answered: set[str] = set()  # members that answered our outcome query with none
+        self.resumed_in_term: int | None = None  # restarted as coordinator of this term, not yet confirmed
         self.refused: set[str] = set()  # participants whose submission was REJECTed (close early counts them)
         self.conflicts: list[OutcomeConflict] = []
 
@@ -351,6 +352,7 @@ class RoundState:
             self._transition(Resumed)
             if self.role is Role.COORDINATOR and self.phase not in TERMINAL:
                 self._outcome_in_question(effects)
+                self.resumed_in_term = self.term
             return ACCEPTED
         if isinstance(event, CoordinatorChanged):
             return self._on_coordinator_changed(event, effects)
@@ -540,6 +542,12 @@ class RoundState:
             return Validation(Verdict.IGNORE, "stale_term", f"term {event.term} < {self.term}")
         if self.phase in TERMINAL:
             return Validation(Verdict.IGNORE, "round_closed", f"round is {self.phase.value}")
+        if (self.resumed_in_term == event.term and event.coordinator_node_id == self.node_id
+                and self.role is Role.COORDINATOR):
+            # Restarted, and the election (having heard the live members' terms during its start-up
+            # grace) confirms us in the same term: no later term, so nobody took the round over.
+            self.outcome_unknown = False
+        self.resumed_in_term = None
         self.term, self.coordinator_node_id = event.term, event.coordinator_node_id
         if event.term in self.coordinators or len(self.coordinators) < self.max_recorded_rejections:
             self.coordinators[event.term] = event.coordinator_node_id

@@ -260,7 +260,19 @@ class Node:
             for round_id in self.driver.rounds_behind(hb.last_round_number):
                 if now - self._synced_at.get(round_id, -math.inf) >= SYNC_RETRY_SECONDS:
                     self._synced_at[round_id] = now
-                    self._maybe_sync(hb.node_id, round_id)
+                    self._maybe_sync(self._sync_peer(hb.node_id, hb.last_round_number), round_id)
+
+    def _sync_peer(self, sender: str, last_round_number: int) -> str:
+        """Whom to ask for a round we are behind on: the heartbeat's sender if we are connected to it,
+        else a connected member whose heartbeat says it is past the round too. A restarted libp2p
+        node may hear a member's heartbeat through others before it knows that member's address
+        ("No known addresses to peer": how issue 13's r36 node never learned the outcome)."""
+        connected = self.transport.peers() if self.transport is not None else frozenset()
+        if sender in connected:
+            return sender
+        ahead = sorted(n for n, h in self._heard.items()
+                       if n in connected and h["last_round_number"] >= last_round_number)
+        return ahead[int(self.clock() / SYNC_RETRY_SECONDS) % len(ahead)] if ahead else sender  # rotate on retries
 
     def _maybe_sync(self, peer: str, round_id: str) -> None:
         if (round_id not in self._syncing and len(self._syncing) < MAX_SYNCS_IN_FLIGHT

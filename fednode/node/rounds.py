@@ -390,7 +390,9 @@ class RoundDriver:
         delay = DEFAULT_SETTLE_RETRY_SECONDS
         try:
             while self.sync is not None and self._unsettled(state):
-                for peer in [n for n in self.live_members() if n != self.me]:
+                connected = self.transport.peers() if self.transport is not None else frozenset()
+                # connected members first: one of them may hold the outcome, and we can reach them now
+                for peer in sorted((n for n in self.live_members() if n != self.me), key=lambda n: n not in connected):
                     if not self._unsettled(state):
                         return
                     try:

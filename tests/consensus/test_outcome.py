@@ -234,6 +234,11 @@ def test_restarted_coordinator_settles_before_it_re_aggregates() -> None:
     out = back.handle(Resumed(EPOCH + 500))
     assert out.effects == (QueryOutcome("round-1"),) and back.outcome_unknown
     assert back.handle(Tick(EPOCH + 501)).effects == ()
+    # the election, once it heard the community, confirms A in the same term: nobody took over
+    confirmed = RoundState.restore(back.snapshot())
+    confirmed.handle(Resumed(EPOCH + 500))
+    out = confirmed.handle(CoordinatorChanged(1, A.node_id, EPOCH + 502))
+    assert not confirmed.outcome_unknown and isinstance(out.effects[0], StartAggregation)
     # C took it over in term 2 and published; A learns of C, then of C's announce
     back.handle(CoordinatorChanged(2, C.node_id, EPOCH + 502))
     assert back.role is Role.PARTICIPANT
