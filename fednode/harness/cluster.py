@@ -48,6 +48,10 @@ class NodeProcess:
         return load_config(self.config_path).control_socket_path
 
     @property
+    def data_dir(self) -> Path:
+        return load_config(self.config_path).data_dir
+
+    @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -86,6 +90,9 @@ class LocalCluster:
                 sections.setdefault(name, {}).update(values)
             bootstrap = [f"/ip4/{LOOPBACK}/tcp/{ports[j]}/p2p/{ids[j]}" for j in (0, 1) if j != i and j < total]
             sections.setdefault("node", {}).update(data_dir=".", key_file="node.key", name=f"node-{i}")
+            # Only a per-node override may move a node's data (e.g. onto its own small file system, with
+            # key_file then the absolute path of the folder's key); a shared template never does.
+            sections["node"].update((node_overrides or {}).get(i, {}).get("node", {}))
             sections.setdefault("network", {}).update(listen=[f"/ip4/{LOOPBACK}/tcp/{ports[i]}"], bootstrap=bootstrap)
             sections.setdefault("research", {})["federated_learning"] = fl
             learning = sections.setdefault("learning", {})

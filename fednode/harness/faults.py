@@ -1,0 +1,659 @@
+"""`scripts/faults` (python -m fednode.harness.faults): randomised fault sequences over real daemons.
+
+A few federations of `fednode run` processes (libp2p on 127.0.0.1, fake task, rounds of about a
+second) each run many short fault sequences back to back (fault_plan: SIGKILL / SIGTERM / restart of
+the coordinator or a participant at a moment of the round, a corrupted or deleted blob, including the
+latest merged one, with the node running or stopped, and a full disk: one node's data dir is a small
+tmpfs when we are root). After each sequence every stopped node is started again, the federation
+must finish a round opened after that on every node, and the checker (fault_check) reads every
+node's round records, state.sqlite and log. A sequence FAILs on any broken promise: two merged
+adapters for one round, an accepted submission lost or counted twice, a daemon exit we did not
+cause (or a SIGTERM that did not exit 0), a traceback, work abandoned on a local blob fault, or no
+progress. Prints PASS/FAIL per sequence; the last line is one JSON object. The plan depends only on
+--seed (printed first and on failure); rerun with it to replay the same sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from fednode.harness import fault_check
+from fednode.harness.cluster import LocalCluster, NodeProcess
+from fednode.harness.fault_plan import (
+    ANY_BLOB,
+    COORDINATOR,
+    CORRUPT,
+    DELETE,
+    DISK_FULL,
+    KILL,
+    LATEST_MERGED,
+    TERM,
+    WAIT,
+    Action,
+    make_plan,
+)
+from fednode.harness.fault_plan import Sequence as FaultSequence
+from fednode.harness.run import poll
+
+T = TypeVar("T")
+Status = dict[int, dict[str, Any]]
+
+SEED_ENV = "FEDNODE_FAULTS_SEED"
+DEFAULT_SEQUENCES = 33
+DEFAULT_CLUSTERS = 3
+MIN_NODES = 4  # one node down (pending restart) + one being hit still leaves min_participants = 2
+FILL_BLOCK_BYTES = 1 << 20
+FILL_SMALL_BYTES = 4096
+LOG_TAIL_BYTES = 1200
+SHA_HEX_LEN = 64
+
+
+@dataclass(frozen=True)
+class FaultOptions:
+    seed: int = 0
+    sequences: int = DEFAULT_SEQUENCES
+    clusters: int = DEFAULT_CLUSTERS
+    parallel: int = DEFAULT_CLUSTERS  # federations running at once
+    nodes: int = MIN_NODES
+    heartbeat_seconds: float = 0.5
+    liveness_heartbeats: float = 4.0  # failover after 2 s of silence
+    step_seconds: float = 0.02  # fake training: node i takes (1 + i mod 4) x this per step
+    local_steps: int = 5
+    aggregate_delay_seconds: float = 0.3  # the coordinator's aggregating window (a trigger)
+    round_timeout_seconds: float = 10.0
+    pause_seconds: float = 0.3
+    reannounce_seconds: float = 1.0
+    disk_bytes: int = 16 << 20  # the tmpfs data dir of the disk-full node
+    disk_full: bool = True  # False: never mount a tmpfs (no disk_full actions)
+    trigger_timeout_seconds: float = 8.0  # waiting for a round moment; then the action runs anyway
+    start_timeout_seconds: float = 120.0  # a new federation's first round installed everywhere
+    recovery_timeout_seconds: float = 60.0  # after a sequence: a new round installed everywhere
+    stop_grace_seconds: float = 10.0  # SIGTERM -> exit (fednode promises < 5 s)
+    poll_seconds: float = 0.2
+
+
+@dataclass
+class SequenceResult:
+    index: int
+    name: str
+    cluster: int
+    passed: bool
+    seconds: float
+    actions: str
+    violations: list[fault_check.Violation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    executed: list[str] = field(default_factory=list)  # action kinds that really ran
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "cluster": self.cluster, "passed": self.passed,
+                "seconds": round(self.seconds, 2), "actions": self.actions, "executed": self.executed,
+                "violations": [v.to_json() for v in self.violations], "notes": self.notes}
+
+
+class ProgressLost(Exception):
+    """The federation did not recover within the bound; its remaining sequences are not run."""
+
+
+class FaultCluster:
+    """One federation of daemons, the faults it takes, and what it must show after each sequence."""
+
+    def __init__(self, index: int, run_dir: Path, opts: FaultOptions, rng: random.Random) -> None:
+        self.index = index
+        self.run_dir = run_dir
+        self.opts = opts
+        self.rng = rng
+        self.statuses: Status = {}
+        self.violations: list[fault_check.Violation] = []  # found since the last take_violations()
+        self.notes: list[str] = []
+        self.seen_keys: set[str] = set()
+        self.log_offsets: dict[int, int] = {}
+        self.disk_mount: Path | None = None
+        self.disk_node: NodeProcess | None = None
+        self.disk_reason = ""
+        self.cluster = self._create()
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _create(self) -> LocalCluster:
+        o = self.opts
+        n = o.nodes
+        overrides: dict[str, dict[str, Any]] = {
+            "learning": {"task": "fake", "fake_step_seconds": o.step_seconds,
+                         "fake_aggregate_delay_seconds": o.aggregate_delay_seconds},
+            "round": {"local_steps": o.local_steps, "round_timeout_seconds": o.round_timeout_seconds,
+                      "max_rounds": 0, "min_participants": 2, "wait_for_members": 2, "max_participants": n,
+                      "pause_seconds": o.pause_seconds, "reannounce_seconds": o.reannounce_seconds},
+            "coordinator": {"heartbeat_interval_seconds": o.heartbeat_seconds,
+                            "liveness_timeout_heartbeats": o.liveness_heartbeats},
+            "community": {"id": f"faults-{self.index}"},
+            "network": {"gossip_heartbeat_seconds": 1.0},
+        }
+        disk = n - 1
+        node_overrides: dict[int, dict[str, dict[str, Any]]] = {}
+        mount = self.run_dir / f"node-{disk}" / "data"
+        if o.disk_full:
+            self.disk_reason = self._mount(mount)
+            if not self.disk_reason:
+                self.disk_mount = mount
+                key = self.run_dir.resolve() / f"node-{disk}" / "node.key"
+                node_overrides[disk] = {"node": {"data_dir": "data", "key_file": str(key)}}
+        else:
+            self.disk_reason = "disk_full off (--no-disk-full)"
+        cluster = LocalCluster.create(self.run_dir, federated=n, gate_off=0, template={}, overrides=overrides,
+                                      node_overrides=node_overrides)
+        if self.disk_mount is not None:
+            self.disk_node = cluster.nodes[disk]
+        return cluster
+
+    def _mount(self, mount: Path) -> str:
+        """Mount a small tmpfs at `mount`; '' on success, else why not (the disk-full case is skipped)."""
+        if os.geteuid() != 0:
+            return "not root: mounting a tmpfs needs root (disk-full sequences skipped)"
+        mount.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.opts.disk_bytes}", "tmpfs", str(mount)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            return (f"mount -t tmpfs failed ({proc.returncode}): {proc.stderr.strip()[:200]} "
+                    "(disk-full sequences skipped)")
+        return ""
+
+    def unmount(self) -> None:
+        if self.disk_mount is not None:
+            proc = subprocess.run(["umount", str(self.disk_mount)], capture_output=True, check=False)
+            if proc.returncode != 0:
+                subprocess.run(["umount", "-l", str(self.disk_mount)], capture_output=True, check=False)
+            self.disk_mount = None
+
+    async def start(self) -> None:
+        nodes = self.cluster.nodes
+        self.cluster.start(nodes[:2])
+        await self.wait_for(lambda st: all(n.index in st for n in nodes[:2]), "the bootstrap nodes answer",
+                            self.opts.start_timeout_seconds)
+        self.cluster.start(nodes[2:])
+        await self.wait_for(lambda st: all((st.get(n.index) or {}).get("rounds_completed", 0) >= 1 for n in nodes),
+                            "every node installed a first round", self.opts.start_timeout_seconds)
+
+    def stop(self) -> None:
+        alive = [n.index for n in self.cluster.nodes if n.alive]
+        codes = self.cluster.stop()
+        for i in alive:
+            if codes.get(i) != 0:
+                self._violation("sigterm_exit", f"node-{i} teardown",
+                                f"node-{i} exited {codes.get(i)} on SIGTERM at teardown: {self._log_tail(i)}")
+
+    # -- watching ------------------------------------------------------------------------------
+    def _violation(self, kind: str, key: str, detail: str) -> None:
+        if f"{kind} {key}" not in self.seen_keys:
+            self.seen_keys.add(f"{kind} {key}")
+            self.violations.append(fault_check.Violation(kind, key, detail))
+
+    def _log_tail(self, index: int) -> str:
+        path = self.cluster.nodes[index].folder / "log.txt"
+        if not path.exists():
+            return "(no log)"
+        return path.read_bytes()[-LOG_TAIL_BYTES:].decode("utf-8", "replace")
+
+    def check_exits(self) -> None:
+        """A daemon that exited without us stopping it is a violation; it is left down for recovery."""
+        for node in self.cluster.nodes:
+            if node.process is not None and not node.alive and not node.killed:
+                node.killed = True
+                code = node.process.returncode
+                self._violation("unexpected_exit", f"node-{node.index} pid {node.process.pid}",
+                                f"node-{node.index} exited on its own with code {code}: {self._log_tail(node.index)}")
+
+    async def refresh(self) -> Status:
+        self.statuses = await poll(self.cluster)
+        self.check_exits()
+        return self.statuses
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep while watching for daemon exits."""
+        end = trio.current_time() + seconds
+        while True:
+            self.check_exits()
+            left = end - trio.current_time()
+            if left <= 0:
+                return
+            await trio.sleep(min(left, self.opts.poll_seconds))
+
+    async def wait_for(self, predicate: Callable[[Status], T | bool | None], what: str, timeout: float) -> T:
+        with trio.move_on_after(timeout):
+            while True:
+                value = predicate(await self.refresh())
+                if value is not None and value is not False:
+                    return value  # type: ignore[return-value]
+                await trio.sleep(self.opts.poll_seconds)
+        raise ProgressLost(f"cluster {self.index}: timed out after {timeout:.0f} s waiting until {what}; "
+                           f"status: {json.dumps(self.summary())}")
+
+    def summary(self) -> dict[str, Any]:
+        out = {}
+        for node in self.cluster.nodes:
+            s = self.statuses.get(node.index)
+            if s is None:
+                out[f"node-{node.index}"] = "up, not answering" if node.alive else "down"
+                continue
+            cur = s.get("current_round") or {}
+            out[f"node-{node.index}"] = {"coordinator": str(s.get("coordinator", ""))[-6:], "term": s.get("term"),
+                                         "round": cur.get("round_number"), "state": cur.get("state"),
+                                         "installed": (s.get("last_merged") or {}).get("round_number"),
+                                         "failed": s.get("rounds_failed")}
+        return out
+
+    # -- targets -------------------------------------------------------------------------------
+    def coordinator(self, st: Status) -> NodeProcess | None:
+        """The live node that names itself coordinator (the highest term if several do)."""
+        mine = [n for n in self.cluster.nodes if n.alive and n.index in st
+                and st[n.index].get("coordinator") == n.node_id]
+        return max(mine, key=lambda n: st[n.index].get("term", 0)) if mine else None
+
+    def resolve(self, target: str) -> NodeProcess | None:
+        st = self.statuses
+        if target == "disk_node":
+            node = self.disk_node
+            return node if node is not None and node.alive and node.index in st else None
+        coordinator = self.coordinator(st)
+        if target == COORDINATOR:
+            return coordinator
+        others = [n for n in self.cluster.nodes if n.alive and n.index in st and n is not coordinator]
+        return self.rng.choice(others) if others else None
+
+    async def trigger(self, action: Action) -> None:
+        if action.trigger == "delay":
+            await self.sleep(action.delay)
+            return
+        if action.trigger == "now":
+            return
+
+        def moment(st: Status) -> bool:
+            c = self.coordinator(st)
+            cur = (st.get(c.index) or {}).get("current_round") or {} if c else {}
+            if action.trigger == "collecting":
+                return cur.get("state") == "collecting"
+            if action.trigger == "submitted":
+                return cur.get("state") == "collecting" and cur.get("submissions", 0) >= 1
+            if action.trigger == "aggregating":
+                return cur.get("state") == "aggregating"
+            return any(((s or {}).get("training") or {}).get("state") == "training" for s in st.values())
+
+        try:
+            await self.wait_for(moment, f"moment {action.trigger}", self.opts.trigger_timeout_seconds)
+        except ProgressLost:
+            self.notes.append(f"moment {action.trigger} not seen within {self.opts.trigger_timeout_seconds:.0f} s;"
+                              " acted anyway")
+
+    # -- faults --------------------------------------------------------------------------------
+    async def terminate(self, node: NodeProcess) -> None:
+        """SIGTERM and wait: the daemon must exit 0 within the grace (fednode promises < 5 s)."""
+        if node.process is None or not node.alive:
+            return
+        node.killed = True
+        node.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(self.opts.stop_grace_seconds):
+            while node.process.poll() is None:
+                await trio.sleep(0.05)
+        if node.process.poll() is None:
+            node.process.kill()
+            node.process.wait()
+            self._violation("sigterm_exit", f"node-{node.index} pid {node.process.pid}",
+                            f"node-{node.index} did not exit within {self.opts.stop_grace_seconds:.0f} s of SIGTERM")
+        elif node.process.returncode != 0:
+            self._violation("sigterm_exit", f"node-{node.index} pid {node.process.pid}",
+                            f"node-{node.index} exited {node.process.returncode} on SIGTERM: "
+                            f"{self._log_tail(node.index)}")
+
+    def restart(self, node: NodeProcess) -> None:
+        if not node.alive:
+            self.cluster.start([node])
+
+    def blob_file(self, node: NodeProcess, which: str) -> tuple[Path | None, int]:
+        """(the blob file to hit, its round number when it is the latest merged adapter, else 0)."""
+        data = node.data_dir
+        if which == LATEST_MERGED:
+            records = [json.loads(p.read_text()) for p in (data / "rounds").glob("round-*.json")]
+            published = [r for r in records if r.get("state") == "published" and r.get("merged_sha256")]
+            if published:
+                latest = max(published, key=lambda r: int(r["round_number"]))
+                path = data / "blobs" / str(latest["merged_sha256"])
+                if path.exists():
+                    return path, int(latest["round_number"])
+        blobs = sorted(p for p in (data / "blobs").iterdir() if len(p.name) == SHA_HEX_LEN and p.is_file()) \
+            if (data / "blobs").exists() else []
+        return (self.rng.choice(blobs), 0) if blobs else (None, 0)
+
+    def flip_byte(self, path: Path, offset: int | None = None) -> int:
+        size = path.stat().st_size
+        at = self.rng.randrange(size) if offset is None else min(offset, size - 1)
+        with path.open("r+b") as fh:
+            fh.seek(at)
+            byte = fh.read(1)
+            fh.seek(at)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        return at
+
+    async def hit_blob(self, action: Action, node: NodeProcess) -> str:
+        if action.while_stopped:
+            await self.terminate(node)
+        try:
+            path, number = self.blob_file(node, action.blob if action.blob else ANY_BLOB)
+            if path is None:
+                return f"node-{node.index} holds no blob"
+            what = f"{'latest merged (round ' + str(number) + ')' if number else 'blob'} {path.name[:12]}"
+            if action.kind == DELETE:
+                path.unlink()
+                return f"deleted node-{node.index}'s {what}"
+            at = self.flip_byte(path)
+            extra = ""
+            if action.with_adapter and number:
+                adapter = node.data_dir / "adapters" / f"round-{number}" / "adapter_model.safetensors"
+                if adapter.exists():
+                    self.flip_byte(adapter, at)
+                    extra = f" and in adapters/round-{number}"
+            return f"flipped byte {at} of node-{node.index}'s {what}{extra}"
+        finally:
+            if action.while_stopped:
+                self.restart(node)
+
+    async def fill_disk(self, action: Action) -> str:
+        assert self.disk_mount is not None and self.disk_node is not None
+        filler = self.disk_mount / ".filler"
+        written = 0
+        with filler.open("wb", buffering=0) as fh:
+            for block in (FILL_BLOCK_BYTES, FILL_SMALL_BYTES, 1):
+                chunk = b"\0" * block
+                while True:
+                    try:
+                        written += fh.write(chunk) or 0
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+        try:
+            await self.sleep(action.hold)
+        finally:
+            filler.unlink()
+        return f"filled node-{self.disk_node.index}'s {self.opts.disk_bytes >> 20} MiB tmpfs ({written} bytes) " \
+               f"for {action.hold:.1f} s"
+
+    async def act(self, action: Action, pending: list[NodeProcess]) -> str:
+        """Run one action; returns what it did ('' = skipped: no such target now)."""
+        if action.kind == WAIT:
+            await self.sleep(action.delay)
+            return f"waited {action.delay:.1f} s"
+        await self.trigger(action)
+        await self.refresh()
+        if action.kind == DISK_FULL:
+            return await self.fill_disk(action) if self.disk_mount is not None else ""
+        node = self.resolve(action.target)
+        if node is None:
+            return ""
+        role = f"{action.target} node-{node.index}"
+        if action.kind in (KILL, TERM):
+            if action.kind == KILL:
+                self.cluster.kill(node)
+            else:
+                await self.terminate(node)
+            if action.restart_after is None:
+                pending.append(node)
+                return f"{action.kind} {role}; restart at the end"
+            await self.sleep(action.restart_after)
+            self.restart(node)
+            return f"{action.kind} {role}; restarted after {action.restart_after:.1f} s"
+        if action.kind in (CORRUPT, DELETE):
+            how = "stopped" if action.while_stopped else "running"
+            return await self.hit_blob(action, node) + f" ({action.target}, {how})"
+        raise ValueError(f"unknown action {action.kind}")
+
+    # -- one sequence ----------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Start every stopped node, wait until all see each other live, then until a round opened
+        after that is installed on every node."""
+        for node in self.cluster.nodes:
+            self.restart(node)
+        ids = {n.node_id for n in self.cluster.nodes}
+
+        def settled(st: Status) -> bool:
+            if any(n.index not in st or not n.alive for n in self.cluster.nodes):
+                return False
+            for n in self.cluster.nodes:
+                live = {m["node_id"] for m in st[n.index].get("members", []) if m.get("alive")}
+                if not (ids - {n.node_id}) <= live:
+                    return False
+            return True
+
+        await self.wait_for(settled, "every node is up and sees the others live", self.opts.recovery_timeout_seconds)
+        st = self.statuses
+        top = max(max(((s.get("current_round") or {}).get("round_number") or 0,
+                       (s.get("last_merged") or {}).get("round_number") or 0) for s in st.values()), default=0)
+        await self.wait_for(
+            lambda st: all(((st.get(n.index) or {}).get("last_merged") or {}).get("round_number", 0) > top
+                           for n in self.cluster.nodes),
+            f"every node installed a round after round {top}", self.opts.recovery_timeout_seconds)
+
+    def check(self) -> None:
+        files = [fault_check.NodeFiles(n.index, n.node_id, n.data_dir, n.folder / "log.txt")
+                 for n in self.cluster.nodes]
+        evidence = fault_check.gather(files)
+        for v in fault_check.check_rounds(evidence):
+            self._violation(v.kind, v.key, v.detail)
+        for f in files:
+            found, self.log_offsets[f.index] = fault_check.scan_log(f, self.log_offsets.get(f.index, 0))
+            for v in found:
+                self._violation(v.kind, v.key, v.detail)
+
+    async def run_sequence(self, seq: FaultSequence) -> SequenceResult:
+        started = time.monotonic()
+        self.violations, self.notes = [], []
+        executed: list[str] = []
+        pending: list[NodeProcess] = []
+        lost = ""
+        try:
+            for action in seq.actions:
+                did = await self.act(action, pending)
+                if did:
+                    executed.append(action.kind)
+                    self.notes.append(did)
+                else:
+                    self.notes.append(f"skipped ({action.describe()}): no such target now")
+            await self.recover()
+        except ProgressLost as exc:
+            lost = str(exc)
+            self._violation("no_progress", f"sequence {seq.index}", lost)
+        finally:
+            self.check()
+        result = SequenceResult(seq.index, seq.name, self.index, not self.violations, time.monotonic() - started,
+                                seq.describe(), list(self.violations), list(self.notes), executed)
+        if lost:
+            raise _Stopped(result)
+        return result
+
+
+class _Stopped(Exception):
+    def __init__(self, result: SequenceResult) -> None:
+        super().__init__(result.name)
+        self.result = result
+
+
+@dataclass
+class FaultRun:
+    seed: int
+    results: list[SequenceResult]
+    wall_seconds: float
+    disk: str  # "tmpfs" or why the disk-full sequences were skipped
+    planned: int
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and len(self.results) == self.planned and all(r.passed for r in self.results)
+
+    def violations_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.results:
+            for v in r.violations:
+                out[v.kind] = out.get(v.kind, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        executed: dict[str, int] = {}
+        for r in self.results:
+            for kind in r.executed:
+                executed[kind] = executed.get(kind, 0) + 1
+        return {"passed": self.passed, "seed": self.seed, "planned": self.planned, "run": len(self.results),
+                "passed_sequences": sum(r.passed for r in self.results), "wall_seconds": round(self.wall_seconds, 2),
+                "disk_full": self.disk, "executed_actions": executed, "violations_by_kind": self.violations_by_kind(),
+                "replay": f"scripts/faults --seed {self.seed} --sequences {self.planned}",
+                "results": [r.to_json() for r in self.results]}
+
+
+def _echo(result: SequenceResult, seed: int) -> None:
+    verdict = "PASS" if result.passed else "FAIL"
+    print(f"{verdict} {result.name} [cluster {result.cluster}] {result.seconds:.1f} s: {result.actions}", flush=True)
+    for note in result.notes:
+        print(f"     . {note}", flush=True)
+    for v in result.violations:
+        print(f"     ! {v.kind}: {v.detail[:fault_check.MAX_DETAIL_CHARS]}", flush=True)
+    if not result.passed:
+        print(f"     (replay: scripts/faults --seed {seed})", flush=True)
+
+
+async def run_cluster(index: int, sequences: list[FaultSequence], opts: FaultOptions, root: Path,
+                      limiter: trio.CapacityLimiter, echo: bool) -> tuple[list[SequenceResult], str]:
+    async with limiter:
+        rng = random.Random(f"{opts.seed}/cluster-{index}")
+        results: list[SequenceResult] = []
+        fc = FaultCluster(index, root / f"c{index}", opts, rng)
+        try:
+            try:
+                await fc.start()
+            except ProgressLost as exc:
+                fc.check()
+                for seq in sequences:
+                    results.append(SequenceResult(seq.index, seq.name, index, False, 0.0, seq.describe(),
+                                                  [fault_check.Violation("no_progress", "start", str(exc)),
+                                                   *fc.violations], ["not run: the federation never started"]))
+                return results, fc.disk_reason
+            for k, seq in enumerate(sequences):
+                try:
+                    result = await fc.run_sequence(seq)
+                except _Stopped as stop:
+                    results.append(stop.result)
+                    if echo:
+                        _echo(stop.result, opts.seed)
+                    for rest in sequences[k + 1:]:
+                        results.append(SequenceResult(rest.index, rest.name, index, False, 0.0, rest.describe(),
+                                                      [], [f"not run: cluster {index} made no progress after "
+                                                           f"{seq.name}"]))
+                    break
+                results.append(result)
+                if echo:
+                    _echo(result, opts.seed)
+        finally:
+            with trio.CancelScope(shield=True):
+                fc.stop()
+                fc.unmount()
+            if fc.violations and results:  # found at teardown: the last sequence's
+                results[-1].violations.extend(v for v in fc.violations if v not in results[-1].violations)
+                results[-1].passed = False
+        return results, fc.disk_reason
+
+
+async def run_faults(opts: FaultOptions, root: Path, *, echo: bool = True) -> FaultRun:
+    started = time.monotonic()
+    plan = make_plan(opts.seed, opts.sequences, disk_full=opts.disk_full and os.geteuid() == 0)
+    groups = [[s for s in plan if s.index % opts.clusters == k] for k in range(opts.clusters)]
+    limiter = trio.CapacityLimiter(max(1, opts.parallel))
+    outcomes: list[tuple[list[SequenceResult], str]] = []
+
+    async def one(k: int) -> None:
+        outcomes.append(await run_cluster(k, groups[k], opts, root, limiter, echo))
+
+    async with trio.open_nursery() as nursery:
+        for k in range(opts.clusters):
+            if groups[k]:
+                nursery.start_soon(one, k)
+    results = sorted((r for rs, _ in outcomes for r in rs), key=lambda r: r.index)
+    reasons = {reason for _, reason in outcomes}
+    disk = "tmpfs" if reasons == {""} else "; ".join(sorted(r for r in reasons if r)) or "tmpfs"
+    return FaultRun(opts.seed, results, time.monotonic() - started, disk, len(plan))
+
+
+async def _until_signalled(fn: Callable[[], Awaitable[FaultRun]]) -> FaultRun | None:
+    """SIGTERM/SIGINT cancel the run, so each federation's `finally` stops its daemons and unmounts."""
+    out: list[FaultRun] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                async for signum in signals:
+                    print(f"faults: {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+                    nursery.cancel_scope.cancel()
+
+            async def work() -> None:
+                out.append(await fn())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(work)
+    return out[0] if out else None
+
+
+def default_seed() -> int:
+    env = os.environ.get(SEED_ENV, "").strip()
+    return int(env) if env else random.SystemRandom().randrange(2**31)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/faults", description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--seed", type=int, default=None, help=f"plan seed (default: ${SEED_ENV}, else random)")
+    p.add_argument("--sequences", type=int, default=DEFAULT_SEQUENCES, help="fault sequences in all (>= 1)")
+    p.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help="federations the sequences are spread over")
+    p.add_argument("--parallel", type=int, default=None, help="federations running at once (default: all)")
+    p.add_argument("--nodes", type=int, default=MIN_NODES, help=f"daemons per federation (>= {MIN_NODES})")
+    p.add_argument("--no-disk-full", action="store_true", help="never mount a tmpfs (no disk-full sequences)")
+    p.add_argument("--keep", action="store_true", help="keep the run dir even when everything passed")
+    p.add_argument("--run-dir", type=Path, default=None, help="where run dirs go (default runs/faults-<time>)")
+    args = p.parse_args(argv)
+    if args.nodes < MIN_NODES:
+        p.error(f"--nodes must be >= {MIN_NODES}")
+    if args.sequences < 1 or args.clusters < 1:
+        p.error("--sequences and --clusters must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    seed = default_seed() if args.seed is None else args.seed
+    opts = FaultOptions(seed=seed, sequences=args.sequences, clusters=args.clusters,
+                        parallel=args.parallel or args.clusters, nodes=args.nodes, disk_full=not args.no_disk_full)
+    root = args.run_dir or Path("runs") / time.strftime("faults-%Y%m%d-%H%M%S")
+    print(f"faults: seed {seed} ({args.sequences} sequences over {args.clusters} federations of {args.nodes} "
+          f"daemons; run dir {root})", flush=True)
+    run = trio.run(_until_signalled, lambda: run_faults(opts, root))
+    if run is None:
+        print(json.dumps({"passed": False, "seed": seed, "interrupted": True}), flush=True)
+        return 1
+    ok = sum(r.passed for r in run.results)
+    print(f"faults: {ok}/{run.planned} sequences passed in {run.wall_seconds:.1f} s (seed {seed}; disk full: "
+          f"{run.disk}); violations: {run.violations_by_kind() or 'none'}", flush=True)
+    if run.passed and not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(run.to_json(), sort_keys=True), flush=True)
+    return 0 if run.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
