@@ -140,7 +140,8 @@ async def poll(cluster: LocalCluster) -> dict[int, dict[str, Any]]:
     async def one(node: NodeProcess) -> None:
         if not node.alive:
             return
-        with contextlib.suppress(ControlError):  # not up yet, or busy: the next poll asks again
+        # not up yet, busy, or dying (the connection reset): the next poll asks again
+        with contextlib.suppress(ControlError, trio.BrokenResourceError, OSError):
             out[node.index] = await query_control(node.control_socket, timeout=2.0)
 
     async with trio.open_nursery() as nursery:
