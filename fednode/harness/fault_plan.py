@@ -24,8 +24,9 @@ TERM = "sigterm"
 CORRUPT = "corrupt"
 DELETE = "delete"
 DISK_FULL = "disk_full"
+CLIENT = "client_close"  # a control-socket client that asks for status and closes without reading
 WAIT = "wait"
-ACTION_KINDS = (KILL, TERM, CORRUPT, DELETE, DISK_FULL)
+ACTION_KINDS = (KILL, TERM, CORRUPT, DELETE, DISK_FULL, CLIENT)
 
 COORDINATOR = "coordinator"
 PARTICIPANT = "participant"
@@ -73,6 +74,8 @@ class Action:
             return f"{self.kind} {self.blob}{extra} of {self.target} ({how}) {when}"
         if self.kind == DISK_FULL:
             return f"fill {self.target}'s disk for {self.hold:.1f}s {when}"
+        if self.kind == CLIENT:
+            return f"status client closes early on {self.target} {when}"
         return f"{self.kind} {when}"
 
 
@@ -118,23 +121,34 @@ def random_action(rng: random.Random, kind: str, *, pending_restart: bool) -> Ac
                       with_adapter=kind == CORRUPT and blob == LATEST_MERGED and rng.random() < 0.5)
     if kind == DISK_FULL:
         return Action(kind, DISK_NODE, trigger, delay, hold=round(rng.uniform(*DISK_FULL_HOLD_SECONDS), 2))
+    if kind == CLIENT:
+        return Action(kind, rng.choice([COORDINATOR, PARTICIPANT]), trigger, delay)
     raise ValueError(f"unknown action kind {kind!r}; expected one of {ACTION_KINDS}")
 
 
-def make_plan(seed: int, count: int, *, disk_full: bool = True) -> list[Sequence]:
-    """`count` sequences: the r36 case first, then random ones. Each action kind leads at least one
-    sequence (the first ones cycle through the kinds in a seeded order) so a short plan covers all.
-    With `disk_full` False (not root, or no tmpfs) no sequence fills a disk."""
+def make_plan(seed: int, count: int, *, disk_full: bool = True, kinds: tuple[str, ...] | None = None,
+              r36: bool = True) -> list[Sequence]:
+    """`count` sequences: the r36 case first (unless `r36` is False), then random ones of `kinds`
+    (default all). Each kind leads at least one sequence (the first ones cycle through the kinds in a
+    seeded order) so a short plan covers all. With `disk_full` False (not root, or no tmpfs) no
+    sequence fills a disk."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    unknown = set(kinds or ()) - set(ACTION_KINDS)
+    if unknown:
+        raise ValueError(f"unknown fault kinds {sorted(unknown)}; expected some of {ACTION_KINDS}")
     rng = random.Random(seed)
-    kinds = [k for k in ACTION_KINDS if disk_full or k != DISK_FULL]
-    leads = rng.sample(kinds, len(kinds))
-    plan = [r36_sequence(0)]
-    for index in range(1, count):
+    pool = [k for k in (kinds or ACTION_KINDS) if disk_full or k != DISK_FULL]
+    if not pool:
+        raise ValueError("no fault kind left to draw from (disk_full is the only one asked for, and off)")
+    leads = rng.sample(pool, len(pool))
+    plan = [r36_sequence(0)] if r36 else []
+    while len(plan) < count:
+        index = len(plan)
         n = rng.randint(MIN_ACTIONS, MAX_ACTIONS)
-        chosen = [leads[index - 1] if index - 1 < len(leads) else rng.choice(kinds)]
-        chosen += [rng.choice(kinds) for _ in range(n - 1)]
+        k = index - (1 if r36 else 0)
+        chosen = [leads[k] if k < len(leads) else rng.choice(pool)]
+        chosen += [rng.choice(pool) for _ in range(n - 1)]
         actions: list[Action] = []
         for kind in chosen:
             pending = any(a.kind in (KILL, TERM) and a.restart_after is None for a in actions)

@@ -35,7 +35,9 @@ import trio
 from fednode.harness import fault_check
 from fednode.harness.cluster import LocalCluster, NodeProcess
 from fednode.harness.fault_plan import (
+    ACTION_KINDS,
     ANY_BLOB,
+    CLIENT,
     COORDINATOR,
     CORRUPT,
     DELETE,
@@ -80,6 +82,8 @@ class FaultOptions:
     reannounce_seconds: float = 1.0
     disk_bytes: int = 16 << 20  # the tmpfs data dir of the disk-full node
     disk_full: bool = True  # False: never mount a tmpfs (no disk_full actions)
+    kinds: tuple[str, ...] | None = None  # fault kinds drawn from (default all)
+    r36: bool = True  # sequence 0 is the fixed r36 case
     trigger_timeout_seconds: float = 8.0  # waiting for a round moment; then the action runs anyway
     start_timeout_seconds: float = 120.0  # a new federation's first round installed everywhere
     recovery_timeout_seconds: float = 60.0  # after a sequence: a new round installed everywhere
@@ -153,8 +157,10 @@ class FaultCluster:
                 node_overrides[disk] = {"node": {"data_dir": "data", "key_file": str(key)}}
         else:
             self.disk_reason = "disk_full off (--no-disk-full)"
+        # every node bootstraps to every other: restarting nodes 0 and 1 together must not leave them
+        # a partition of their own until the others redial (a partition is not a fault we inject)
         cluster = LocalCluster.create(self.run_dir, federated=n, gate_off=0, template={}, overrides=overrides,
-                                      node_overrides=node_overrides)
+                                      node_overrides=node_overrides, bootstrap_all=True)
         if self.disk_mount is not None:
             self.disk_node = cluster.nodes[disk]
         return cluster
@@ -414,6 +420,12 @@ class FaultCluster:
             await self.sleep(action.restart_after)
             self.restart(node)
             return f"{action.kind} {role}; restarted after {action.restart_after:.1f} s"
+        if action.kind == CLIENT:
+            sock = await trio.open_unix_socket(str(node.control_socket))
+            await sock.send_all(b"status\n")
+            await sock.aclose()  # without reading the answer
+            await self.sleep(self.opts.poll_seconds)
+            return f"asked {role} for its status over the control socket and closed without reading"
         if action.kind in (CORRUPT, DELETE):
             how = "stopped" if action.while_stopped else "running"
             return await self.hit_blob(action, node) + f" ({action.target}, {how})"
@@ -574,7 +586,8 @@ async def run_cluster(index: int, sequences: list[FaultSequence], opts: FaultOpt
 
 async def run_faults(opts: FaultOptions, root: Path, *, echo: bool = True) -> FaultRun:
     started = time.monotonic()
-    plan = make_plan(opts.seed, opts.sequences, disk_full=opts.disk_full and os.geteuid() == 0)
+    plan = make_plan(opts.seed, opts.sequences, disk_full=opts.disk_full and os.geteuid() == 0, kinds=opts.kinds,
+                     r36=opts.r36)
     groups = [[s for s in plan if s.index % opts.clusters == k] for k in range(opts.clusters)]
     limiter = trio.CapacityLimiter(max(1, opts.parallel))
     outcomes: list[tuple[list[SequenceResult], str]] = []
@@ -624,6 +637,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=None, help="federations running at once (default: all)")
     p.add_argument("--nodes", type=int, default=MIN_NODES, help=f"daemons per federation (>= {MIN_NODES})")
     p.add_argument("--no-disk-full", action="store_true", help="never mount a tmpfs (no disk-full sequences)")
+    p.add_argument("--kinds", default="", help=f"comma-separated fault kinds to draw from: {','.join(ACTION_KINDS)}")
+    p.add_argument("--no-r36", action="store_true", help="leave out the fixed r36 case (sequence 0)")
     p.add_argument("--keep", action="store_true", help="keep the run dir even when everything passed")
     p.add_argument("--run-dir", type=Path, default=None, help="where run dirs go (default runs/faults-<time>)")
     args = p.parse_args(argv)
@@ -631,6 +646,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--nodes must be >= {MIN_NODES}")
     if args.sequences < 1 or args.clusters < 1:
         p.error("--sequences and --clusters must be >= 1")
+    args.kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) or None
+    if args.kinds and set(args.kinds) - set(ACTION_KINDS):
+        p.error(f"--kinds: unknown {sorted(set(args.kinds) - set(ACTION_KINDS))}; known: {', '.join(ACTION_KINDS)}")
     return args
 
 
@@ -638,7 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     seed = default_seed() if args.seed is None else args.seed
     opts = FaultOptions(seed=seed, sequences=args.sequences, clusters=args.clusters,
-                        parallel=args.parallel or args.clusters, nodes=args.nodes, disk_full=not args.no_disk_full)
+                        parallel=args.parallel or args.clusters, nodes=args.nodes, disk_full=not args.no_disk_full,
+                        kinds=args.kinds, r36=not args.no_r36)
     root = args.run_dir or Path("runs") / time.strftime("faults-%Y%m%d-%H%M%S")
     print(f"faults: seed {seed} ({args.sequences} sequences over {args.clusters} federations of {args.nodes} "
           f"daemons; run dir {root})", flush=True)
