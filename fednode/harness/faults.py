@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -59,9 +60,14 @@ SEED_ENV = "FEDNODE_FAULTS_SEED"
 DEFAULT_SEQUENCES = 33
 DEFAULT_CLUSTERS = 3
 MIN_NODES = 4  # one node down (pending restart) + one being hit still leaves min_participants = 2
+MIN_ANSWERING = 2  # = min_participants: fewer live nodes make no round
+FULL_RECOVERY_EVERY = 3  # every 3rd sequence (and a federation's last) waits for all nodes, not just the live
 FILL_BLOCK_BYTES = 1 << 20
 FILL_SMALL_BYTES = 4096
-LOG_TAIL_BYTES = 1200
+LOG_TAIL_BYTES = 600
+CRASH_SCAN_BYTES = 8000
+EXCEPTION_LINE_RE = re.compile(r"^[\s|+]*((?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt|Cancelled)\b.*)$",
+                               re.MULTILINE)
 SHA_HEX_LEN = 64
 
 
@@ -208,10 +214,15 @@ class FaultCluster:
             self.violations.append(fault_check.Violation(kind, key, detail))
 
     def _log_tail(self, index: int) -> str:
+        """The exception lines at the end of a node's log (else its last bytes)."""
         path = self.cluster.nodes[index].folder / "log.txt"
         if not path.exists():
             return "(no log)"
-        return path.read_bytes()[-LOG_TAIL_BYTES:].decode("utf-8", "replace")
+        tail = path.read_bytes()[-CRASH_SCAN_BYTES:].decode("utf-8", "replace")
+        errors = [m.group(1) for m in EXCEPTION_LINE_RE.finditer(tail)]
+        if errors:
+            return " / ".join(dict.fromkeys(errors[-3:]))
+        return tail[-LOG_TAIL_BYTES:]
 
     def check_exits(self) -> None:
         """A daemon that exited without us stopping it is a violation; it is left down for recovery."""
@@ -323,6 +334,10 @@ class FaultCluster:
                             f"node-{node.index} exited {node.process.returncode} on SIGTERM: "
                             f"{self._log_tail(node.index)}")
 
+    def restart_all(self) -> None:
+        for node in self.cluster.nodes:
+            self.restart(node)
+
     def restart(self, node: NodeProcess) -> None:
         if not node.alive:
             self.cluster.start([node])
@@ -432,14 +447,16 @@ class FaultCluster:
         raise ValueError(f"unknown action {action.kind}")
 
     # -- one sequence ----------------------------------------------------------------------------
-    async def recover(self) -> None:
-        """Start every stopped node, wait until all see each other live, then until a round opened
-        after that is installed on every node."""
-        for node in self.cluster.nodes:
-            self.restart(node)
+    async def recover(self, *, full: bool) -> None:
+        """Start every stopped node again, then wait until a round opened after the faults is installed
+        on every node that answers (at least two; a restarted daemon needs seconds to import its
+        stack and is checked by a later sequence). `full`: first wait until all nodes are up and see
+        each other live, and check all of them."""
         ids = {n.node_id for n in self.cluster.nodes}
+        self.restart_all()
 
         def settled(st: Status) -> bool:
+            self.restart_all()  # also a daemon that died on its own meanwhile (a violation already)
             if any(n.index not in st or not n.alive for n in self.cluster.nodes):
                 return False
             for n in self.cluster.nodes:
@@ -448,14 +465,22 @@ class FaultCluster:
                     return False
             return True
 
-        await self.wait_for(settled, "every node is up and sees the others live", self.opts.recovery_timeout_seconds)
-        st = self.statuses
+        if full:
+            await self.wait_for(settled, "every node is up and sees the others live",
+                                self.opts.recovery_timeout_seconds)
+        st = await self.wait_for(lambda st: st if len(st) >= MIN_ANSWERING else None,
+                                 f"at least {MIN_ANSWERING} nodes answer", self.opts.recovery_timeout_seconds)
         top = max(max(((s.get("current_round") or {}).get("round_number") or 0,
                        (s.get("last_merged") or {}).get("round_number") or 0) for s in st.values()), default=0)
-        await self.wait_for(
-            lambda st: all(((st.get(n.index) or {}).get("last_merged") or {}).get("round_number", 0) > top
-                           for n in self.cluster.nodes),
-            f"every node installed a round after round {top}", self.opts.recovery_timeout_seconds)
+        must = [n for n in self.cluster.nodes if full or n.index in st]
+
+        def progressed(st: Status) -> bool:
+            self.restart_all()
+            return all(((st.get(n.index) or {}).get("last_merged") or {}).get("round_number", 0) > top
+                       for n in must)
+
+        await self.wait_for(progressed, f"nodes {[n.index for n in must]} installed a round after round {top}",
+                            self.opts.recovery_timeout_seconds)
 
     def check(self) -> None:
         files = [fault_check.NodeFiles(n.index, n.node_id, n.data_dir, n.folder / "log.txt")
@@ -468,7 +493,7 @@ class FaultCluster:
             for v in found:
                 self._violation(v.kind, v.key, v.detail)
 
-    async def run_sequence(self, seq: FaultSequence) -> SequenceResult:
+    async def run_sequence(self, seq: FaultSequence, *, full: bool) -> SequenceResult:
         started = time.monotonic()
         self.violations, self.notes = [], []
         executed: list[str] = []
@@ -482,7 +507,7 @@ class FaultCluster:
                     self.notes.append(did)
                 else:
                     self.notes.append(f"skipped ({action.describe()}): no such target now")
-            await self.recover()
+            await self.recover(full=full)
         except ProgressLost as exc:
             lost = str(exc)
             self._violation("no_progress", f"sequence {seq.index}", lost)
@@ -490,6 +515,7 @@ class FaultCluster:
             self.check()
         result = SequenceResult(seq.index, seq.name, self.index, not self.violations, time.monotonic() - started,
                                 seq.describe(), list(self.violations), list(self.notes), executed)
+        self.violations, self.notes = [], []
         if lost:
             raise _Stopped(result)
         return result
@@ -544,14 +570,16 @@ def _echo(result: SequenceResult, seed: int) -> None:
 
 
 async def run_cluster(index: int, sequences: list[FaultSequence], opts: FaultOptions, root: Path,
-                      limiter: trio.CapacityLimiter, echo: bool) -> tuple[list[SequenceResult], str]:
+                      limiter: trio.CapacityLimiter, start_lock: trio.Lock,
+                      echo: bool) -> tuple[list[SequenceResult], str]:
     async with limiter:
         rng = random.Random(f"{opts.seed}/cluster-{index}")
         results: list[SequenceResult] = []
         fc = FaultCluster(index, root / f"c{index}", opts, rng)
         try:
             try:
-                await fc.start()
+                async with start_lock:  # one federation imports its stack at a time: 2 cores
+                    await fc.start()
             except ProgressLost as exc:
                 fc.check()
                 for seq in sequences:
@@ -560,8 +588,9 @@ async def run_cluster(index: int, sequences: list[FaultSequence], opts: FaultOpt
                                                    *fc.violations], ["not run: the federation never started"]))
                 return results, fc.disk_reason
             for k, seq in enumerate(sequences):
+                full = (k + 1) % FULL_RECOVERY_EVERY == 0 or k == len(sequences) - 1
                 try:
-                    result = await fc.run_sequence(seq)
+                    result = await fc.run_sequence(seq, full=full)
                 except _Stopped as stop:
                     results.append(stop.result)
                     if echo:
@@ -578,9 +607,14 @@ async def run_cluster(index: int, sequences: list[FaultSequence], opts: FaultOpt
             with trio.CancelScope(shield=True):
                 fc.stop()
                 fc.unmount()
-            if fc.violations and results:  # found at teardown: the last sequence's
-                results[-1].violations.extend(v for v in fc.violations if v not in results[-1].violations)
-                results[-1].passed = False
+            ran = [r for r in results if r.seconds > 0]
+            if fc.violations and ran:  # found at teardown: charged to the last sequence that ran
+                ran[-1].violations.extend(fc.violations)
+                ran[-1].passed = False
+                if echo:
+                    for v in fc.violations:
+                        print(f"FAIL {ran[-1].name} [cluster {index}] at teardown: {v.kind}: {v.detail[:600]}",
+                              flush=True)
         return results, fc.disk_reason
 
 
@@ -590,10 +624,11 @@ async def run_faults(opts: FaultOptions, root: Path, *, echo: bool = True) -> Fa
                      r36=opts.r36)
     groups = [[s for s in plan if s.index % opts.clusters == k] for k in range(opts.clusters)]
     limiter = trio.CapacityLimiter(max(1, opts.parallel))
+    start_lock = trio.Lock()
     outcomes: list[tuple[list[SequenceResult], str]] = []
 
     async def one(k: int) -> None:
-        outcomes.append(await run_cluster(k, groups[k], opts, root, limiter, echo))
+        outcomes.append(await run_cluster(k, groups[k], opts, root, limiter, start_lock, echo))
 
     async with trio.open_nursery() as nursery:
         for k in range(opts.clusters):
