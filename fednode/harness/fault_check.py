@@ -33,6 +33,11 @@ LOCAL_BLOB_FAULT_RE = re.compile(r"BlobIntegrityError|does not match|KeyError|No
                                  re.IGNORECASE)
 TRACEBACK_MARKERS = ("Traceback (most recent call last)", "Exception Group Traceback", "--- Logging error ---")
 LOG_LINE_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+LOGGER_RE = re.compile(r"^\S+ \S+ [A-Z]+ ([\w.]+): ")
+# A stack attached to a third-party library's own log record (e.g. libp2p's swarm logging a
+# connection refused while it shuts down) is that library's noise, not a fednode failure; a crash
+# is caught anyway, as the daemon's unexpected exit.
+THIRD_PARTY_LOGGERS = ("libp2p", "multiaddr", "async_service", "anyio")
 SHA_PREFIX = 16
 MAX_DETAIL_CHARS = 600
 
@@ -188,12 +193,16 @@ def scan_log(node: NodeFiles, offset: int) -> tuple[list[Violation], int]:
     while i < len(lines):
         line = lines[i]
         if any(marker in line for marker in TRACEBACK_MARKERS):
+            logger = LOGGER_RE.match(lines[i - 1]) if i > 0 else None
+            third_party = logger is not None and logger.group(1).startswith(THIRD_PARTY_LOGGERS)
             block = [line]
             i += 1
             while i < len(lines) and not LOG_LINE_RE.match(lines[i]) and not lines[i].startswith("fednode:"):
                 block.append(lines[i])
                 i += 1
             tail = [b.strip() for b in block if b.strip() and not set(b.strip()) <= set("+-|^~ ")]
+            if third_party:
+                continue
             out.append(Violation("traceback", f"node-{node.index} @{offset}+{i}",
                                  f"node-{node.index} logged a traceback: ... " + " / ".join(tail[-4:])))
             continue

@@ -259,7 +259,7 @@ class FaultCluster:
                            f"status: {json.dumps(self.summary())}")
 
     def summary(self) -> dict[str, Any]:
-        out = {}
+        out: dict[str, Any] = {}
         for node in self.cluster.nodes:
             s = self.statuses.get(node.index)
             if s is None:

@@ -112,9 +112,12 @@ def test_log_scan_finds_tracebacks_and_abandoned_work_once(tmp_path: Path) -> No
            "2026-01-01 00:00:01,000 WARNING fednode.rounds: _train_and_submit failed: blob 1234 on disk does "
            "not match its address\n"
            "2026-01-01 00:00:02,000 WARNING fednode.rounds: _train_and_submit failed: blob 99: no holder left\n")
+    log += ("2026-01-01 00:00:03,000 WARNING libp2p.network.swarm: add_conn failed: LifecycleError('stopped')\n"
+            "Traceback (most recent call last):\n  File \"swarm.py\", line 2617, in add_conn\n"
+            "libp2p.tools.anyio_service.exceptions.LifecycleError: Cannot schedule task after service has stopped\n")
     node = lay_out(tmp_path, 0, [], log=log)
     found, offset = scan_log(node, 0)
-    assert [v.kind for v in found] == ["traceback", "gave_up"]
+    assert [v.kind for v in found] == ["traceback", "gave_up"]  # not libp2p's own logged stack
     assert "OperationalError: database or disk is full" in found[0].detail
     assert offset == len(log.encode())
     assert scan_log(node, offset) == ([], offset)  # what was read is not reported again
