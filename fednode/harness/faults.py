@@ -57,7 +57,8 @@ T = TypeVar("T")
 Status = dict[int, dict[str, Any]]
 
 SEED_ENV = "FEDNODE_FAULTS_SEED"
-DEFAULT_SEQUENCES = 33
+DEFAULT_SEQUENCES = 31  # the fixed r36 case + 30 random ones
+DEFAULT_TIME_BOUND_SECONDS = 720.0  # then the sequences not started yet FAIL as not run (never a hang)
 DEFAULT_CLUSTERS = 3
 MIN_NODES = 4  # one node down (pending restart) + one being hit still leaves min_participants = 2
 MIN_ANSWERING = 2  # = min_participants: fewer live nodes make no round
@@ -95,6 +96,7 @@ class FaultOptions:
     recovery_timeout_seconds: float = 60.0  # after a sequence: a new round installed everywhere
     stop_grace_seconds: float = 10.0  # SIGTERM -> exit (fednode promises < 5 s)
     poll_seconds: float = 0.2
+    time_bound_seconds: float = DEFAULT_TIME_BOUND_SECONDS
 
 
 @dataclass
@@ -132,6 +134,7 @@ class FaultCluster:
         self.notes: list[str] = []
         self.seen_keys: set[str] = set()
         self.log_offsets: dict[int, int] = {}
+        self.written_off: set[int] = set()  # nodes that stopped making progress (a violation already)
         self.disk_mount: Path | None = None
         self.disk_node: NodeProcess | None = None
         self.disk_reason = ""
@@ -461,7 +464,7 @@ class FaultCluster:
                 return False
             for n in self.cluster.nodes:
                 live = {m["node_id"] for m in st[n.index].get("members", []) if m.get("alive")}
-                if not (ids - {n.node_id}) <= live:
+                if n.index not in self.written_off and not (ids - {n.node_id}) <= live:
                     return False
             return True
 
@@ -472,15 +475,26 @@ class FaultCluster:
                                  f"at least {MIN_ANSWERING} nodes answer", self.opts.recovery_timeout_seconds)
         top = max(max(((s.get("current_round") or {}).get("round_number") or 0,
                        (s.get("last_merged") or {}).get("round_number") or 0) for s in st.values()), default=0)
-        must = [n for n in self.cluster.nodes if full or n.index in st]
+        must = [n for n in self.cluster.nodes if (full or n.index in st) and n.index not in self.written_off]
+
+        def behind(st: Status) -> list[NodeProcess]:
+            return [n for n in must if ((st.get(n.index) or {}).get("last_merged") or {}).get("round_number", 0) <= top]
 
         def progressed(st: Status) -> bool:
             self.restart_all()
-            return all(((st.get(n.index) or {}).get("last_merged") or {}).get("round_number", 0) > top
-                       for n in must)
+            return not behind(st)
 
-        await self.wait_for(progressed, f"nodes {[n.index for n in must]} installed a round after round {top}",
-                            self.opts.recovery_timeout_seconds)
+        what = f"nodes {[n.index for n in must]} installed a round after round {top}"
+        try:
+            await self.wait_for(progressed, what, self.opts.recovery_timeout_seconds)
+        except ProgressLost as exc:
+            stuck = behind(self.statuses)
+            if len(self.cluster.nodes) - len(self.written_off) - len(stuck) < MIN_ANSWERING:
+                raise  # the federation as a whole is stuck: its remaining sequences are not run
+            # The others go on: the stuck nodes' files are still checked, they just no longer have to progress.
+            self.written_off.update(n.index for n in stuck)
+            self._violation("no_progress", f"nodes {[n.index for n in stuck]} after round {top}",
+                            f"{exc}; nodes {[n.index for n in stuck]} are written off (the others go on)")
 
     def check(self) -> None:
         files = [fault_check.NodeFiles(n.index, n.node_id, n.data_dir, n.folder / "log.txt")
@@ -570,7 +584,7 @@ def _echo(result: SequenceResult, seed: int) -> None:
 
 
 async def run_cluster(index: int, sequences: list[FaultSequence], opts: FaultOptions, root: Path,
-                      limiter: trio.CapacityLimiter, start_lock: trio.Lock,
+                      limiter: trio.CapacityLimiter, start_lock: trio.Lock, deadline: float,
                       echo: bool) -> tuple[list[SequenceResult], str]:
     async with limiter:
         rng = random.Random(f"{opts.seed}/cluster-{index}")
@@ -588,6 +602,11 @@ async def run_cluster(index: int, sequences: list[FaultSequence], opts: FaultOpt
                                                    *fc.violations], ["not run: the federation never started"]))
                 return results, fc.disk_reason
             for k, seq in enumerate(sequences):
+                if trio.current_time() > deadline:
+                    results += [SequenceResult(rest.index, rest.name, index, False, 0.0, rest.describe(), [],
+                                               [f"not run: over the run's time bound of "
+                                                f"{opts.time_bound_seconds:.0f} s"]) for rest in sequences[k:]]
+                    break
                 full = (k + 1) % FULL_RECOVERY_EVERY == 0 or k == len(sequences) - 1
                 try:
                     result = await fc.run_sequence(seq, full=full)
@@ -625,10 +644,11 @@ async def run_faults(opts: FaultOptions, root: Path, *, echo: bool = True) -> Fa
     groups = [[s for s in plan if s.index % opts.clusters == k] for k in range(opts.clusters)]
     limiter = trio.CapacityLimiter(max(1, opts.parallel))
     start_lock = trio.Lock()
+    deadline = trio.current_time() + opts.time_bound_seconds
     outcomes: list[tuple[list[SequenceResult], str]] = []
 
     async def one(k: int) -> None:
-        outcomes.append(await run_cluster(k, groups[k], opts, root, limiter, start_lock, echo))
+        outcomes.append(await run_cluster(k, groups[k], opts, root, limiter, start_lock, deadline, echo))
 
     async with trio.open_nursery() as nursery:
         for k in range(opts.clusters):
@@ -674,6 +694,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-disk-full", action="store_true", help="never mount a tmpfs (no disk-full sequences)")
     p.add_argument("--kinds", default="", help=f"comma-separated fault kinds to draw from: {','.join(ACTION_KINDS)}")
     p.add_argument("--no-r36", action="store_true", help="leave out the fixed r36 case (sequence 0)")
+    p.add_argument("--time-bound", type=float, default=DEFAULT_TIME_BOUND_SECONDS,
+                   help="seconds after which sequences not started yet FAIL as not run")
     p.add_argument("--keep", action="store_true", help="keep the run dir even when everything passed")
     p.add_argument("--run-dir", type=Path, default=None, help="where run dirs go (default runs/faults-<time>)")
     args = p.parse_args(argv)
@@ -692,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = default_seed() if args.seed is None else args.seed
     opts = FaultOptions(seed=seed, sequences=args.sequences, clusters=args.clusters,
                         parallel=args.parallel or args.clusters, nodes=args.nodes, disk_full=not args.no_disk_full,
-                        kinds=args.kinds, r36=not args.no_r36)
+                        kinds=args.kinds, r36=not args.no_r36, time_bound_seconds=args.time_bound)
     root = args.run_dir or Path("runs") / time.strftime("faults-%Y%m%d-%H%M%S")
     print(f"faults: seed {seed} ({args.sequences} sequences over {args.clusters} federations of {args.nodes} "
           f"daemons; run dir {root})", flush=True)

@@ -20,17 +20,18 @@ from fednode.harness.faults import SEED_ENV, FaultOptions, default_seed, run_fau
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
-SEQUENCES = 33
+SEQUENCES = 31  # the fixed r36 case + 30 random sequences
 CLUSTERS = 3
-WALL_BOUND_SECONDS = 900  # a wedged federation stops at its progress bound, never hangs the suite
+TIME_BOUND_SECONDS = 720.0  # sequences not started by then FAIL as not run: the test never hangs the suite
 
 
-@pytest.mark.timeout(WALL_BOUND_SECONDS)
+@pytest.mark.timeout(TIME_BOUND_SECONDS + 180)
 async def test_random_fault_sequences_keep_one_merged_adapter_per_round_and_lose_nothing(tmp_path: Path) -> None:
     seed = default_seed()
     print(f"fault plan seed {seed} (replay: {SEED_ENV}={seed})")
     # a short run dir: each daemon binds a unix control socket below it (at most 107 bytes)
-    run = await run_faults(FaultOptions(seed=seed, sequences=SEQUENCES, clusters=CLUSTERS), tmp_path / "f")
+    opts = FaultOptions(seed=seed, sequences=SEQUENCES, clusters=CLUSTERS, time_bound_seconds=TIME_BOUND_SECONDS)
+    run = await run_faults(opts, tmp_path / "f")
     failed = [r for r in run.results if not r.passed]
     report = "\n".join(f"{r.name} [cluster {r.cluster}] {r.actions}\n" +
                        "\n".join(f"    {v.kind}: {v.detail[:400]}" for v in r.violations) +
