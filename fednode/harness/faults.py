@@ -80,10 +80,10 @@ class FaultOptions:
     parallel: int = DEFAULT_CLUSTERS  # federations running at once
     nodes: int = MIN_NODES
     heartbeat_seconds: float = 0.5
-    liveness_heartbeats: float = 4.0  # failover after 2 s of silence
+    liveness_heartbeats: float = 6.0  # failover after 3 s of silence
     step_seconds: float = 0.02  # fake training: node i takes (1 + i mod 4) x this per step
     local_steps: int = 5
-    aggregate_delay_seconds: float = 0.3  # the coordinator's aggregating window (a trigger)
+    aggregate_delay_seconds: float = 0.5  # the coordinator's aggregating window (a trigger)
     round_timeout_seconds: float = 10.0
     pause_seconds: float = 0.3
     reannounce_seconds: float = 1.0
@@ -96,6 +96,7 @@ class FaultOptions:
     recovery_timeout_seconds: float = 60.0  # after a sequence: a new round installed everywhere
     stop_grace_seconds: float = 10.0  # SIGTERM -> exit (fednode promises < 5 s)
     poll_seconds: float = 0.2
+    status_timeout_seconds: float = 15.0
     time_bound_seconds: float = DEFAULT_TIME_BOUND_SECONDS
 
 
@@ -237,7 +238,8 @@ class FaultCluster:
                                 f"node-{node.index} exited on its own with code {code}: {self._log_tail(node.index)}")
 
     async def refresh(self) -> Status:
-        self.statuses = await poll(self.cluster)
+        # a patient client: hanging up on a slow daemon is a fault of its own (the client_close action)
+        self.statuses = await poll(self.cluster, timeout=self.opts.status_timeout_seconds)
         self.check_exits()
         return self.statuses
 

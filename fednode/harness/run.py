@@ -134,7 +134,7 @@ async def run_harness(opts: HarnessOptions) -> HarnessResult:
     return result
 
 
-async def poll(cluster: LocalCluster) -> dict[int, dict[str, Any]]:
+async def poll(cluster: LocalCluster, timeout: float = 2.0) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
 
     async def one(node: NodeProcess) -> None:
@@ -142,7 +142,7 @@ async def poll(cluster: LocalCluster) -> dict[int, dict[str, Any]]:
             return
         # not up yet, busy, or dying (the connection reset): the next poll asks again
         with contextlib.suppress(ControlError, trio.BrokenResourceError, OSError):
-            out[node.index] = await query_control(node.control_socket, timeout=2.0)
+            out[node.index] = await query_control(node.control_socket, timeout=timeout)
 
     async with trio.open_nursery() as nursery:
         for node in cluster.nodes:
