@@ -238,8 +238,10 @@ class FaultCluster:
                                 f"node-{node.index} exited on its own with code {code}: {self._log_tail(node.index)}")
 
     async def refresh(self) -> Status:
-        # a patient client: hanging up on a slow daemon is a fault of its own (the client_close action)
-        self.statuses = await poll(self.cluster, timeout=self.opts.status_timeout_seconds)
+        # A patient client, never cancelled mid-query: hanging up on a daemon is a fault of its own
+        # (the client_close action), not something the harness does by accident when a wait times out.
+        with trio.CancelScope(shield=True):
+            self.statuses = await poll(self.cluster, timeout=self.opts.status_timeout_seconds)
         self.check_exits()
         return self.statuses
 
