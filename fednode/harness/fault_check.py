@@ -189,12 +189,15 @@ def scan_log(node: NodeFiles, offset: int) -> tuple[list[Violation], int]:
     end = data.rfind(b"\n") + 1  # a half-written last line is read next time
     lines = data[:end].decode("utf-8", "replace").splitlines()
     out: list[Violation] = []
+    owner = ""  # the logger of the last log record: a stack printed after it belongs to that record
     i = 0
     while i < len(lines):
         line = lines[i]
+        if LOG_LINE_RE.match(line):
+            m = LOGGER_RE.match(line)
+            owner = m.group(1) if m else ""
         if any(marker in line for marker in TRACEBACK_MARKERS):
-            logger = LOGGER_RE.match(lines[i - 1]) if i > 0 else None
-            third_party = logger is not None and logger.group(1).startswith(THIRD_PARTY_LOGGERS)
+            third_party = owner.startswith(THIRD_PARTY_LOGGERS)
             block = [line]
             i += 1
             while i < len(lines) and not LOG_LINE_RE.match(lines[i]) and not lines[i].startswith("fednode:"):

@@ -114,7 +114,9 @@ def test_log_scan_finds_tracebacks_and_abandoned_work_once(tmp_path: Path) -> No
            "2026-01-01 00:00:02,000 WARNING fednode.rounds: _train_and_submit failed: blob 99: no holder left\n")
     log += ("2026-01-01 00:00:03,000 WARNING libp2p.network.swarm: add_conn failed: LifecycleError('stopped')\n"
             "Traceback (most recent call last):\n  File \"swarm.py\", line 2617, in add_conn\n"
-            "libp2p.tools.anyio_service.exceptions.LifecycleError: Cannot schedule task after service has stopped\n")
+            "libp2p.tools.anyio_service.exceptions.LifecycleError: Cannot schedule task after service has stopped\n"
+            "\nDuring handling of the above exception, another exception occurred:\n\n"
+            "Traceback (most recent call last):\ntrio.Cancelled: cancelled\n")
     node = lay_out(tmp_path, 0, [], log=log)
     found, offset = scan_log(node, 0)
     assert [v.kind for v in found] == ["traceback", "gave_up"]  # not libp2p's own logged stack
