@@ -434,8 +434,12 @@ class FaultCluster:
         if action.kind == DISK_FULL:
             return await self.fill_disk(action) if self.disk_mount is not None else ""
         node = self.resolve(action.target)
-        if node is None:
-            return ""
+        if node is None:  # e.g. no coordinator elected right now, or the others still starting: wait a bit
+            try:
+                node = await self.wait_for(lambda st: self.resolve(action.target), f"a {action.target} answers",
+                                           self.opts.trigger_timeout_seconds)
+            except ProgressLost:
+                return ""
         role = f"{action.target} node-{node.index}"
         if action.kind in (KILL, TERM):
             if action.kind == KILL:
