@@ -207,13 +207,15 @@ class FaultCluster:
         await self.wait_for(lambda st: all((st.get(n.index) or {}).get("rounds_completed", 0) >= 1 for n in nodes),
                             "every node installed a first round", self.opts.start_timeout_seconds)
 
-    def stop(self) -> None:
-        alive = [n.index for n in self.cluster.nodes if n.alive]
-        codes = self.cluster.stop()
-        for i in alive:
-            if codes.get(i) != 0:
-                self._violation("sigterm_exit", f"node-{i} teardown",
-                                f"node-{i} exited {codes.get(i)} on SIGTERM at teardown: {self._log_tail(i)}")
+    async def stop(self) -> None:
+        """SIGTERM every running daemon (each must exit 0, as after any SIGTERM we send); one still
+        starting up (not answering yet) is just stopped: Python's default SIGTERM ends it before the
+        daemon installs its handler."""
+        await self.refresh()
+        for node in self.cluster.nodes:
+            if node.alive and node.index in self.statuses:
+                await self.terminate(node)
+        self.cluster.stop()
 
     # -- watching ------------------------------------------------------------------------------
     def _violation(self, kind: str, key: str, detail: str) -> None:
@@ -641,8 +643,10 @@ async def run_cluster(index: int, sequences: list[FaultSequence], opts: FaultOpt
                     _echo(result, opts.seed)
         finally:
             with trio.CancelScope(shield=True):
-                fc.stop()
-                fc.unmount()
+                try:
+                    await fc.stop()
+                finally:
+                    fc.unmount()
             ran = [r for r in results if r.seconds > 0]
             if fc.violations and ran:  # found at teardown: charged to the last sequence that ran
                 ran[-1].violations.extend(fc.violations)
