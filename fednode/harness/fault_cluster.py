@@ -81,7 +81,7 @@ class FaultOptions:
     r36: bool = True  # sequence 0 is the fixed r36 case
     trigger_timeout_seconds: float = 8.0  # waiting for a round moment; then the action runs anyway
     start_timeout_seconds: float = 240.0  # a new federation: every daemon answers, a first round installed
-    recovery_timeout_seconds: float = 60.0  # after a sequence: a new round installed everywhere
+    recovery_timeout_seconds: float = 90.0  # after a sequence: restarted daemons up, a new round installed
     # SIGTERM -> exit: fednode promises < 5 s; on 2 cores shared with a loaded machine a starved
     # daemon may not even run its signal handler for seconds, so only a hang this long is a violation
     # (the longest SIGTERM -> exit seen is reported in the JSON either way)
