@@ -49,6 +49,10 @@ Status = dict[int, dict[str, Any]]
 DEFAULT_SEQUENCES = 31  # the fixed r36 case + 30 random ones
 DEFAULT_TIME_BOUND_SECONDS = 720.0  # then the sequences not started yet FAIL as not run (never a hang)
 DEFAULT_CLUSTERS = 3
+# Findings about progress, not safety: reported with every sequence, failing it only with strict_liveness
+# (issue 13 asks for 0 forks, 0 lost submissions, 0 uninjected exits; a stuck node on a loaded machine is
+# worth a look but not the same promise). A federation that stops entirely still FAILs what it could not run.
+LIVENESS_KINDS = frozenset({"no_progress"})
 MIN_NODES = 4  # one node down (pending restart) + one being hit still leaves min_participants = 2
 MIN_ANSWERING = 2  # = min_participants: fewer live nodes make no round
 FILL_BLOCK_BYTES = 1 << 20
@@ -89,6 +93,7 @@ class FaultOptions:
     poll_seconds: float = 0.2
     status_timeout_seconds: float = 15.0
     time_bound_seconds: float = DEFAULT_TIME_BOUND_SECONDS
+    strict_liveness: bool = False  # a node that stops making progress FAILs its sequence (else it is reported)
 
 
 @dataclass
@@ -534,7 +539,8 @@ class FaultCluster:
             self._violation("no_progress", f"sequence {seq.index}", lost)
         finally:
             self.check()
-        result = SequenceResult(seq.index, seq.name, self.index, not self.violations, time.monotonic() - started,
+        failing = [v for v in self.violations if self.opts.strict_liveness or v.kind not in LIVENESS_KINDS]
+        result = SequenceResult(seq.index, seq.name, self.index, not failing, time.monotonic() - started,
                                 seq.describe(), list(self.violations), list(self.notes), executed)
         self.violations, self.notes = [], []
         if lost:

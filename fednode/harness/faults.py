@@ -35,6 +35,7 @@ from fednode.harness.fault_cluster import (
     DEFAULT_CLUSTERS,
     DEFAULT_SEQUENCES,
     DEFAULT_TIME_BOUND_SECONDS,
+    LIVENESS_KINDS,
     MIN_NODES,
     FaultCluster,
     FaultOptions,
@@ -91,7 +92,8 @@ def _echo(result: SequenceResult, seed: int) -> None:
     for note in result.notes:
         print(f"     . {note}", flush=True)
     for v in result.violations:
-        print(f"     ! {v.kind}: {v.detail[:fault_check.MAX_DETAIL_CHARS]}", flush=True)
+        mark = "~" if v.kind in LIVENESS_KINDS and result.passed else "!"
+        print(f"     {mark} {v.kind}: {v.detail[:fault_check.MAX_DETAIL_CHARS]}", flush=True)
     if not result.passed:
         print(f"     (replay: scripts/faults --seed {seed})", flush=True)
 
@@ -212,6 +214,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-r36", action="store_true", help="leave out the fixed r36 case (sequence 0)")
     p.add_argument("--time-bound", type=float, default=DEFAULT_TIME_BOUND_SECONDS,
                    help="seconds after which sequences not started yet FAIL as not run")
+    p.add_argument("--strict-liveness", action="store_true",
+                   help="a node that stops making progress FAILs its sequence (default: reported only)")
     p.add_argument("--keep", action="store_true", help="keep the run dir even when everything passed")
     p.add_argument("--run-dir", type=Path, default=None, help="where run dirs go (default runs/faults-<time>)")
     args = p.parse_args(argv)
@@ -230,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = default_seed() if args.seed is None else args.seed
     opts = FaultOptions(seed=seed, sequences=args.sequences, clusters=args.clusters,
                         parallel=args.parallel or args.clusters, nodes=args.nodes, disk_full=not args.no_disk_full,
-                        kinds=args.kinds, r36=not args.no_r36, time_bound_seconds=args.time_bound)
+                        kinds=args.kinds, r36=not args.no_r36, time_bound_seconds=args.time_bound,
+                        strict_liveness=args.strict_liveness)
     root = args.run_dir or Path("runs") / time.strftime("faults-%Y%m%d-%H%M%S")
     print(f"faults: seed {seed} ({args.sequences} sequences over {args.clusters} federations of {args.nodes} "
           f"daemons; run dir {root})", flush=True)
