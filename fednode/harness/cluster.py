@@ -48,6 +48,10 @@ class NodeProcess:
         return load_config(self.config_path).control_socket_path
 
     @property
+    def data_dir(self) -> Path:
+        return load_config(self.config_path).data_dir
+
+    @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -61,9 +65,11 @@ class LocalCluster:
     def create(cls, run_dir: Path, *, federated: int, gate_off: int, template: dict[str, dict[str, Any]],
                overrides: dict[str, dict[str, Any]],
                node_overrides: dict[int, dict[str, dict[str, Any]]] | None = None,
-               keys_from: Path | None = None) -> LocalCluster:
+               keys_from: Path | None = None, bootstrap_all: bool = False) -> LocalCluster:
         """`node_overrides[i]` applies to node i only (e.g. one straggler); `keys_from` = another run
-        dir whose node keys to reuse, so two runs have the same node ids (the aggregation order)."""
+        dir whose node keys to reuse, so two runs have the same node ids (the aggregation order).
+        Nodes 0 and 1 are everyone's bootstrap peers; with `bootstrap_all`, every other node is (so
+        restarting both 0 and 1 does not cut them off from the rest until a redial)."""
         run_dir.mkdir(parents=True, exist_ok=True)
         cluster = cls(run_dir)
         total = federated + gate_off
@@ -84,8 +90,12 @@ class LocalCluster:
             sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in template.items()}
             for name, values in [*overrides.items(), *(node_overrides or {}).get(i, {}).items()]:
                 sections.setdefault(name, {}).update(values)
-            bootstrap = [f"/ip4/{LOOPBACK}/tcp/{ports[j]}/p2p/{ids[j]}" for j in (0, 1) if j != i and j < total]
+            seeds = range(total) if bootstrap_all else (0, 1)
+            bootstrap = [f"/ip4/{LOOPBACK}/tcp/{ports[j]}/p2p/{ids[j]}" for j in seeds if j != i and j < total]
             sections.setdefault("node", {}).update(data_dir=".", key_file="node.key", name=f"node-{i}")
+            # Only a per-node override may move a node's data (e.g. onto its own small file system, with
+            # key_file then the absolute path of the folder's key); a shared template never does.
+            sections["node"].update((node_overrides or {}).get(i, {}).get("node", {}))
             sections.setdefault("network", {}).update(listen=[f"/ip4/{LOOPBACK}/tcp/{ports[i]}"], bootstrap=bootstrap)
             sections.setdefault("research", {})["federated_learning"] = fl
             learning = sections.setdefault("learning", {})

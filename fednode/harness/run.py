@@ -134,14 +134,15 @@ async def run_harness(opts: HarnessOptions) -> HarnessResult:
     return result
 
 
-async def poll(cluster: LocalCluster) -> dict[int, dict[str, Any]]:
+async def poll(cluster: LocalCluster, timeout: float = 2.0) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
 
     async def one(node: NodeProcess) -> None:
         if not node.alive:
             return
-        with contextlib.suppress(ControlError):  # not up yet, or busy: the next poll asks again
-            out[node.index] = await query_control(node.control_socket, timeout=2.0)
+        # not up yet, busy, or dying (the connection reset): the next poll asks again
+        with contextlib.suppress(ControlError, trio.BrokenResourceError, OSError):
+            out[node.index] = await query_control(node.control_socket, timeout=timeout)
 
     async with trio.open_nursery() as nursery:
         for node in cluster.nodes:
