@@ -11,6 +11,7 @@ Each method is one transaction, so a kill at any instant leaves either the old o
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,9 @@ from fednode.errors import CorruptState, DiskFull
 
 SCHEMA_VERSION = 1
 MAX_INTEGRITY_PROBLEMS_SHOWN = 3  # quick_check findings named in the error
+# sqlite reports a full disk met while opening a WAL database (creating its -shm/-wal files) as a
+# plain "disk I/O error", not SQLITE_FULL: with less free space than this, that is a full disk, not corruption.
+MIN_FREE_BYTES_TO_OPEN = 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -103,7 +107,7 @@ class StateDB:
                 c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         except sqlite3.DatabaseError as exc:
             self._conn.close()
-            if _is_full(exc):
+            if _is_full(exc) or _nearly_full(path.parent):
                 raise DiskFull(f"{path}: {exc}; free space on its filesystem and start again") from None
             raise CorruptState(self._corrupt_message(str(exc))) from None
         except BaseException:
@@ -261,6 +265,14 @@ class StateDB:
 
 def _is_full(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < MIN_FREE_BYTES_TO_OPEN
 
 
 def _round_row(row: tuple[Any, ...]) -> RoundRow:

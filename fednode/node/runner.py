@@ -14,9 +14,11 @@ from typing import NoReturn
 import trio
 
 from fednode.config import Config
+from fednode.errors import DiskFull
 from fednode.identity import load_key_file
 from fednode.node.control import check_socket_path
 from fednode.node.daemon import Node
+from fednode.node.diskfull import DISK_FULL_RETRY_SECONDS
 from fednode.node.ownership import check_listen_addrs_free, data_dir_lock
 from fednode.node.trainers import Trainer, make_trainer
 from fednode.state import StateDB
@@ -48,7 +50,8 @@ async def run_daemon(config: Config) -> None:
 
 async def _run_locked(config: Config) -> None:
     identity = load_key_file(config.key_path)
-    StateDB(config.data_dir / "state.sqlite").close()  # a corrupt one is refused (CorruptState) before the slow load
+    if not await _wait_for_state_db(config):
+        return
     trainer: Trainer | None = None
     if config.research.federated_learning:
         logger.info("loading the %s task (federated_learning = true)", config.learning.task)
@@ -72,6 +75,24 @@ async def _run_locked(config: Config) -> None:
                 nursery.cancel_scope.cancel()
                 break
     logger.info("stopped cleanly in %.2f s", time.monotonic() - started)
+
+
+async def _wait_for_state_db(config: Config) -> bool:
+    """Open state.sqlite once before the slow start: a corrupt one is refused (CorruptState). On a
+    full disk the node waits, paused, retrying every DISK_FULL_RETRY_SECONDS, instead of exiting; a
+    SIGINT/SIGTERM meanwhile stops it cleanly (False)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        while True:
+            try:
+                StateDB(config.data_dir / "state.sqlite").close()
+                return True
+            except DiskFull as exc:
+                logger.warning("PAUSED disk_full at start: %s; trying again every %.0f s", exc,
+                               DISK_FULL_RETRY_SECONDS)
+            with trio.move_on_after(DISK_FULL_RETRY_SECONDS):
+                async for signum in signals:
+                    logger.info("signal %s while waiting for disk space: stopping", signal.Signals(signum).name)
+                    return False
 
 
 def _shutdown_overdue() -> None:

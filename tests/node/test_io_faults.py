@@ -449,3 +449,33 @@ def test_status_text_says_why_the_node_is_paused() -> None:
     assert pause.note(OSError(errno.EDQUOT, "Disk quota exceeded"), "install") and pause.events == 1
     pause.resume()
     assert pause.status() is None and pause.events == 1
+
+
+def test_reopening_state_db_on_a_full_disk_is_disk_full_not_corrupt(tmp_path: Path) -> None:
+    """Found by the fault runner (seed 2026, s18): a node restarted while its tmpfs was full met
+    sqlite's plain "disk I/O error" when opening its WAL database (no room for -shm/-wal) and was
+    refused as corrupt. With the filesystem full, opening is DiskFull (the node waits); once space
+    is back it opens as before, with its data."""
+    from fednode.errors import CorruptState, DiskFull
+
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "2m"):
+        pytest.skip("needs root and tmpfs mounts (mount -t tmpfs) to fill a real filesystem")
+    try:
+        db = StateDB(mnt / "state.sqlite")
+        db.set_meta("kept", "yes")
+        db.close()
+        for extra in ("state.sqlite-wal", "state.sqlite-shm"):
+            (mnt / extra).unlink(missing_ok=True)
+        filler = _fill(mnt)
+        try:
+            with pytest.raises(DiskFull):
+                StateDB(mnt / "state.sqlite")
+        except CorruptState as exc:  # the defect: a full disk taken for corruption
+            pytest.fail(f"a full disk was reported as a corrupt database: {exc}")
+        filler.unlink()
+        db = StateDB(mnt / "state.sqlite")
+        assert db.get_meta("kept") == "yes"
+        db.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
