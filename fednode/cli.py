@@ -36,6 +36,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
         return 2
     config = load_config(args.check)
     gate = "on" if config.research.federated_learning else "off"
+    if config.data.path and config.learning.task == "fake":
+        print(f"{args.check}: note: data.path is not read: learning.task = \"fake\" trains on no data")
+    elif config.data.path:
+        from fednode.learning.local_data import check_config_data
+
+        print(check_config_data(config).report)  # raises DataError naming the file, row and column
     print(f"{args.check}: ok (community {config.community.id!r}, federated_learning {gate})")
     return 0
 

