@@ -17,9 +17,10 @@ The tensor names follow PEFT's (`...lora_A.weight`, `...lora_B.weight`), so ever
 of fednode, "exact" included, applies.
 
 The data: this node's private JSONL file, one example a line: {"x": [features...], "label": int}.
-`MY_TRAINER_DATA` names it; by default it is `my_data.jsonl` in the node's data dir, and when that
-file does not exist a synthetic non-IID share is generated there for this node (node_index), so the
-example runs as is. A fixed fraction is held out for `evaluate`.
+`[data] path` names it; when that is empty it is `my_data.jsonl` in the node's data dir, generated
+on first use as a synthetic non-IID share for this node (node_index), so the example runs as is.
+A fixed fraction is held out for `evaluate`. (A trainer reads any config key it likes: the factory
+gets the whole Config.)
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ BASE_SEED = 20261201  # the "base model": equal on every node, so its hash is to
 INIT_SEED = 7  # the fresh adapter's A: equal on every node
 HELD_OUT_FRACTION = 0.25
 SYNTHETIC_EXAMPLES = 240
-DATA_ENV = "MY_TRAINER_DATA"
 PREFIX = "base_model.model.classifier"
 KEY_A, KEY_B = f"{PREFIX}.lora_A.weight", f"{PREFIX}.lora_B.weight"
 
@@ -157,9 +157,8 @@ def load_classifier(adapter_dir: str | os.PathLike[str]) -> torch.Tensor:
 
 def make_trainer(config: Any) -> MyTrainer:
     """The factory fednode calls with the node's Config."""
-    default = config.data_dir / "my_data.jsonl"
-    data_file = Path(os.environ.get(DATA_ENV) or default)
-    if not data_file.exists() and data_file == default:
+    data_file = Path(config.data.path) if config.data.path else config.data_dir / "my_data.jsonl"
+    if not config.data.path and not data_file.exists():
         write_synthetic_share(data_file, config.learning.node_index)
     return MyTrainer(data_file, rank=config.round.lora_rank, alpha=config.round.lora_alpha,
                      batch_size=config.learning.batch_size, seed=config.learning.seed)

@@ -15,6 +15,7 @@ numbers), so a mistake in user code reads as one, not as a crash deep in the rou
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,11 +93,19 @@ class CheckedTrainer:
         self.where = where
         self.base_model_id: str = inner.base_model_id
         self.base_model_hash: str = inner.base_model_hash
+        try:
+            parameters = inspect.signature(inner.train).parameters
+        except (TypeError, ValueError):  # a builtin or C callable: pass only the documented arguments
+            parameters = {}  # type: ignore[assignment]
+        # `deadline` is optional in the protocol: a trainer written without it keeps working.
+        self._takes_deadline = "deadline" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
     def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
-              seed: int, progress: ProgressCallback | None = None) -> TrainOutput:
+              seed: int, progress: ProgressCallback | None = None, deadline: float | None = None) -> TrainOutput:
+        extra: dict[str, Any] = {"deadline": deadline} if self._takes_deadline else {}
         out = self.inner.train(start_adapter, round_number=round_number, steps=steps, learning_rate=learning_rate,
-                               seed=seed, progress=progress)
+                               seed=seed, progress=progress, **extra)
         if not isinstance(out, TrainOutput):
             raise TypeError(f"{self.where}: train() returned {type(out).__name__}, expected "
                             "fednode.node.trainers.TrainOutput(delta_bytes, num_samples, metrics)")

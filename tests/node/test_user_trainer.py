@@ -67,6 +67,16 @@ def test_a_user_trainer_is_loaded_from_trainer_path_relative_to_the_config(tmp_p
     out = trainer.train(None, round_number=1, steps=1, learning_rate=0.1, seed=0)
     assert (out.delta_bytes, out.num_samples, out.metrics) == (b"x", 3, {"loss": 1.0})
     assert trainer.evaluate(None) == {"loss": 0.5}
+    # The daemon may pass a deadline; a trainer written without that parameter never sees it.
+    assert trainer.train(None, round_number=1, steps=1, learning_rate=0.1, seed=0, deadline=1.0).num_samples == 3
+
+
+def test_a_deadline_reaches_a_trainer_that_takes_one(tmp_path: Path) -> None:
+    source = GOOD.replace("seed, progress=None):",
+                          "seed, progress=None, deadline=None):\n        SEEN.append(deadline)")
+    config = load_config(_write(tmp_path, "deadline_trainer", source + "\nSEEN = []\n", "deadline_trainer:factory"))
+    make_trainer(config).train(None, round_number=1, steps=1, learning_rate=0.1, seed=0, deadline=123.0)
+    assert sys.modules["deadline_trainer"].SEEN == [123.0]
 
 
 @pytest.mark.parametrize(("source", "trainer", "trainer_path", "expected"), [
