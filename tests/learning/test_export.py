@@ -106,6 +106,8 @@ def test_tiny_llama_adapter_loads_with_plain_peft_and_exports(tiny_llama_dir: Pa
     _check_causal_lm(get_task("smollm2-lm", base_model_id=str(tiny_llama_dir)), tmp_path)
 
 
+@pytest.mark.slow  # writes a 540 MB model
+@pytest.mark.timeout(900)
 def test_smollm2_adapter_loads_with_plain_peft_and_exports(tmp_path: Path) -> None:
     _check_causal_lm(get_task("smollm2-lm"), tmp_path)
 
