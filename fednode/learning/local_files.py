@@ -38,8 +38,9 @@ _SAVED_DICT_MARKER = "dataset_dict.json"
 
 
 class DataError(ConfigError):
-    """A node's data file is unusable. Names the file, the row (1-based, counting data rows: a CSV
-    header is not a row, a JSONL row is its line) and the column, where they apply."""
+    """A node's data file is unusable. Names the file, the row (1-based: a JSON Lines row is its line
+    number; a CSV's header is not a row, so data row 1 is the file's second line; Parquet and
+    save_to_disk rows count from 1) and the column, where they apply."""
 
     def __init__(self, file: str | os.PathLike[str], problem: str, *, row: int | None = None,
                  column: str | None = None) -> None:
@@ -61,6 +62,7 @@ class Table:
 
     source: Path
     dataset: datasets.Dataset
+    line_numbers: tuple[int, ...] | None = None  # JSON Lines: each row's line (the loader skips blank lines)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -70,8 +72,10 @@ class Table:
         return self.dataset.num_rows
 
     def rows(self, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(1-based row number, {column: value}) for the named columns only."""
-        yield from enumerate(self.dataset.select_columns(list(columns)), start=1)
+        """(row number, {column: value}) for the named columns only: 1-based, a JSON Lines row's
+        number is its line."""
+        for index, row in enumerate(self.dataset.select_columns(list(columns))):
+            yield (self.line_numbers[index] if self.line_numbers else index + 1), row
 
 
 def read_tables(path: Path, *, max_rows: int, rows_before: int = 0) -> list[Table]:
@@ -82,7 +86,7 @@ def read_tables(path: Path, *, max_rows: int, rows_before: int = 0) -> list[Tabl
     tables: list[Table] = []
     total = rows_before
     for source in _sources(path):
-        table = Table(source, _read_source(source))
+        table = Table(source, _read_source(source), _json_line_numbers(source))
         if len(table) == 0:
             raise DataError(source, "is empty (no rows)")
         total += len(table)
@@ -91,6 +95,15 @@ def read_tables(path: Path, *, max_rows: int, rows_before: int = 0) -> list[Tabl
                                     f"raise it to read more)")
         tables.append(table)
     return tables
+
+
+def _json_line_numbers(source: Path) -> tuple[int, ...] | None:
+    if source.is_dir() or SUFFIX_KINDS.get(source.suffix.lower()) != "json":
+        return None
+    lines = source.read_text(encoding="utf-8").splitlines()
+    if lines and lines[0].lstrip().startswith("["):
+        return None  # a JSON array: rows are its elements
+    return tuple(number for number, line in enumerate(lines, start=1) if line.strip())
 
 
 def _sources(path: Path) -> list[Path]:
@@ -196,13 +209,20 @@ def _explain_unreadable(source: Path, kind: str, exc: BaseException) -> DataErro
     if kind == "csv" and len(lines) == 1:
         return DataError(source, "is empty (a header, no rows)")
     if kind == "json" and not text.lstrip().startswith("["):
+        first_blank: int | None = None
+        blank_inside: int | None = None
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
+                first_blank = first_blank or number
                 continue
+            blank_inside = blank_inside or first_blank
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
                 return DataError(source, f"not valid JSON: {err.msg} (character {err.colno})", row=number)
             if not isinstance(value, dict):
                 return DataError(source, f"expected a JSON object per line, got {type(value).__name__}", row=number)
+        if blank_inside is not None:
+            return DataError(source, "a blank line inside JSON Lines (the loader refuses it; remove it)",
+                             row=blank_inside)
     return DataError(source, f"cannot be read as {kind.upper()}: {detail}")

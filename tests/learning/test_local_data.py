@@ -3,7 +3,6 @@ kind of bad data refused with the file, row and column before any round, and lab
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -141,6 +140,14 @@ def test_a_folder_of_files_is_read_in_name_order(tok: Any, tmp_path: Path) -> No
     data = load_local_data(section(folder, "text"), tok, max_length=MAX_LENGTH)
     assert [tok.decode(ex.input_ids) for ex in data.train] == [r["text"] + tok.eos_token for r in TEXT_ROWS]
     assert [Path(f.path).name for f in data.report.files] == ["a.jsonl", "b.csv"]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(TEXT_ROWS),
+                                   "test": datasets.Dataset.from_list(TEXT_ROWS[:1])})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    assert load_local_data(section(tmp_path / "dict", "text"), tok, max_length=MAX_LENGTH).train == data.train
+    del splits["train"]
+    splits.save_to_disk(str(tmp_path / "no-train"))
+    with pytest.raises(DataError, match="without a 'train' split"):
+        load_local_data(section(tmp_path / "no-train", "text"), tok, max_length=MAX_LENGTH)
 
 
 def test_alpaca_columns_use_the_alpaca_prompt_and_train_on_the_output(tok: Any, tmp_path: Path) -> None:
@@ -261,6 +268,15 @@ def test_empty_and_unreadable_files_are_refused_naming_the_file(tok: Any, tmp_pa
     with pytest.raises(DataError, match="not valid JSON") as err:
         load_local_data(section(broken, "text"), tok, max_length=MAX_LENGTH)
     assert (err.value.file, err.value.row) == (str(broken), 2)
+    gap = tmp_path / "gap.jsonl"  # blank lines are skipped, and a row's number stays its line
+    gap.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": ""}\n')
+    with pytest.raises(DataError, match="is empty") as err:
+        load_local_data(section(gap, "text"), tok, max_length=MAX_LENGTH)
+    assert (err.value.file, err.value.row) == (str(gap), 4)
+    gap.write_text('{"text": "a"}\n\n{"text": 3}\n')  # mixed types and a blank line: the loader gives up
+    with pytest.raises(DataError, match="blank line") as err:
+        load_local_data(section(gap, "text"), tok, max_length=MAX_LENGTH)
+    assert (err.value.file, err.value.row) == (str(gap), 2)
     for path, words in ((tmp_path / "nothing-here.jsonl", "does not exist"), (tmp_path / "x.txt", "unsupported")):
         if path.suffix == ".txt":
             path.write_text("text")
@@ -322,13 +338,19 @@ def test_config_check_reads_the_data_and_prints_the_report(tok: Any, tmp_path: P
     assert main(["config", "--check", str(config)]) == 1
     err = capsys.readouterr().err
     assert f"{tmp_path / 'worse.jsonl'}: row 2: column 'messages': no assistant turn" in err
+    config.write_text(config.read_text().replace('"smollm2-lm"', '"fake"'))
+    assert main(["config", "--check", str(config)]) == 0
+    assert "data.path is not read" in capsys.readouterr().out
 
 
 def test_ensure_pad_token_pads_with_eos(tok: Any) -> None:
-    bare = copy.deepcopy(tok)
-    bare.pad_token = None
-    assert bare.pad_token is None
-    assert ensure_pad_token(bare).pad_token == bare.eos_token
+    saved = tok.pad_token
+    try:
+        tok.pad_token = None
+        assert tok.pad_token is None
+        assert ensure_pad_token(tok).pad_token == tok.eos_token == "<|im_end|>"
+    finally:
+        tok.pad_token = saved
 
 
 def test_classification_with_an_encoder_tokenizer_keeps_its_special_tokens_when_truncated(tmp_path: Path) -> None:
