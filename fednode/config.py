@@ -21,6 +21,11 @@ from fednode.errors import ConfigError
 
 TRAINER_KEY = "learning.trainer"
 _AGGREGATIONS = ("fedavg", "exact", "stacked", "median", "trimmed_mean", "clipped_fedavg")
+# [learning] placement choices; fednode.learning.accel resolves "auto" against the machine.
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZATION_CHOICES = ("none", "4bit")
+MAX_GRADIENT_ACCUMULATION_STEPS = 1024
 
 
 def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
@@ -112,6 +117,17 @@ class LearningSection:
     lr_schedule: str = _opt("linear", choices=("constant", "linear", "cosine"),
                             doc="learning rate within one round's local steps, from round.learning_rate down")
     lr_floor: float = _opt(0.1, lo=0.0, hi=1.0, doc="the last local step's rate, as a fraction of the peak")
+    target_modules: list[str] = _opt([], doc="LoRA target module names, or [\"all-linear\"]; empty = the task's "
+                                     "own, or for a base_model_id dir PEFT's default for its architecture "
+                                     "(else all linear layers)")
+    device: str = _opt("auto", choices=DEVICE_CHOICES, doc="where to train; auto = cuda, then mps, then cpu")
+    precision: str = _opt("auto", choices=PRECISION_CHOICES, doc="autocast dtype; auto = bf16 on cuda that has it, "
+                          "else fp16 on cuda/mps, fp32 on cpu. Adapters stay fp32")
+    gradient_accumulation_steps: int = _opt(1, lo=1, hi=MAX_GRADIENT_ACCUMULATION_STEPS,
+                                            doc="batches per optimizer step (effective batch = batch_size x this)")
+    gradient_checkpointing: bool = _opt(False, doc="recompute activations in backward: less memory, ~30% slower")
+    quantization: str = _opt("none", choices=QUANTIZATION_CHOICES, doc="\"4bit\" = QLoRA: NF4 base weights "
+                             "through bitsandbytes; needs CUDA")
     fake_step_seconds: float = _opt(0.0, lo=0.0, hi=60.0, doc="task \"fake\" only: seconds each step takes "
                                     "(simulates training time in protocol tests)")
     fake_aggregate_delay_seconds: float = _opt(0.0, lo=0.0, hi=600.0, doc="task \"fake\" only: the coordinator "

@@ -1,11 +1,18 @@
 """Base models: locate (or convert once) a local Hugging Face model dir, hash its weights, and wrap
-it with the task's LoRA layout. Only `fednode.learning` imports transformers/peft."""
+it with the task's LoRA layout. Only `fednode.learning` imports transformers/peft.
+
+Nothing here is specific to one model family: the LoRA target modules default to PEFT's choice for
+the architecture named in the dir's config.json (`model_type`), else every linear layer; a
+tokenizer without a pad token gets one that is already in its vocabulary (the embeddings, and so
+the base-model hash and the adapter layout, stay as they are); the pad id reaches the model config,
+which sequence classifiers of decoder models need to find each row's last token."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -21,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -31,7 +39,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fednode.errors import BaseModelMismatch, ConfigError
-from fednode.learning.task import BUILTIN_MINILM, BUILTIN_SMOLLM2, TaskSpec
+from fednode.learning.task import ALL_LINEAR, BUILTIN_MINILM, BUILTIN_SMOLLM2, TaskSpec
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -164,13 +172,38 @@ def check_base_model(expected_hash: str, actual_hash: str) -> None:
         raise BaseModelMismatch(expected_hash, actual_hash)
 
 
+def model_type(model_dir: str | os.PathLike[str]) -> str:
+    """The `model_type` of a local HF model dir's config.json ("" when it names none)."""
+    path = Path(model_dir).expanduser() / "config.json"
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8")).get("model_type", ""))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the model's config.json: {exc}") from None
+
+
+def auto_target_modules(model_type_name: str) -> tuple[str, ...]:
+    """PEFT's default LoRA targets for this architecture, else (ALL_LINEAR,)."""
+    known = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type_name)
+    return tuple(known) if known else (ALL_LINEAR,)
+
+
+def resolve_target_modules(task: TaskSpec, model_dir: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
+    """The task's target modules, or (when it names none) the automatic choice for its model."""
+    if task.target_modules:
+        return task.target_modules
+    return auto_target_modules(model_type(resolve_model_dir(task) if model_dir is None else model_dir))
+
+
 def lora_config(task: TaskSpec, model_dir: str | os.PathLike[str] | None = None) -> LoraConfig:
+    targets = resolve_target_modules(task, model_dir)
     return LoraConfig(
         task_type=TaskType.SEQ_CLS if task.kind == "seq_cls" else TaskType.CAUSAL_LM,
         r=task.lora_r,
         lora_alpha=task.lora_alpha,
         lora_dropout=task.lora_dropout,
-        target_modules=list(task.target_modules),
+        # PEFT takes the all-linear shorthand only as a plain string; written so into adapter_config.json,
+        # PeftModel.from_pretrained resolves it on the same model to the same layers.
+        target_modules=ALL_LINEAR if targets == (ALL_LINEAR,) else list(targets),
         modules_to_save=list(task.modules_to_save) or None,
         base_model_name_or_path=str(model_dir) if model_dir is not None else None,
     )
@@ -185,35 +218,65 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def load_base_model(task: TaskSpec, model_dir: Path) -> PreTrainedModel:
-    """The plain base model (fp32). Seeded so a freshly initialized head is equal on every node."""
+def load_base_model(task: TaskSpec, model_dir: Path, *, quantize_4bit_compute: torch.dtype | None = None,
+                    pad_token_id: int | None = None) -> PreTrainedModel:
+    """The plain base model, fp32 on the CPU, seeded so a freshly initialized head is equal on every
+    node. With `quantize_4bit_compute` (QLoRA): NF4 weights on the CUDA device through bitsandbytes,
+    computing in that dtype. `pad_token_id` (default: the tokenizer's, see load_tokenizer) goes into
+    the model config when it has none."""
     torch.manual_seed(task.init_seed)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if quantize_4bit_compute is not None:
+        kwargs = _four_bit_kwargs(quantize_4bit_compute)
     with _quiet():
         if task.kind == "seq_cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=task.num_labels, dtype=torch.float32
-            )
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=task.num_labels, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None:
+        if pad_token_id is None:
+            pad_token_id = load_tokenizer(model_dir).pad_token_id
+        model.config.pad_token_id = pad_token_id
     return model
+
+
+def _four_bit_kwargs(compute_dtype: torch.dtype) -> dict[str, Any]:
+    # Imported here only: bitsandbytes is an optional CUDA-only dependency (accel checks it is present).
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute_dtype)
+    return {"quantization_config": quant, "dtype": compute_dtype, "device_map": {"": torch.cuda.current_device()}}
+
+
+def ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a pad token one from its own vocabulary (eos, else unk, else bos):
+    padded positions are masked out of attention and loss, so which id pads does not matter, and no
+    new token (that would resize the embeddings and change the model) is added."""
+    if tok.pad_token is not None:
+        return
+    for candidate in (tok.eos_token, tok.unk_token, tok.bos_token):
+        if candidate is not None:
+            tok.pad_token = candidate
+            return
+    raise ConfigError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no pad, eos, unk or bos token to pad with")
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     with _quiet():
         tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"  # the trainer trims trailing padding per batch
+    ensure_pad_token(tok)
+    tok.padding_side = "right"  # batches are right-padded to their longest row
     return tok
 
 
 def wrap_with_lora(task: TaskSpec, base: PreTrainedModel, model_dir: Path) -> PeftModel:
-    """The task's LoRA layout on `base`; the fresh adapter is seeded by task.init_seed."""
+    """The task's LoRA layout on `base`; the fresh adapter is seeded by task.init_seed. PEFT draws
+    the LoRA factors on the CPU in fp32 (then moves them to the base layer's device), so the fresh
+    adapter is the same whatever device or quantization the base model has."""
     torch.manual_seed(task.init_seed)
     with _quiet():
         model = get_peft_model(base, lora_config(task, model_dir))
-    if task.kind == "causal_lm" and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = model.config.eos_token_id
     return model
 
 

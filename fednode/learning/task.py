@@ -1,7 +1,12 @@
 """What a node fine-tunes: the base model, the data set and the LoRA layout, as one frozen value.
 
 Two built-in profiles exist ("minilm-bbc", the default, and "smollm2-lm"); any local Hugging Face
-model dir works through `base_model_id` (a path). Pure: no torch/transformers import here."""
+model dir works through `base_model_id` (a path): a causal LM for causal_lm tasks, any model
+AutoModelForSequenceClassification can load for seq_cls ones. Empty `target_modules` means "choose
+for this model" (fednode.learning.model.resolve_target_modules: PEFT's default for the architecture,
+else every linear layer); a profile's own target modules name its own model's layers, so a
+`base_model_id` override without `target_modules` switches to the automatic choice.
+Pure: no torch/transformers import here."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ BUILTIN_MINILM = "builtin:minilm-l6"
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
 DATASET_BBC = "bbc"
 DATASET_FORTUNES = "fortunes"
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output head
 
 DEFAULT_PROFILE = "minilm-bbc"
 DEFAULT_MODEL_CACHE_DIR = "~/.cache/fednode/models"
@@ -41,7 +47,7 @@ class TaskSpec:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("query", "value")
+    target_modules: tuple[str, ...] = ("query", "value")  # () = chosen for the model (see module doc)
     modules_to_save: tuple[str, ...] = ()
     max_len: int = 64
     batch_size: int = 16
@@ -69,8 +75,8 @@ class TaskSpec:
             raise ConfigError(f"task {self.name!r}: test_fraction must be in (0, 1)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"task {self.name!r}: lora_dropout must be in [0, 1)")
-        if not self.target_modules:
-            raise ConfigError(f"task {self.name!r}: target_modules is empty")
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ConfigError(f"task {self.name!r}: target_modules {ALL_LINEAR!r} cannot be mixed with module names")
 
     def replace(self, **changes: Any) -> TaskSpec:
         return dataclasses.replace(self, **changes)
@@ -130,6 +136,9 @@ def task_from_mapping(table: Mapping[str, Any]) -> TaskSpec:
     profile = str(table.get("profile", DEFAULT_PROFILE))
     if profile not in PROFILES:
         raise ConfigError(f"[learning] profile: unknown {profile!r}; known: {sorted(PROFILES)}")
+    own_model = table.get("base_model_id", PROFILES[profile].base_model_id) == PROFILES[profile].base_model_id
+    if not own_model and "target_modules" not in table:
+        table["target_modules"] = ()  # the profile's module names are its own model's
     names = {f.name for f in dataclasses.fields(TaskSpec)} - {"extra"}
     changes: dict[str, Any] = {}
     extra: dict[str, Any] = {}

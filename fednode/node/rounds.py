@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -490,10 +491,13 @@ class RoundDriver:
         def progress(step: int, loss: float) -> None:
             self.progress.training.update(step=step, loss=loss)
 
+        # The trainer runs in a worker thread on the wall clock: hand it the round's deadline there.
+        deadline = time.time() + (manifest.deadline - self.clock())
+
         def work() -> Any:
             return trainer.train(start, round_number=manifest.round_number, steps=total,
                                  learning_rate=manifest.learning_rate, seed=self.config.learning.seed,
-                                 progress=progress)
+                                 progress=progress, deadline=deadline)
 
         out = work() if self.inline_training else await trio.to_thread.run_sync(work)
         sha = self.store.put_bytes(out.delta_bytes)

@@ -52,11 +52,13 @@ class Trainer(Protocol):
     base_model_hash: str
 
     def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
-              seed: int, progress: ProgressCallback | None = None) -> TrainOutput:
+              seed: int, progress: ProgressCallback | None = None, deadline: float | None = None) -> TrainOutput:
         """Train `steps` local steps from `start_adapter` (the last round's merged adapter as
         safetensors bytes; None in round 1 = your fresh, seeded adapter, equal on every node) at
         peak `learning_rate`, on this node's own data. Call `progress(step, loss)` after each step
-        if given. Deterministic for equal inputs and `seed` is good practice, not required."""
+        if given. `deadline` (time.time()) lets a trainer stop early and submit what it has; a user
+        trainer whose train() does not take it is called without it. Deterministic for equal inputs
+        and `seed` is good practice, not required."""
 
     def evaluate(self, adapter: bytes | None) -> dict[str, float]:
         """Score `adapter` (None = the fresh adapter) on this node's held-out data: a dict of numbers
@@ -98,7 +100,7 @@ class FakeTrainer:
         import fednode.aggregation.delta  # noqa: F401
 
     def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
-              seed: int, progress: ProgressCallback | None = None) -> TrainOutput:
+              seed: int, progress: ProgressCallback | None = None, deadline: float | None = None) -> TrainOutput:
         import torch
 
         from fednode.aggregation.delta import dump_delta, load_delta
@@ -147,31 +149,47 @@ class FakeTrainer:
 
 
 class LearningTrainer:
-    """The real thing: fednode.learning's LocalTrainer on the configured task and data share."""
+    """The real thing: fednode.learning's LocalTrainer on the configured task and data share, on the
+    device and in the precision `[learning]` asks for (auto: the best this machine has)."""
 
     def __init__(self, config: Config) -> None:
         from fednode.learning.schedule import LrSchedule
         from fednode.learning.task import get_task
-        from fednode.learning.trainer import LocalTrainer
+        from fednode.learning.trainer import LocalTrainer, TrainSettings
 
         lc = config.learning
         overrides: dict[str, Any] = {"lora_rank": config.round.lora_rank, "lora_alpha": config.round.lora_alpha,
-                                     "batch_size": lc.batch_size, "max_length": lc.max_length}
+                                     "batch_size": lc.batch_size, "max_length": lc.max_length,
+                                     "model_cache_dir": lc.model_cache_dir}
         if lc.base_model_id:
             overrides["base_model_id"] = lc.base_model_id
+        if lc.target_modules:
+            overrides["target_modules"] = tuple(lc.target_modules)
         self.task = get_task(lc.task, **overrides)
+        data, salt = None, ""
+        if config.data.path:
+            self.task, data, salt = _with_local_data(self.task, config)
+        settings = TrainSettings(device=lc.device, precision=lc.precision,
+                                 gradient_accumulation_steps=lc.gradient_accumulation_steps,
+                                 gradient_checkpointing=lc.gradient_checkpointing, quantization=lc.quantization)
         self._trainer = LocalTrainer(
             self.task, lc.node_index, lc.num_nodes, partition_scheme=lc.partition,  # type: ignore[arg-type]
             dirichlet_alpha=lc.dirichlet_alpha, partition_seed=lc.seed, torch_threads=lc.torch_threads,
             lr_schedule=LrSchedule(lc.lr_schedule, lc.lr_floor),  # type: ignore[arg-type]
+            settings=settings, data=data, base_hash_salt=salt,
         )
         self.base_model_id = lc.base_model_id or lc.task
         self.base_model_hash = self._trainer.base_hash
 
+    @property
+    def placement(self) -> Any:
+        """Where training runs (fednode.learning.accel.Placement)."""
+        return self._trainer.placement
+
     def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
-              seed: int, progress: ProgressCallback | None = None) -> TrainOutput:
+              seed: int, progress: ProgressCallback | None = None, deadline: float | None = None) -> TrainOutput:
         result = self._trainer.train(start_adapter, steps=steps, learning_rate=learning_rate,
-                                     seed=seed + 1000 * round_number, progress=progress)
+                                     seed=seed + 1000 * round_number, progress=progress, deadline=deadline)
         return TrainOutput(result.delta_bytes, result.num_samples, dict(result.metrics))
 
     def evaluate(self, adapter: bytes | None) -> dict[str, float]:
@@ -194,6 +212,22 @@ class LearningTrainer:
 
         save_adapter_dir(adapter, directory, self.task, base_model_dir=self._trainer.model_dir,
                          base_hash=self.base_model_hash)
+
+
+def _with_local_data(task: Any, config: Config) -> tuple[Any, Any, str]:
+    """(the task shaped by the node's own data, that data, the task identity to mix into the base
+    hash). The data decides the kind: a classification format gives a sequence classifier with one
+    output per `[data] labels` entry; the other formats a causal LM."""
+    from fednode.learning.local_data import load_local_data, task_identity
+    from fednode.learning.model import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir(task))
+    data = load_local_data(config.data, tokenizer, max_length=config.learning.max_length)
+    if data.kind == "seq_cls":
+        task = task.replace(kind="seq_cls", num_labels=len(data.labels), dataset="local")
+    else:  # a profile's classifier head means nothing to a causal LM
+        task = task.replace(kind="causal_lm", num_labels=0, modules_to_save=(), dataset="local")
+    return task, data, task_identity(config.data)
 
 
 def make_trainer(config: Config) -> Trainer:

@@ -3,6 +3,9 @@ from __future__ import annotations
 import pytest
 
 from fednode.learning import LocalTrainer, TaskSpec, get_task
+from fednode.learning.trainer import TrainSettings
+
+CPU = TrainSettings(device="cpu", precision="fp32")  # bit-exact results are asserted: pin the CPU
 
 
 @pytest.fixture(scope="session")
@@ -13,10 +16,10 @@ def tiny_task() -> TaskSpec:
 
 @pytest.fixture(scope="session")
 def trainer(tiny_task: TaskSpec) -> LocalTrainer:
-    return LocalTrainer(tiny_task, node_index=0, num_nodes=2, partition_scheme="iid")
+    return LocalTrainer(tiny_task, node_index=0, num_nodes=2, partition_scheme="iid", settings=CPU)
 
 
 @pytest.fixture(scope="session")
 def trainer_b(tiny_task: TaskSpec, trainer: LocalTrainer) -> LocalTrainer:
     # Shares the process-wide cached model with `trainer`.
-    return LocalTrainer(tiny_task, node_index=1, num_nodes=2, partition_scheme="iid")
+    return LocalTrainer(tiny_task, node_index=1, num_nodes=2, partition_scheme="iid", settings=CPU)

@@ -51,7 +51,7 @@ def test_delta_is_safetensors_with_the_adapter_keys(trainer: LocalTrainer, train
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
     assert keys == set(header) - {"__metadata__"}
-    expected = set(get_peft_model_state_dict(trainer._entry.model))
+    expected = set(get_peft_model_state_dict(trainer.model))
     assert keys == expected == set(trainer.adapter_layout)
     assert any(k.endswith("lora_A.weight") for k in keys) and any(k.endswith("lora_B.weight") for k in keys)
     assert any("classifier" in k for k in keys)
@@ -101,15 +101,15 @@ def test_merged_adapter_dir_loads_with_peft_and_matches(
     loaded = load_adapter_dir(base, target)
     assert isinstance(loaded, PeftModel)
     loaded.eval()
-    idx = torch.from_numpy(trainer.test_indices[:8])
-    ids, mask = trainer._entry.input_ids[idx], trainer._entry.attention_mask[idx]
+    batch = trainer.collate(trainer.eval_examples[:8])
+    ids, mask = batch.input_ids, batch.attention_mask
     trainer.evaluate(mean)  # installs the aggregate directly with set_peft_model_state_dict
     with torch.no_grad(), _quiet():
-        direct = trainer._entry.model(input_ids=ids, attention_mask=mask).logits
+        direct = trainer.model(input_ids=ids, attention_mask=mask).logits
         from_dir = loaded(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(direct, from_dir, atol=1e-5, rtol=0)
     with torch.no_grad():
-        other_logits = trainer._entry.model(input_ids=ids, attention_mask=mask).logits
+        other_logits = trainer.model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(direct, other_logits)
 
 
