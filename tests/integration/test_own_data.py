@@ -58,9 +58,20 @@ def _start(tmp_path: Path, template: dict[str, dict[str, Any]], rounds: int,
     return cluster
 
 
+def _merged_scored(cluster: LocalCluster, rounds: int) -> bool:
+    """The coordinator has scored the last merged adapter (a daemon stopped during that scoring
+    finishes it first, which can outlast the harness's stop grace on a loaded machine)."""
+    for n in cluster.nodes:
+        path = n.folder / "rounds" / f"round-{rounds}.json"
+        if path.is_file() and "merged" in json.loads(path.read_text()).get("metrics", {}):
+            return True
+    return False
+
+
 def _wait_rounds(cluster: LocalCluster, rounds: int) -> None:
     deadline = time.monotonic() + ROUND_WAIT_SECONDS
-    while not all((n.folder / "adapters" / f"round-{rounds}").is_dir() for n in cluster.nodes):
+    while not (all((n.folder / "adapters" / f"round-{rounds}").is_dir() for n in cluster.nodes)
+               and _merged_scored(cluster, rounds)):
         dead = [n for n in cluster.nodes if not n.alive]
         if dead or time.monotonic() > deadline:
             logs = "\n".join(f"--- node-{n.index} log tail\n" + (n.folder / "log.txt").read_text()[-3000:]
