@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +79,29 @@ def _wait_rounds(cluster: LocalCluster, rounds: int) -> None:
                              for n in cluster.nodes)
             pytest.fail(f"{'node(s) died: ' + str([n.index for n in dead]) if dead else 'timed out'}\n{logs}")
         time.sleep(1.0)
+
+
+STOP_GRACE_SECONDS = 180.0  # a daemon stops after its in-flight training/evaluation thread returns
+
+
+def _stop(cluster: LocalCluster) -> dict[int, int | None]:
+    """SIGTERM every daemon and wait for each (the harness's 10 s grace is too short for a SmolLM2
+    daemon mid-evaluation on this loaded 2-core machine); SIGKILL only after STOP_GRACE_SECONDS."""
+    for n in cluster.nodes:
+        if n.alive and n.process is not None:
+            n.process.send_signal(signal.SIGTERM)
+    codes: dict[int, int | None] = {}
+    for n in cluster.nodes:
+        if n.process is None:
+            continue
+        try:
+            codes[n.index] = n.process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            n.process.kill()
+            codes[n.index] = n.process.wait()
+        if n.log is not None:
+            n.log.close()
+    return codes
 
 
 def _assert_stopped_cleanly(cluster: LocalCluster, codes: dict[int, int | None]) -> None:
@@ -154,7 +178,7 @@ def test_three_nodes_own_chat_data_smollm2(tmp_path: Path) -> None:
     try:
         _wait_rounds(cluster, 2)
     finally:
-        codes = cluster.stop()
+        codes = _stop(cluster)
     _assert_stopped_cleanly(cluster, codes)
     assert len(_merged_shas(cluster, 2)) == 1
     record = json.loads((cluster.nodes[0].folder / "rounds" / "round-2.json").read_text())
@@ -214,7 +238,7 @@ def test_three_nodes_own_chat_data_tiny_qwen2(tmp_path: Path, tiny_qwen2_dir: Pa
     try:
         _wait_rounds(cluster, 1)
     finally:
-        codes = cluster.stop()
+        codes = _stop(cluster)
     _assert_stopped_cleanly(cluster, codes)
     assert len(_merged_shas(cluster, 1)) == 1
     adapter = cluster.nodes[0].folder / "adapters" / "round-1"
@@ -238,7 +262,7 @@ def test_three_nodes_with_the_example_custom_trainer(tmp_path: Path) -> None:
     try:
         _wait_rounds(cluster, 2)
     finally:
-        codes = cluster.stop()
+        codes = _stop(cluster)
     _assert_stopped_cleanly(cluster, codes)
     assert len(_merged_shas(cluster, 2)) == 1
     sys.path.insert(0, str(REPO / "examples" / "custom_trainer"))
