@@ -159,6 +159,25 @@ def _cmd_start_round(args: argparse.Namespace) -> int:
     return 0 if "result" in answer else 1
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fednode.config import load_config
+
+    config = load_config(args.config)
+    adapters = config.data_dir / "adapters"
+    adapter_dir = adapters / (f"round-{args.round}" if args.round is not None else "latest")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        installed = sorted((p.name for p in adapters.glob("round-*")), key=lambda n: int(n.split("-")[1]))
+        print(f"fednode export: no merged adapter at {adapter_dir}; installed: {', '.join(installed) or 'none'}",
+              file=sys.stderr)
+        return 1
+    from fednode.learning.export import export_merged
+
+    out = export_merged(adapter_dir, args.merge, overwrite=args.force)
+    print(f"merged {adapter_dir.resolve()} into its base model: {out}")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}) (and AutoTokenizer, same dir)")
+    return 0
+
+
 def _cmd_harness(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
@@ -261,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "Refused when [research] federated_learning = false.")
     p.add_argument("--config", required=True, metavar="FILE")
     p.set_defaults(handler=_cmd_start_round)
+
+    p = sub.add_parser("export", help="write a round's merged adapter merged into its base model",
+                       description="Merge a round's merged adapter (adapters/round-N, default adapters/latest) "
+                       "into the base model it names (PEFT merge_and_unload) and write the full model with its "
+                       "tokenizer to OUT, loadable with AutoModelForCausalLM.from_pretrained(OUT) (or "
+                       "AutoModelForSequenceClassification for a classifier task) without fednode or PEFT.")
+    p.add_argument("--config", required=True, metavar="FILE", help="the node's config (finds its data dir)")
+    p.add_argument("--round", type=int, metavar="N", help="round number (default: the latest installed)")
+    p.add_argument("--merge", required=True, metavar="OUT", help="folder to write the merged model to")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("harness", help="run N daemons as local processes over libp2p and report",
                        description="Start N `fednode run` daemons as separate OS processes over libp2p on "

@@ -19,6 +19,7 @@ from typing import Any
 
 from fednode.errors import ConfigError
 
+TRAINER_KEY = "learning.trainer"
 _AGGREGATIONS = ("fedavg", "exact", "stacked", "median", "trimmed_mean", "clipped_fedavg")
 # [learning] placement choices; fednode.learning.accel resolves "auto" against the machine.
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -132,6 +133,10 @@ class LearningSection:
     fake_aggregate_delay_seconds: float = _opt(0.0, lo=0.0, hi=600.0, doc="task \"fake\" only: the coordinator "
                                                "waits this long before aggregating (fault tests act in that gap)")
     evaluate: bool = _opt(True, doc="evaluate local and merged adapters on the held-out split each round")
+    trainer: str = _opt("", doc="your own training code: \"package.module:factory\"; factory(config) returns an "
+                        "object with the Trainer protocol (fednode/node/trainers.py); empty = the task's trainer")
+    trainer_path: str = _opt("", doc="folder put first on sys.path to import learning.trainer from; relative to "
+                             "the config file's folder")
 
 
 DATA_FORMATS = ("chat", "instruction", "text", "classification")
@@ -299,6 +304,13 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
     if base_dir is not None and not Path(os.path.expanduser(config.node.data_dir)).is_absolute():
         node = dataclasses.replace(config.node, data_dir=str((base_dir / config.node.data_dir).resolve()))
         config = dataclasses.replace(config, node=node)
+    trainer_path = config.learning.trainer_path
+    if base_dir is not None and trainer_path and not Path(os.path.expanduser(trainer_path)).is_absolute():
+        learning = dataclasses.replace(config.learning, trainer_path=str((base_dir / trainer_path).resolve()))
+        config = dataclasses.replace(config, learning=learning)
+    elif trainer_path:
+        learning = dataclasses.replace(config.learning, trainer_path=os.path.expanduser(trainer_path))
+        config = dataclasses.replace(config, learning=learning)
     if base_dir is not None:
         config = dataclasses.replace(config, data=_resolve_data_paths(config.data, base_dir))
     _check_cross_fields(config)
@@ -404,10 +416,23 @@ def _check_cross_fields(config: Config) -> None:
         raise ConfigError(f"{where}: key 'blobs.max_blob_bytes' ({config.blobs.max_blob_bytes}) must not exceed "
                           f"{max_chunks} chunks of 'blobs.chunk_bytes' ({config.blobs.chunk_bytes}), "
                           f"the most one manifest lists")
+    if config.learning.trainer:
+        split_trainer_spec(config.learning.trainer, where=where)
     _check_data_section(where, config.data)
     if config.learning.node_index >= config.learning.num_nodes:
         raise ConfigError(f"{where}: key 'learning.node_index' ({config.learning.node_index}) "
                           f"must be below 'learning.num_nodes' ({config.learning.num_nodes})")
+
+
+def split_trainer_spec(spec: str, *, where: str = "") -> tuple[str, str]:
+    """'package.module:factory' -> ('package.module', 'factory'); anything else is a ConfigError."""
+    module, sep, attr = spec.partition(":")
+    names = [*module.split("."), *attr.split(".")]
+    if not sep or not all(n.isidentifier() for n in names):
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}key '{TRAINER_KEY}': expected \"package.module:factory\" (a module path, a "
+                          f"colon, a callable's name), got {spec!r}")
+    return module, attr
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

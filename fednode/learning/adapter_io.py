@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fednode.errors import InvalidUpdate
-from fednode.learning.model import lora_config
+from fednode.learning.model import lora_config, resolve_model_dir
 from fednode.learning.task import TaskSpec
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -51,15 +51,20 @@ def save_adapter_dir(
     base_hash: str | None = None,
 ) -> Path:
     """Write a PEFT adapter dir (adapter_config.json + adapter_model.safetensors, plus a small
-    fednode.json naming the task and base hash) loadable with PeftModel.from_pretrained(base, dir).
+    fednode.json naming the task and base hash). adapter_config.json records `task_type` and
+    `base_model_name_or_path` (the absolute local model dir; `base_model_dir`, else the task's own,
+    resolved), so plain `PeftModel.from_pretrained(base, dir)` and
+    `AutoPeftModelForCausalLM.from_pretrained(dir)` load it with no other argument.
     Atomic: written to a temp dir beside the target, then renamed into place."""
     adapter_from_bytes(adapter_bytes)  # refuse to write something unloadable
+    model_dir = Path(base_model_dir if base_model_dir is not None else resolve_model_dir(task))
+    model_dir = model_dir.expanduser().resolve()
     target = Path(directory).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     old: Path | None = None
     try:
-        lora_config(task, base_model_dir).save_pretrained(str(tmp))
+        lora_config(task, model_dir).save_pretrained(str(tmp))
         _write_synced(tmp / ADAPTER_WEIGHTS_NAME, adapter_bytes)
         meta = {"task": task.name, "base_model_id": task.base_model_id, "base_model_sha256": base_hash}
         _write_synced(tmp / FEDNODE_META_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())

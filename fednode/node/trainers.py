@@ -22,26 +22,57 @@ ProgressCallback = Callable[[int, float], None]  # (step, loss)
 
 @dataclass(frozen=True)
 class TrainOutput:
+    """What one round of local training hands the daemon.
+
+    delta_bytes: the node's whole adapter state after training, as safetensors bytes (never pickle).
+        The daemon stores and announces it as a blob; the coordinator averages the tensors of all
+        accepted updates name by name (FedAvg: every tensor; "exact": `*.lora_A.weight` /
+        `*.lora_B.weight` pairs are merged as products, other tensors averaged), so every node of a
+        community must produce the same names, shapes and dtypes.
+    num_samples: examples trained on (> 0): this update's weight in the average.
+    metrics: numbers for the round record (e.g. "loss", the mean training loss)."""
+
     delta_bytes: bytes
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer(Protocol):
+    """The local-training side of a node: what the daemon calls, from a worker thread, and nothing more.
+
+    fednode ships three: `LearningTrainer` (transformers + PEFT LoRA on the configured task and data),
+    `FakeTrainer` (protocol tests) and, through `[learning] trainer = "package.module:factory"`, your
+    own: `factory(config)` gets the node's `fednode.config.Config` and returns an object with these
+    members (see fednode/node/user_trainer.py and examples/custom_trainer/). Calls never overlap.
+
+    base_model_id / base_model_hash: name and sha256 of the frozen base this trainer adapts. A round
+    manifest carries the coordinator's; a node whose hash differs refuses the round."""
+
     base_model_id: str
     base_model_hash: str
 
     def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
               seed: int, progress: ProgressCallback | None = None, deadline: float | None = None) -> TrainOutput:
-        """`steps` local steps; `deadline` (time.time()) lets a trainer stop early and submit what it has."""
+        """Train `steps` local steps from `start_adapter` (the last round's merged adapter as
+        safetensors bytes; None in round 1 = your fresh, seeded adapter, equal on every node) at
+        peak `learning_rate`, on this node's own data. Call `progress(step, loss)` after each step
+        if given. `deadline` (time.time()) lets a trainer stop early and submit what it has; a user
+        trainer whose train() does not take it is called without it. Deterministic for equal inputs
+        and `seed` is good practice, not required."""
 
-    def evaluate(self, adapter: bytes | None) -> dict[str, float]: ...
+    def evaluate(self, adapter: bytes | None) -> dict[str, float]:
+        """Score `adapter` (None = the fresh adapter) on this node's held-out data: a dict of numbers
+        that lands in the round record; "loss", "accuracy" and "n" (examples scored) are shown."""
 
     def check_update(self, delta_bytes: bytes, *, max_norm: float) -> None:
-        """Raise fednode.errors.InvalidUpdate if the update does not fit this task's adapter layout."""
+        """Raise fednode.errors.InvalidUpdate if another node's update does not fit this task's
+        adapter layout (names, shapes, dtypes, finite values) or its L2 norm exceeds `max_norm`;
+        the coordinator then REJECTs it. `fednode.aggregation.delta.validate_update` does this."""
 
     def install(self, adapter: bytes, directory: Path, *, lora_rank: int, lora_alpha: float) -> None:
-        """Write `adapter` as a loadable adapter folder at `directory` (atomically)."""
+        """Write `adapter` (a round's merged adapter) as a loadable folder at `directory`, atomically
+        (build beside it, then rename: `fednode.fsutil.atomic_replace_dir`). The daemon points
+        adapters/latest at it."""
 
 
 # FakeTrainer's adapter: two adapted "modules" and a head, small enough for 100s of nodes.
@@ -179,7 +210,8 @@ class LearningTrainer:
     def install(self, adapter: bytes, directory: Path, *, lora_rank: int, lora_alpha: float) -> None:
         from fednode.learning.adapter_io import save_adapter_dir
 
-        save_adapter_dir(adapter, directory, self.task)
+        save_adapter_dir(adapter, directory, self.task, base_model_dir=self._trainer.model_dir,
+                         base_hash=self.base_model_hash)
 
 
 def _with_local_data(task: Any, config: Config) -> tuple[Any, Any, str]:
@@ -199,6 +231,11 @@ def _with_local_data(task: Any, config: Config) -> tuple[Any, Any, str]:
 
 
 def make_trainer(config: Config) -> Trainer:
+    """The trainer the config asks for: `[learning] trainer` (your own) when set, else `task`'s."""
+    if config.learning.trainer:
+        from fednode.node.user_trainer import load_user_trainer
+
+        return load_user_trainer(config)
     if config.learning.task == "fake":
         return FakeTrainer(config.learning.node_index, step_seconds=config.learning.fake_step_seconds)
     return LearningTrainer(config)

@@ -1,0 +1,282 @@
+"""Issue 10 end to end: real `fednode run` daemons over libp2p, each fine-tuning on its own private
+data, and the result used with nothing but transformers + PEFT in a fresh process.
+
+- three nodes, each with its own generated chat JSONL of a different topic, SmolLM2 (embedded),
+  2 rounds: one merged adapter everywhere; it loads in a fresh process with plain PEFT and
+  generates text; every node's held-out loss on its own data after round 2 is below the base
+  model's; a canary planted in one node's data appears in no file (gossip messages in
+  state.sqlite, blobs, round records, logs, adapters) of any other node, nor in its own blobs;
+- the same path with a tiny random Qwen2 (not SmolLM2's architecture), 1 round;
+- the same path with the example custom trainer (examples/custom_trainer), 2 rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fednode.config import load_config
+from fednode.harness.cluster import LocalCluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parents[2]
+CHAT_DATA = REPO / "examples" / "chat_data" / "make_chat_data.py"
+TOPICS = ("cooking", "gardening", "astronomy")
+CANARY = "CANARY-9d41c7e2-never-leaves-bob"
+CANARY_NODE = 1
+ROUND_WAIT_SECONDS = 1200.0
+
+SMOL_TEMPLATE: dict[str, dict[str, Any]] = {
+    "round": {"min_participants": 3, "max_participants": 3, "wait_for_members": 3, "local_steps": 4,
+              "learning_rate": 1e-3, "reannounce_seconds": 2.0},
+    "coordinator": {"heartbeat_interval_seconds": 1.0},
+    "community": {"id": "own-data"},
+    "learning": {"task": "smollm2-lm", "batch_size": 4, "max_length": 64},
+}
+
+
+def _write_chat(path: Path, topic: str, canary: str = "") -> None:
+    args = [sys.executable, str(CHAT_DATA), "--topic", topic, "--rows", "32", str(path)]
+    subprocess.run([*args, *(["--canary", canary] if canary else [])], check=True, capture_output=True)
+
+
+def _start(tmp_path: Path, template: dict[str, dict[str, Any]], rounds: int,
+           per_node: dict[int, dict[str, dict[str, Any]]]) -> LocalCluster:
+    template = {**template, "round": {**template["round"], "max_rounds": rounds}}
+    cluster = LocalCluster.create(tmp_path / "run", federated=3, gate_off=0, template=template, overrides={},
+                                  node_overrides=per_node)
+    cluster.start()
+    return cluster
+
+
+def _merged_scored(cluster: LocalCluster, rounds: int) -> bool:
+    """The coordinator has scored the last merged adapter (a daemon stopped during that scoring
+    finishes it first, which can outlast the harness's stop grace on a loaded machine)."""
+    for n in cluster.nodes:
+        path = n.folder / "rounds" / f"round-{rounds}.json"
+        if path.is_file() and "merged" in json.loads(path.read_text()).get("metrics", {}):
+            return True
+    return False
+
+
+def _wait_rounds(cluster: LocalCluster, rounds: int) -> None:
+    deadline = time.monotonic() + ROUND_WAIT_SECONDS
+    while not (all((n.folder / "adapters" / f"round-{rounds}").is_dir() for n in cluster.nodes)
+               and _merged_scored(cluster, rounds)):
+        dead = [n for n in cluster.nodes if not n.alive]
+        if dead or time.monotonic() > deadline:
+            logs = "\n".join(f"--- node-{n.index} log tail\n" + (n.folder / "log.txt").read_text()[-3000:]
+                             for n in cluster.nodes)
+            pytest.fail(f"{'node(s) died: ' + str([n.index for n in dead]) if dead else 'timed out'}\n{logs}")
+        time.sleep(1.0)
+
+
+STOP_GRACE_SECONDS = 180.0  # a daemon stops after its in-flight training/evaluation thread returns
+
+
+def _stop(cluster: LocalCluster) -> dict[int, int | None]:
+    """SIGTERM every daemon and wait for each (the harness's 10 s grace is too short for a SmolLM2
+    daemon mid-evaluation on this loaded 2-core machine); SIGKILL only after STOP_GRACE_SECONDS."""
+    for n in cluster.nodes:
+        if n.alive and n.process is not None:
+            n.process.send_signal(signal.SIGTERM)
+    codes: dict[int, int | None] = {}
+    for n in cluster.nodes:
+        if n.process is None:
+            continue
+        try:
+            codes[n.index] = n.process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            n.process.kill()
+            codes[n.index] = n.process.wait()
+        if n.log is not None:
+            n.log.close()
+    return codes
+
+
+def _assert_stopped_cleanly(cluster: LocalCluster, codes: dict[int, int | None]) -> None:
+    """Every daemon shut down on SIGTERM ("stopped cleanly" logged). On this 2-core machine under
+    load, a SmolLM2 daemon's interpreter teardown after that line can outlast the harness's 10 s grace
+    and be SIGKILLed (seen: exit -9 a second after "stopped cleanly in 0.65 s"); that is tolerated."""
+    for n in cluster.nodes:
+        log = (n.folder / "log.txt").read_text()
+        assert "Traceback" not in log, log[-3000:]
+        assert codes.get(n.index) == 0 or "stopped cleanly" in log, (n.index, codes, log[-2000:])
+
+
+def _merged_shas(cluster: LocalCluster, rounds: int) -> set[str]:
+    return {json.loads((n.folder / "rounds" / f"round-{rounds}.json").read_text())["merged_sha256"]
+            for n in cluster.nodes}
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    return (p for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and p.name != "control.sock")
+
+
+FRESH_PROCESS = r"""
+import json, sys
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+adapter = sys.argv[1]
+base_dir = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+tok = AutoTokenizer.from_pretrained(base_dir)
+plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+auto = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+chat = [{"role": "user", "content": "How should I care for roses?"}]
+enc = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+with torch.no_grad():
+    same = float((plain(**enc).logits - auto(**enc).logits).abs().max())
+    out = plain.generate(**enc, max_new_tokens=12, do_sample=False)
+new = out[0][enc["input_ids"].shape[1]:]
+print(json.dumps({"same": same, "new_tokens": int(new.numel()), "text": tok.decode(new, skip_special_tokens=True),
+                  "fednode_imported": any(m.startswith("fednode") for m in sys.modules)}))
+"""
+
+
+def _fresh_process_generate(adapter: Path) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(adapter)], capture_output=True, text=True,
+                          env=env, timeout=600, check=False, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _own_losses(cluster: LocalCluster, rounds: int) -> dict[int, tuple[float, float]]:
+    """(base model's held-out loss, merged adapter's) on each node's own held-out rows, scored by
+    the node's own trainer (its config, its data)."""
+    from fednode.node.trainers import make_trainer
+
+    out = {}
+    for n in cluster.nodes:
+        trainer = make_trainer(load_config(n.config_path))
+        merged = (n.folder / "adapters" / f"round-{rounds}" / "adapter_model.safetensors").read_bytes()
+        out[n.index] = (trainer.evaluate(None)["loss"], trainer.evaluate(merged)["loss"])
+    return out
+
+
+def test_three_nodes_own_chat_data_smollm2(tmp_path: Path) -> None:
+    data = {}
+    for i, topic in enumerate(TOPICS):
+        data[i] = tmp_path / "private" / f"node-{i}.jsonl"
+        _write_chat(data[i], topic, CANARY if i == CANARY_NODE else "")
+    assert CANARY.encode() in data[CANARY_NODE].read_bytes()
+    per_node = {i: {"data": {"path": str(p), "format": "chat", "eval_fraction": 0.25}} for i, p in data.items()}
+    cluster = _start(tmp_path, SMOL_TEMPLATE, 2, per_node)
+    try:
+        _wait_rounds(cluster, 2)
+    finally:
+        codes = _stop(cluster)
+    _assert_stopped_cleanly(cluster, codes)
+    assert len(_merged_shas(cluster, 2)) == 1
+    record = json.loads((cluster.nodes[0].folder / "rounds" / "round-2.json").read_text())
+    assert len(record["accepted"]) == 3
+
+    # The canary: in no file of the other nodes (the gossip messages they accepted are in state.sqlite),
+    # nor in the canary node's own blobs, round records, adapters or state.sqlite (only tensors leave it).
+    # The scan can fail: it finds the canary in the node's own data file.
+    checked = 0
+    for n in cluster.nodes:
+        own = n.index == CANARY_NODE
+        for path in _files(n.folder):
+            if own and path.name == "log.txt":
+                continue  # its own log may speak of its own data; what it sent is in blobs and state.sqlite
+            assert CANARY.encode() not in path.read_bytes(), f"the canary leaked into {path}"
+            checked += 1
+    assert checked > 20
+    assert any(CANARY.encode() in p.read_bytes() for p in [data[CANARY_NODE]])
+
+    adapter = cluster.nodes[2].folder / "adapters" / "round-2"
+    fresh = _fresh_process_generate(adapter)
+    assert not fresh["fednode_imported"]
+    assert fresh["same"] < 1e-4 and fresh["new_tokens"] > 0 and fresh["text"].strip(), fresh
+
+    for index, (base, merged) in _own_losses(cluster, 2).items():
+        assert merged < base, f"node {index}: held-out loss {merged:.4f} after round 2, base {base:.4f}"
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Qwen2 with random weights and SmolLM2's tokenizer (it has a chat template)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from fednode.learning import get_task, resolve_model_dir
+
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(get_task("smollm2-lm")))
+    torch.manual_seed(11)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_three_nodes_own_chat_data_tiny_qwen2(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    template = {**SMOL_TEMPLATE, "learning": {**SMOL_TEMPLATE["learning"], "base_model_id": str(tiny_qwen2_dir)},
+                "round": {**SMOL_TEMPLATE["round"], "learning_rate": 5e-3, "local_steps": 8}}
+    per_node = {}
+    for i, topic in enumerate(TOPICS):
+        path = tmp_path / "private" / f"node-{i}.jsonl"
+        _write_chat(path, topic)
+        per_node[i] = {"data": {"path": str(path), "format": "chat", "eval_fraction": 0.25}}
+    cluster = _start(tmp_path, template, 1, per_node)
+    try:
+        _wait_rounds(cluster, 1)
+    finally:
+        codes = _stop(cluster)
+    _assert_stopped_cleanly(cluster, codes)
+    assert len(_merged_shas(cluster, 1)) == 1
+    adapter = cluster.nodes[0].folder / "adapters" / "round-1"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_qwen2_dir.resolve())
+    fresh = _fresh_process_generate(adapter)
+    assert fresh["same"] < 1e-4 and fresh["new_tokens"] > 0, fresh
+    for index, (base, merged) in _own_losses(cluster, 1).items():
+        assert merged < base, f"node {index}: held-out loss {merged:.4f} after round 1, base {base:.4f}"
+
+
+def test_three_nodes_with_the_example_custom_trainer(tmp_path: Path) -> None:
+    template: dict[str, dict[str, Any]] = {
+        **SMOL_TEMPLATE,
+        "round": {**SMOL_TEMPLATE["round"], "local_steps": 25, "learning_rate": 0.02, "lora_rank": 4,
+                  "lora_alpha": 8.0, "aggregation": "exact"},
+        "learning": {"trainer": "my_trainer:make_trainer", "trainer_path": str(REPO / "examples" / "custom_trainer"),
+                     "batch_size": 16},
+    }
+    cluster = _start(tmp_path, template, 2, {})
+    try:
+        _wait_rounds(cluster, 2)
+    finally:
+        codes = _stop(cluster)
+    _assert_stopped_cleanly(cluster, codes)
+    assert len(_merged_shas(cluster, 2)) == 1
+    sys.path.insert(0, str(REPO / "examples" / "custom_trainer"))
+    import my_trainer
+
+    from fednode.node.trainers import make_trainer
+
+    for n in cluster.nodes:
+        assert (n.folder / "my_data.jsonl").is_file()  # each node generated its own private share
+        trainer = make_trainer(load_config(n.config_path))
+        merged = (n.folder / "adapters" / "latest" / "adapter_model.safetensors").read_bytes()
+        before, after = trainer.evaluate(None), trainer.evaluate(merged)
+        assert after["loss"] < before["loss"], (n.index, before, after)
+        weight = my_trainer.load_classifier(n.folder / "adapters" / "latest")
+        inner = trainer.inner  # type: ignore[attr-defined]
+        accuracy = float(((inner.x_test @ weight.T).argmax(1) == inner.y_test).float().mean())
+        assert abs(accuracy - after["accuracy"]) < 1e-6
