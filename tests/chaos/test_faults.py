@@ -20,7 +20,10 @@ import pytest
 from fednode.harness.fault_plan import CLIENT, CORRUPT, DELETE, DISK_FULL, KILL, TERM
 from fednode.harness.faults import SEED_ENV, FaultOptions, default_seed, run_faults
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+# Not yet in ./scripts/test (issue 13 stays open): 0 forks and 0 lost submissions in every run so far,
+# but federations stall under the injected faults (nodes stuck in an older term; see the issue note),
+# so the 31 sequences do not all pass. Run it with `./scripts/test -m faults_open` or scripts/faults.
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.faults_open]
 
 SEQUENCES = 31  # the fixed r36 case + 30 random sequences
 CLUSTERS = 3
