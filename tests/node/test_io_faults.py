@@ -189,6 +189,17 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _fill(folder: Path) -> Path:
+    """Write a file in `folder` until the filesystem is full; returns it (delete it to free space)."""
+    filler = folder / "filler"
+    with pytest.raises(OSError) as info, open(filler, "wb") as f:
+        while True:
+            f.write(b"\1" * 65536)
+            f.flush()
+    assert info.value.errno == errno.ENOSPC
+    return filler
+
+
 def test_real_full_tmpfs_gives_disk_full_not_a_crash(tmp_path: Path) -> None:
     """On a real 2 MiB tmpfs: the store and state.sqlite raise DiskFull / ENOSPC (typed), the
     probe says full until space is freed, then passes."""
@@ -202,12 +213,7 @@ def test_real_full_tmpfs_gives_disk_full_not_a_crash(tmp_path: Path) -> None:
     try:
         db = StateDB(mnt / "state.sqlite")
         store = BlobStore(mnt / "blobs")
-        filler = mnt / "filler"
-        with pytest.raises(OSError) as info, open(filler, "wb") as f:
-            while True:
-                f.write(b"\1" * 65536)
-                f.flush()
-        assert info.value.errno == errno.ENOSPC
+        filler = _fill(mnt)
         with pytest.raises(OSError) as info2:
             store.put_bytes(os.urandom(512 * 1024))
         assert is_disk_full(info2.value)
@@ -222,17 +228,6 @@ def test_real_full_tmpfs_gives_disk_full_not_a_crash(tmp_path: Path) -> None:
         db.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(folder: Path) -> Path:
-    """Write a file in `folder` until the filesystem is full; returns it (delete it to free space)."""
-    filler = folder / "filler"
-    with pytest.raises(OSError) as info, open(filler, "wb") as f:
-        while True:
-            f.write(b"\1" * 65536)
-            f.flush()
-    assert info.value.errno == errno.ENOSPC
-    return filler
 
 
 async def test_real_full_disk_pauses_survives_a_restart_and_resumes(tmp_path: Path,
