@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from fednode.errors import ConfigError
+from fednode.wire.messages import AGGREGATION_METHODS
 
 TRAINER_KEY = "learning.trainer"
-_AGGREGATIONS = ("fedavg", "exact", "stacked", "median", "trimmed_mean", "clipped_fedavg")
 # [learning] placement choices; fednode.learning.accel resolves "auto" against the machine.
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -90,7 +90,7 @@ class RoundSection:
     learning_rate: float = _opt(2e-4, lo=1e-9, hi=10.0, doc="local learning rate")
     lora_rank: int = _opt(16, lo=1, hi=1024, doc="LoRA rank r")
     lora_alpha: float = _opt(32.0, lo=1e-6, hi=1e6, doc="LoRA alpha")
-    aggregation: str = _opt("fedavg", choices=_AGGREGATIONS, doc="aggregation rule")
+    aggregation: str = _opt("fedavg", choices=AGGREGATION_METHODS, doc="aggregation rule")
     max_rounds: int = _opt(0, lo=0, hi=10**9, doc="stop after this many rounds (0 = run forever)")
     pause_seconds: float = _opt(0.0, lo=0.0, hi=86400.0, doc="pause between rounds")
     reannounce_seconds: float = _opt(5.0, lo=0.0, hi=86400.0,

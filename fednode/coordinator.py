@@ -66,10 +66,6 @@ DEFAULT_MAX_UPDATE_NORM = 1.0e3  # = fednode.aggregation.DEFAULT_MAX_UPDATE_NORM
 DEFAULT_REQUIRE_SIGNATURES = False
 
 
-def topic_for(community_id: str) -> str:
-    return f"fednode/{community_id}/1"
-
-
 @dataclass
 class ParticipantSubmission:
     """One participant's trained LoRA delta (safetensors bytes) for a round."""
@@ -277,7 +273,7 @@ class FedLearnCoordinator:
         if self.bus is None:
             return
         signed = codec.sign(message, self.keypair)
-        result = self.bus.publish(topic_for(message.community_id), codec.encode(signed))
+        result = self.bus.publish(codec.topic_for(message.community_id), codec.encode(signed))
         if inspect.isawaitable(result):
             self._pending.append(result)
 

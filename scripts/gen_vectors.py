@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import struct
 import sys
 from pathlib import Path
 from typing import Any
 
-from fednode.identity import Identity
+import nacl.bindings
+
+from fednode.identity import Identity, peer_id_from_public_key
 from fednode.wire import codec
 from fednode.wire.messages import (
     AggregateAnnounce,
@@ -144,6 +147,62 @@ def with_raw(message: Message, key: str, raw_value: bytes) -> bytes:
     return pack_map([(p(k), raw_value if k == key else p(v)) for k, v in codec.to_map(message).items()])
 
 
+# ---- Ed25519 edge cases (envelope-v1.md, "Signatures": the strictness rules) ----------------------
+
+ED25519_L = 2**252 + 27742317777372353535851937790883648493  # order of the base point
+ED25519_P = 2**255 - 19
+IDENTITY_POINT = (1).to_bytes(32, "little")  # y = 1, x = 0: the neutral element, order 1
+IDENTITY_POINT_NON_CANONICAL = (1 + ED25519_P).to_bytes(32, "little")  # y = 1 + p: the same point, unreduced
+SHA256_MULTIHASH_PEER_ID = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"  # a CIDv0-style id: no key inside
+
+
+def _scalar(n: int) -> bytes:
+    return (n % ED25519_L).to_bytes(32, "little")
+
+
+def _challenge(r: bytes, a: bytes, message: bytes) -> int:
+    return int.from_bytes(hashlib.sha512(r + a + message).digest(), "little") % ED25519_L
+
+
+def forged_under_small_order_key(mapping: dict[str, Any], signer_field: str, sig_field: str,
+                                 public_key: bytes) -> dict[str, Any]:
+    """Sign `mapping` under a small-order public key A without any private key: with [k]A the
+    neutral element, R = [s]B, S = s satisfies the (cofactorless) verification equation
+    [S]B = R + [k]A for every message. A verifier that refuses small-order keys refuses it."""
+    out = {**mapping, signer_field: peer_id_from_public_key(public_key)}
+    s_value = 0x1234567
+    r = nacl.bindings.crypto_scalarmult_ed25519_base_noclamp(_scalar(s_value))
+    out[sig_field] = r + _scalar(s_value)
+    return codec._sorted_map(out)
+
+
+def with_small_order_r(mapping: dict[str, Any], sig_field: str, who: Identity) -> dict[str, Any]:
+    """A signature by `who` whose R is the neutral element: S = k*a (a = who's secret scalar)
+    satisfies [S]B = R + [k]A. A verifier that refuses small-order R refuses it."""
+    unsigned = {k: v for k, v in mapping.items() if k != sig_field}
+    message = codec.SIGNING_DOMAIN + sorted_packed(unsigned)
+    digest = bytearray(hashlib.sha512(who.seed).digest()[:32])
+    digest[0] &= 248
+    digest[31] &= 127
+    digest[31] |= 64
+    a = int.from_bytes(digest, "little")
+    k = _challenge(IDENTITY_POINT, who.public_key, message)
+    return codec._sorted_map({**mapping, sig_field: IDENTITY_POINT + _scalar(k * a)})
+
+
+def with_s_plus_l(message: Message) -> bytes:
+    """The message's valid signature with S replaced by S + L (< 2^253, so it fits 32 bytes):
+    the same value mod L, so a verifier that reduces S instead of requiring S < L accepts it."""
+    sig = message.signature
+    s_value = int.from_bytes(sig[32:], "little") + ED25519_L
+    return codec.encode(dataclasses.replace(message, **{message.SIG_FIELD: sig[:32] + s_value.to_bytes(32, "little")}))
+
+
+def nested(depth: int) -> bytes:
+    """`depth` nested containers: depth-1 one-element arrays around an empty map."""
+    return b"\x91" * (depth - 1) + b"\x80"
+
+
 # ---- files ---------------------------------------------------------------------------------
 
 def valid_file() -> dict[str, Any]:
@@ -261,9 +320,111 @@ def invalid_file() -> dict[str, Any]:
         ("non-canonical-duplicate-key", pack_map([*entries_of(hb_map), (p("seq"), p(hb.seq))]), "reject",
          "non_canonical", "heartbeat-minimal with the key 'seq' (same value) a second time at the end."),
     ]
+    bad += strictness_cases(hb, hb_map, man, man_map, sub)
     vectors = [refuse(*args) for args in bad]
     return {"policy": ValidationPolicy(COMMUNITY), "vectors": vectors,
             "description": "Messages with exactly one defect each, and the verdict and reason they must get."}
+
+
+def strictness_cases(hb: Heartbeat, hb_map: dict[str, Any], man: RoundManifest, man_map: dict[str, Any],
+                     sub: SubmissionAnnounce) -> list[tuple[str, bytes, str, str, str]]:
+    """The edges where two implementations of the spec could differ (issue 11): msgpack values v1
+    forbids, float specials, signature lengths and Ed25519 strictness, contributions, deadline 0,
+    nesting depth, and the order of step 3 (parse) before step 6 (version)."""
+    hb2 = codec.to_map(heartbeat(version=2))  # a correctly signed version-2 heartbeat
+    entries = entries_of(hb_map)
+    seq_key = p("seq")
+    agg_args: dict[str, Any] = {"community_id": COMMUNITY, "round_id": "r-0001", "round_number": 1,
+                                "coordinator_node_id": A.node_id, "term": 1, "merged_sha256": SHA_MERGED,
+                                "merged_size": 602_112, "aggregation": "fedavg", "announced_at": NOW - 1.0,
+                                "version": 1, "type": "aggregate_announce", "sig": b""}
+    one = {"node_id": B.node_id, "delta_sha256": SHA_DELTA_B, "num_samples": 512}
+    ext0, ext1, ts32 = b"\xc7\x00\x05", b"\xd4\x01\x00", b"\xd6\xff\x00\x00\x00\x00"
+    return [
+        # step 3: values that are not v1 msgpack
+        ("malformed-ext-zero-length", with_raw(hb, "coordinator_node_id", ext0), "reject", "malformed",
+         "heartbeat-minimal with coordinator_node_id an ext 8 of type 5 and length 0 (c7 00 05)."),
+        ("malformed-ext-fixext1", with_raw(hb, "coordinator_node_id", ext1), "reject", "malformed",
+         "heartbeat-minimal with coordinator_node_id a fixext 1 (d4 01 00)."),
+        ("malformed-ext-timestamp", with_raw(hb, "sent_at", ts32), "reject", "malformed",
+         "heartbeat-minimal with sent_at the msgpack timestamp extension (type -1, 32-bit) instead of float64."),
+        ("malformed-invalid-utf8", with_raw(hb, "community_id", b"\xa2\xff\xfe"), "reject", "malformed",
+         "heartbeat-minimal with community_id a str whose bytes ff fe are not UTF-8."),
+        ("malformed-invalid-utf8-key", pack_map([(b"\xa3se\xff" if k == seq_key else k, v) for k, v in entries]),
+         "reject", "malformed", "heartbeat-minimal with the key 'seq' spelled as a str holding invalid UTF-8."),
+        ("malformed-bin-key", pack_map([(b"\xc4\x03seq" if k == seq_key else k, v) for k, v in entries]), "reject",
+         "malformed", "heartbeat-minimal with the key 'seq' sent as bin (c4 03 'seq') instead of str."),
+        ("malformed-int-key", pack_map([*entries, (p(1), p(1))]), "reject", "malformed",
+         "heartbeat-minimal with an extra entry whose key is the integer 1."),
+        ("malformed-nil-value", with_raw(hb, "coordinator_node_id", b"\xc0"), "reject", "malformed",
+         "heartbeat-minimal with coordinator_node_id nil instead of the empty str."),
+        ("malformed-nested-too-deep", with_raw(hb, "open_round_id", nested(2000)), "reject", "malformed",
+         "heartbeat-minimal with open_round_id 2000 nested containers (past any parser's stack)."),
+        # step 3 comes before step 6: a version-2 message must still be v1 msgpack to be IGNOREd
+        ("malformed-bin-key-version-2",
+         pack_map([(b"\xc4\x03seq" if k == seq_key else k, v) for k, v in entries_of(hb2)]), "reject", "malformed",
+         "A version-2 heartbeat with a bin key: REJECT malformed (step 3), not IGNORE unsupported_version."),
+        ("malformed-ext-version-2", pack_map([*entries_of(hb2)[:-1], (p("x"), ext0), entries_of(hb2)[-1]]),
+         "reject", "malformed",
+         "A version-2 heartbeat with an extra key 'x' holding a zero-length ext: REJECT malformed (step 3)."),
+        ("malformed-too-deep-version-2",
+         pack_map([*entries_of(hb2)[:-1], (p("x"), nested(codec.MAX_NESTING_DEPTH)), entries_of(hb2)[-1]]),
+         "reject", "malformed", f"A version-2 heartbeat with an extra key 'x' holding {codec.MAX_NESTING_DEPTH} "
+         f"nested containers: depth {codec.MAX_NESTING_DEPTH + 1} > MAX_NESTING_DEPTH, REJECT malformed."),
+        ("unsupported-version-deepest-nesting",
+         pack_map([*entries_of(hb2)[:-1], (p("x"), nested(codec.MAX_NESTING_DEPTH - 1)), entries_of(hb2)[-1]]),
+         "ignore", "unsupported_version", f"As above with {codec.MAX_NESTING_DEPTH - 1} nested containers: depth "
+         f"exactly MAX_NESTING_DEPTH is v1 msgpack, so the version-2 message is IGNOREd."),
+        # step 9: float specials
+        ("malformed-nan", with_raw(sub, "train_loss", p(float("nan"))), "reject", "malformed",
+         "submission-announce with train_loss NaN (cb 7ff8000000000000)."),
+        ("malformed-infinity", with_raw(sub, "train_loss", p(float("inf"))), "reject", "malformed",
+         "submission-announce with train_loss +inf."),
+        ("malformed-negative-infinity-timestamp", with_raw(hb, "sent_at", p(float("-inf"))), "reject", "malformed",
+         "heartbeat-minimal with sent_at -inf."),
+        ("malformed-negative-zero", with_raw(sub, "train_loss", p(-0.0)), "reject", "malformed",
+         "submission-announce with train_loss -0.0 (cb 8000000000000000): float fields are never negative zero."),
+        ("malformed-deadline-negative-zero", with_raw(man, "deadline", p(-0.0)), "reject", "malformed",
+         "round-manifest-original-defaults with deadline -0.0: malformed like any float, not read as 'no deadline'."),
+        # deadline 0: the local spelling of "the default", never on the wire
+        ("non-canonical-deadline-zero", sorted_packed(resign({**man_map, "deadline": 0.0}, "coordinator_sig", A)),
+         "reject", "non_canonical", "RoundManifest with deadline 0.0 (signed as sent): read as created_at + "
+         "round_timeout_seconds, whose encoding differs."),
+        ("non-canonical-deadline-int-zero", sorted_packed(resign({**man_map, "deadline": 0}, "coordinator_sig", A)),
+         "reject", "non_canonical", "RoundManifest with deadline the integer 0 (signed as sent)."),
+        # contributions
+        ("malformed-duplicate-contribution",
+         sorted_packed(resign({**agg_args, "contributions": [one, one]}, "sig", A)), "reject", "malformed",
+         "AggregateAnnounce naming bob's contribution twice (signed)."),
+        ("malformed-empty-contributions", sorted_packed(resign({**agg_args, "contributions": []}, "sig", A)),
+         "reject", "malformed", "AggregateAnnounce with no contributions (signed)."),
+        ("malformed-contribution-extra-key",
+         sorted_packed(resign({**agg_args, "contributions": [{**one, "weight": 1}]}, "sig", A)), "reject",
+         "malformed", "AggregateAnnounce whose contribution map has a fourth key (signed)."),
+        # signature length is part of the sig type (step 9); empty fails at step 13
+        ("malformed-signature-63-bytes", with_raw(hb, "sig", b"\xc4\x3f" + hb.sig[:63]), "reject", "malformed",
+         "heartbeat-minimal with its signature cut to 63 bytes: a sig is 64 bytes (or empty)."),
+        ("malformed-signature-65-bytes", with_raw(hb, "sig", b"\xc4\x41" + hb.sig + b"\x00"), "reject",
+         "malformed", "heartbeat-minimal with a zero byte appended to its signature (65 bytes)."),
+        # step 13: signer and Ed25519 strictness
+        ("bad-signature-undecodable-signer",
+         sorted_packed(resign({**hb_map, "node_id": SHA256_MULTIHASH_PEER_ID}, "sig", A)), "reject", "bad_signature",
+         "A heartbeat whose node_id has the peer_id shape but is a sha256 multihash (Qm...), no key inside; "
+         "signed with alice's key."),
+        ("bad-signature-s-not-below-l", with_s_plus_l(hb), "reject", "bad_signature",
+         "heartbeat-minimal with S replaced by S + L: equal mod L, so only the S < L rule refuses it."),
+        ("bad-signature-small-order-key",
+         sorted_packed(forged_under_small_order_key(hb_map, "node_id", "sig", IDENTITY_POINT)), "reject",
+         "bad_signature", "A heartbeat 'signed' under the neutral element as public key (R = [s]B, S = s): passes "
+         "the cofactorless equation for any message; only the small-order-key rule refuses it."),
+        ("bad-signature-non-canonical-key",
+         sorted_packed(forged_under_small_order_key(hb_map, "node_id", "sig", IDENTITY_POINT_NON_CANONICAL)),
+         "reject", "bad_signature", "As above with the key encoded y = 1 + p (non-canonical): a verifier that "
+         "reduces y mod p sees the neutral element; the rule refuses non-canonical keys."),
+        ("bad-signature-small-order-r", sorted_packed(with_small_order_r(hb_map, "sig", A)), "reject",
+         "bad_signature", "heartbeat-minimal signed by alice with R the neutral element and S = k*a: passes the "
+         "cofactorless equation; only the small-order-R rule refuses it."),
+    ]
 
 
 def replay_file() -> dict[str, Any]:

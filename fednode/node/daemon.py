@@ -64,10 +64,6 @@ MEMBER_PERSIST_INTERVAL_SECONDS = 30.0
 SYNC_RETRY_SECONDS = 5.0  # ask again for the outcome of a round we are behind on at most this often
 
 
-def topic_for(community_id: str) -> str:
-    return f"fednode/{community_id}/1"
-
-
 def libp2p_factory(config: Config) -> TransportFactory:
     def factory(identity: Identity) -> AbstractAsyncContextManager[Transport]:
         from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
@@ -93,7 +89,7 @@ class Node:
         self.identity = identity
         self.node_id = identity.node_id
         self.clock = clock
-        self.topic = topic_for(config.community.id)
+        self.topic = codec.topic_for(config.community.id)
         self.transport_factory = transport_factory or libp2p_factory(config)
         self.transport: Transport | None = None
         self.enabled = config.research.federated_learning

@@ -28,8 +28,13 @@ from fednode.wire.messages import (
 )
 
 SIGNING_DOMAIN = b"fednode/v1/signed-message\x00"
+TOPIC_FORMAT = "fednode/{community_id}/1"  # one gossipsub topic per community; 1 = envelope major version
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024  # control messages only; bulk data goes over blob streams
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
+# Containers (maps, arrays) nest at most this deep, the top-level map being level 1. v1 needs 3
+# (message, contributions, one contribution); the rest is room for later versions, whose messages
+# must still parse (step 3) for a v1 node to IGNORE them as unsupported_version instead of REJECT.
+MAX_NESTING_DEPTH = 16
 
 M = TypeVar("M", bound=Message)
 
@@ -85,6 +90,11 @@ def signing_bytes(message: Message) -> bytes:
     return SIGNING_DOMAIN + _pack(to_map(message, include_sig=False))
 
 
+def topic_for(community_id: str) -> str:
+    """The gossipsub topic of a community's envelopes (envelope-v1.md, "Transport")."""
+    return TOPIC_FORMAT.format(community_id=community_id)
+
+
 def message_id(encoded: bytes) -> str:
     return hashlib.sha256(encoded).hexdigest()
 
@@ -103,6 +113,37 @@ def verify(message: Message) -> bool:
     return len(message.signature) == 64 and verify_signature(message.signer, signing_bytes(message), message.signature)
 
 
+class _NotCanonicalValue(ValueError):
+    """Raised from inside the msgpack parser (step 3): a map key that is not str, or an ext value."""
+
+
+def _str_keys_only(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    for key, _ in pairs:
+        if not isinstance(key, str):  # strict_map_key still lets bin keys through
+            raise _NotCanonicalValue(f"map keys must be str, got {type(key).__name__}")
+    return dict(pairs)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    # max_ext_len=0 still lets a zero-length ext through as ExtType(code, b"")
+    raise _NotCanonicalValue(f"ext type {code} is not allowed")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of containers in a parsed value (a scalar is 0), iteratively: the parser
+    already bounds it (msgpack's stack), this only measures."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in item if isinstance(child, dict | list))
+    return deepest
+
+
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Parse canonical bytes into a message; MessageDecodeError (a DecodeError) otherwise.
     Does not check the signature: see validate.py."""
@@ -115,10 +156,15 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
         raw = msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True, max_str_len=max_bytes,
             max_bin_len=max_bytes, max_array_len=max_bytes, max_map_len=max_bytes, max_ext_len=0,
+            object_pairs_hook=_str_keys_only, ext_hook=_no_ext,
         )
+    except _NotCanonicalValue as exc:
+        raise MessageDecodeError("malformed", f"not a v1 msgpack value: {exc}") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             RecursionError, UnicodeDecodeError) as exc:
         raise MessageDecodeError("malformed", f"not a single msgpack value: {exc.__class__.__name__}") from None
+    if _depth(raw) > MAX_NESTING_DEPTH:
+        raise MessageDecodeError("malformed", f"containers nest deeper than MAX_NESTING_DEPTH={MAX_NESTING_DEPTH}")
     if not isinstance(raw, dict):
         raise MessageDecodeError("malformed", "top level must be a map")
     # Version before type: a later version may add message types, and its senders must not be

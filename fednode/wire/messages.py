@@ -178,9 +178,10 @@ class RoundManifest(Message):
         f.check_int(self, "local_steps", 1, MAX_LOCAL_STEPS)
         if self.aggregation not in AGGREGATION_METHODS:
             raise InvalidMessage("aggregation", f"{self.aggregation!r} is not one of {AGGREGATION_METHODS}")
-        if self.deadline == 0 or self.deadline == 0.0:
-            f.set_(self, "deadline", self.created_at + float(self.round_timeout_seconds))
+        # A float like any other first (-0.0, NaN, inf: malformed); then 0 means "the default".
         f.check_timestamp(self, "deadline")
+        if self.deadline == 0.0:
+            f.set_(self, "deadline", self.created_at + float(self.round_timeout_seconds))
         if not self.created_at < self.deadline <= self.created_at + self.round_timeout_seconds + 1e-6:
             raise InvalidMessage("deadline", "must lie in (created_at, created_at + round_timeout_seconds]")
 

@@ -43,7 +43,6 @@ from fednode.blobs.serve import BlobServer, serve_blobs
 from fednode.blobs.store import BlobStore
 from fednode.errors import FednodeError
 from fednode.identity import Identity
-from fednode.node.daemon import topic_for
 from fednode.node.trainers import FAKE_LAYOUT
 from fednode.transport.base import Stream
 from fednode.transport.memory import MemoryLimits, MemoryNetwork, MemoryTransport, open_memory_transport
@@ -114,7 +113,7 @@ class Adversary:
         self.identity = identity
         self.node_id = identity.node_id
         self.community_id = community_id
-        self.topic = topic_for(community_id)
+        self.topic = codec.topic_for(community_id)
         self.clock = clock
         self.store = BlobStore(data_dir / "blobs")
         self.limits = MemoryLimits(max_message_size=max_message_size)
