@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from fednode.consensus.common import CoordinatorChanged, Effect, Outcome, Tick
 from fednode.errors import ConfigError
 from fednode.wire.messages import MAX_TERM, CoordinatorClaim, Heartbeat
+from fednode.wire.validate import DEFAULT_MAX_CLOCK_SKEW_SECONDS
 from fednode.wire.verdict import ACCEPTED, Validation, Verdict
 
 DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 2.0
@@ -49,6 +50,9 @@ class ElectionConfig:
     max_members: int = DEFAULT_MAX_MEMBERS
     term_history: int = DEFAULT_TERM_HISTORY
     max_term_jump: int = DEFAULT_MAX_TERM_JUMP
+    # A message is a sign of life at min(receipt, its timestamp + this): an old message replayed
+    # by gossip (a late subscriber's catch-up, an IWANT answer) does not make a dead node live.
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
 
     def __post_init__(self) -> None:
         if self.mode not in ("elect", "fixed"):
@@ -200,11 +204,12 @@ class ElectionState:
             return Validation(Verdict.IGNORE, "own_message")
         if self.is_stale(hb):
             return Validation(Verdict.IGNORE, "stale_seq", f"seq {hb.seq} <= {self.members[hb.node_id].seq}")
-        if not self._see(hb.node_id, now, hb.federated_learning):
+        seen = self._alive_at(hb.sent_at, now)
+        if not self._see(hb.node_id, seen, hb.federated_learning):
             return Validation(Verdict.IGNORE, "member_table_full", f"max_members={self.config.max_members}")
         self.members[hb.node_id].seq = hb.seq
-        if hb.term >= 1 and hb.coordinator_node_id == hb.node_id:
-            return self._on_claim(hb.term, hb.node_id, now, effects)  # a coordinator's heartbeat renews its claim
+        if hb.term >= 1 and hb.coordinator_node_id == hb.node_id:  # a coordinator's heartbeat
+            return self._on_claim(hb.term, hb.node_id, now, effects, seen=seen)  # renews its claim
         return ACCEPTED
 
     def _on_claim_message(self, claim: CoordinatorClaim, now: float, effects: list[Effect]) -> Validation:
@@ -218,17 +223,21 @@ class ElectionState:
                 return Validation(Verdict.IGNORE, "stale_claim",
                                   f"term {claim.term} claimed_at {claim.claimed_at} is not newer than the last claim")
             return self._on_claim(claim.term, claim.node_id, now, effects, renew=False)
-        validation = self._on_claim(claim.term, claim.node_id, now, effects)
+        validation = self._on_claim(claim.term, claim.node_id, now, effects, seen=self._alive_at(claim.claimed_at, now))
         if claim.node_id in self.members:
             self.members[claim.node_id].claim = key
         return validation
 
+    def _alive_at(self, timestamp: float, now: float) -> float:
+        """When a message shows its author alive: on receipt, unless it is older than the clock skew we allow."""
+        return min(now, timestamp + self.config.max_clock_skew)
+
     def _on_claim(self, term: int, node_id: str, now: float, effects: list[Effect], *,
-                  renew: bool = True) -> Validation:
+                  renew: bool = True, seen: float | None = None) -> Validation:
         """`renew=False`: record the claim without counting it as a sign of life (a known member's old claim)."""
         if self.config.mode == "fixed":
             return Validation(Verdict.IGNORE, "fixed_mode")
-        if renew and node_id != self.node_id and not self._see(node_id, now, True):
+        if renew and node_id != self.node_id and not self._see(node_id, now if seen is None else seen, True):
             return Validation(Verdict.IGNORE, "member_table_full", f"max_members={self.config.max_members}")
         if term > MAX_TERM or (self.term > 0 and term > self.term + self.config.max_term_jump):
             return Validation(Verdict.IGNORE, "term_jump", f"term {term} vs ours {self.term}")

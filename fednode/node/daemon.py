@@ -112,7 +112,7 @@ class Node:
         liveness = c.heartbeat_interval_seconds * c.liveness_timeout_heartbeats
         self.election = ElectionState(self.node_id, ElectionConfig(
             mode=c.mode, fixed_node_id=c.fixed_peer_id, heartbeat_interval=c.heartbeat_interval_seconds,
-            liveness_timeout=liveness,
+            liveness_timeout=liveness, max_clock_skew=config.community.max_clock_skew_seconds,
             # Before a first claim, hear the community: the gossip mesh forms within a gossip heartbeat,
             # then every live member's heartbeat arrives (with the term and coordinator it follows).
             startup_grace=liveness + config.network.gossip_heartbeat_seconds), now=clock(),

@@ -4,7 +4,13 @@ Part of the libp2p adapter (only `libp2p*.py` modules import libp2p). What this 
 py-libp2p's defaults, each measured on 0.8.1:
 - security: Noise only; the default list also offers plaintext, TLS and secio.
 - muxer: Yamux only (Mplex is ~5x slower).
-- heartbeat 1 s instead of 120 s, so meshes form and heal quickly.
+- heartbeat 1 s instead of 120 s, so meshes form and heal quickly; adaptive gossip off, because
+  it raises the heartbeat to 30-60 s once its "network health" score drops, which a community of
+  fewer than `degree` peers always does after ~30 s (the score counts mesh size / degree).
+- a newly subscribed peer is replayed only messages younger than `max_age` seconds
+  (`BoundedMessageCache`), on top of py-libp2p's count of heartbeats: with a slow heartbeat the
+  count alone let a new subscriber be sent minutes of old messages.
+- the gossipsub message id stays libp2p's default, from || seqno (envelope-v1.md says why).
 - drops are counted, never silent: the per-peer outbound RPC queue (32 by default, drops logged
   at DEBUG on a non-propagating logger) is raised and its rejects are counted; the spam filter
   (10 msg/s per peer and topic, also on our own publishes, which then are delivered locally
@@ -19,6 +25,8 @@ py-libp2p's defaults, each measured on 0.8.1:
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +38,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pa
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.mcache import MessageCache, default_msg_id_fn
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import RpcQueue
@@ -41,6 +50,69 @@ from fednode.transport.libp2p_yamux import install_yamux_nonblocking_reader
 from fednode.transport.subscription import GossipCounters
 
 logger = logging.getLogger("fednode.transport.libp2p")
+
+DEFAULT_GOSSIP_WINDOW = 3  # heartbeats of history offered in IHAVE and replayed to a new subscriber
+DEFAULT_GOSSIP_HISTORY = 5  # heartbeats a message stays answerable by IWANT
+DEFAULT_GOSSIP_MAX_AGE_SECONDS = 5.0  # and never older than this, whatever the heartbeat
+
+
+class BoundedMessageCache(MessageCache):
+    """py-libp2p's message cache (ids from || seqno, history shifted once per heartbeat) that
+    replays to a newly subscribed peer only messages put at most `max_age` seconds ago.
+
+    py-libp2p sends a new subscriber every message of the gossip window (`window(topic)`, the
+    last `gossip_window` heartbeats); at a 30 s heartbeat that was minutes of old messages, which
+    the receiver took for news. IHAVE gossip and IWANT answers keep the count-based window:
+    they repair peers that missed a message, which is what they are for."""
+
+    def __init__(self, window_size: int, history_size: int, max_age: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(window_size, history_size)
+        self.max_age = max_age
+        self.clock = clock
+        self._put_at: dict[bytes, float] = {}
+        self._bound_next_window = False
+
+    def put(self, msg: rpc_pb2.Message) -> None:
+        mid = default_msg_id_fn(msg)
+        if mid not in self.msgs:
+            self._put_at[mid] = self.clock()
+        super().put(msg)
+
+    def replay_window(self, topic: str) -> list[bytes]:
+        """The ids a newly subscribed peer may be sent: the window, without anything older than max_age."""
+        now = self.clock()
+        return [mid for mid in super().window(topic) if now - self._put_at.get(mid, -math.inf) <= self.max_age]
+
+    def window(self, topic: str) -> list[bytes]:
+        if self._bound_next_window:  # set by bound_replays' wrapper for the replay's own call
+            self._bound_next_window = False
+            return self.replay_window(topic)
+        return super().window(topic)
+
+    def shift(self) -> None:
+        dropped = self.history[-1]
+        super().shift()
+        for entry in dropped:
+            if entry.mid not in self.msgs:
+                self._put_at.pop(entry.mid, None)
+
+
+def bound_replays(router: GossipSub, cache: BoundedMessageCache) -> None:
+    """Make the router's replay to a new subscriber use `cache.replay_window`.
+    `GossipSub.send_recent_messages` reads `self.mcache.window(topic)` before its first await,
+    so the one-shot flag is consumed by that call and by no other task's."""
+    router.mcache = cache
+    send_recent = router.send_recent_messages
+
+    async def send_recent_bounded(peer_id: ID, topic: str) -> None:
+        cache._bound_next_window = True
+        try:
+            await send_recent(peer_id, topic)
+        finally:
+            cache._bound_next_window = False
+
+    router.send_recent_messages = send_recent_bounded  # type: ignore[method-assign]
 
 
 def key_pair_from_identity(identity: Identity) -> KeyPair:
@@ -82,20 +154,31 @@ def make_gossipsub(
     degree_high: int,
     heartbeat_interval: int,
     max_messages_per_topic_per_second: float,
+    gossip_window: int = DEFAULT_GOSSIP_WINDOW,
+    gossip_history: int = DEFAULT_GOSSIP_HISTORY,
+    gossip_max_age: float = DEFAULT_GOSSIP_MAX_AGE_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
 ) -> GossipSub:
-    return GossipSub(
+    router = GossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=degree,
         degree_low=degree_low,
         degree_high=degree_high,
         heartbeat_initial_delay=0.1,
         heartbeat_interval=heartbeat_interval,
+        gossip_window=gossip_window,
+        gossip_history=gossip_history,
+        # Adaptive gossip (py-libp2p's "v2.0"/"v1.4" features) would move the heartbeat to 30-60 s
+        # and the mesh degree bounds with a health score that small communities always fail.
+        adaptive_gossip_enabled=False,
         max_messages_per_topic_per_second=max_messages_per_topic_per_second,
         # PX peer records are optional in 0.8.1 and only sent on PRUNE: we run our own exchange.
         do_px=False,
         # Loopback tests run every peer from one IP: IP-diversity checks would starve the mesh.
         eclipse_protection_enabled=False,
     )
+    bound_replays(router, BoundedMessageCache(gossip_window, gossip_history, gossip_max_age, clock))
+    return router
 
 
 def make_pubsub(host: IHost, router: GossipSub, *, max_rpc_size: int, seen_ttl: int) -> Pubsub:
