@@ -150,6 +150,40 @@ def _requester(stream: INetStream) -> str:
         return "?"
 
 
+def parse_peer_exchange(data: bytes, max_peers: int) -> dict[ID, list[Multiaddr]]:
+    """An answer as protocols/peer-exchange-v1.md says a client reads it: nothing from an answer
+    over MAX_RESPONSE_BYTES or that is not one msgpack array; of its first `max_peers` entries,
+    each `[peer id str, [multiaddr str, ...]]` whose id and first MAX_ADDRS_PER_PEER addresses
+    parse; any other entry is skipped."""
+    if len(data) > MAX_RESPONSE_BYTES:
+        return {}
+    try:
+        entries = msgpack.unpackb(data, raw=False)
+    except Exception:  # msgpack raises ValueError, TypeError and its own types
+        return {}
+    if not isinstance(entries, list):
+        return {}
+    found: dict[ID, list[Multiaddr]] = {}
+    for entry in entries[:max_peers]:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], list) and all(isinstance(a, str) for a in entry[1])):
+            continue
+        try:
+            found[_peer_id(entry[0])] = [Multiaddr(a) for a in entry[1][:MAX_ADDRS_PER_PEER]]
+        except Exception:  # not a peer id or not a multiaddr: skip the entry
+            continue
+    return found
+
+
+def _peer_id(text: str) -> ID:
+    """A base58btc peer id that is a whole multihash: identity (00) or sha2-256 (12), length right."""
+    peer = ID.from_base58(text)
+    raw = peer.to_bytes()
+    if len(raw) < 2 or raw[0] not in (0x00, 0x12) or raw[1] != len(raw) - 2:
+        raise ValueError(f"{text!r} is not a libp2p peer id")
+    return peer
+
+
 async def ask_for_peers(host: IHost, peer_id: ID, max_peers: int, timeout: float) -> dict[ID, list[Multiaddr]]:
     """One peer-exchange round trip; {} on any failure (bad answers are the peer's problem)."""
     found: dict[ID, list[Multiaddr]] = {}
@@ -166,12 +200,7 @@ async def ask_for_peers(host: IHost, peer_id: ID, max_peers: int, timeout: float
                     break
                 data += chunk
             await stream.close()
-            if len(data) > MAX_RESPONSE_BYTES:
-                return {}
-            entries = msgpack.unpackb(data)
-            for entry in entries[:max_peers]:
-                pid = ID.from_base58(entry[0])
-                found[pid] = [Multiaddr(a) for a in entry[1][:MAX_ADDRS_PER_PEER]]
+            found = parse_peer_exchange(data, max_peers)
         except Exception as exc:
             logger.debug("peer exchange with %s failed: %r", peer_id, exc)
     return found
