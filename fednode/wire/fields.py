@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from fednode.errors import InvalidMessage
@@ -103,3 +105,89 @@ def check_sig(obj: Any, name: str) -> None:
         raise InvalidMessage(name, f"expected bytes, got {type(value).__name__}")
     if len(value) not in (0, 64):
         raise InvalidMessage(name, f"an Ed25519 signature is 64 bytes (or empty before signing), got {len(value)}")
+
+
+# ---- declarations ------------------------------------------------------------------------------
+# Each message field is declared once, as data (kind, range, default, meaning), the way
+# fednode/config.py declares config keys. Message constructors check every declared field from its
+# declaration (`check_declared`), and protocols/round-v1.md's field tables are generated from the
+# same declarations (fednode.wire.spec_tables; tests/wire/test_spec_tables.py keeps them equal).
+
+KINDS = ("uint", "float", "timestamp", "bool", "id", "id?", "text", "peer_id", "peer_id?", "sha256", "sha256?",
+         "sig", "choice", "custom")
+
+
+@dataclass(frozen=True, slots=True)
+class WireField:
+    """How one message field is typed and checked. `lo`/`hi` bound a number, or the length in
+    code points of a `text`; `display` replaces the generated constraint text, `note` is appended
+    to it (cross-field rules, which the message class checks itself); `default_doc` says what a
+    default that is computed means."""
+
+    kind: str
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    signer: bool = False
+    choices: tuple[str, ...] = ()
+    display: str = ""
+    note: str = ""
+    default_doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown wire field kind {self.kind!r}")
+
+
+def wire(kind: str, default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING,
+         **spec: Any) -> Any:
+    """A dataclass field with its wire declaration in `metadata["wire"]`."""
+    meta = {"wire": WireField(kind, doc, **spec)}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def declared(cls_or_obj: Any) -> list[tuple[str, WireField]]:
+    """(name, declaration) of every declared field, in declaration order."""
+    return [(f.name, f.metadata["wire"]) for f in dataclasses.fields(cls_or_obj) if "wire" in f.metadata]
+
+
+def _int_bound(value: float | None, default: int) -> int:
+    return default if value is None else int(value)
+
+
+def check_field(obj: Any, name: str, spec: WireField) -> None:
+    kind = spec.kind
+    if kind == "uint":
+        check_int(obj, name, _int_bound(spec.lo, 0), _int_bound(spec.hi, MAX_INT))
+    elif kind == "float":
+        check_float(obj, name, float(spec.lo or 0.0), float(spec.hi if spec.hi is not None else math.inf),
+                    lo_open=spec.lo_open)
+    elif kind == "timestamp":
+        check_timestamp(obj, name)
+    elif kind == "bool":
+        check_bool(obj, name)
+    elif kind == "id":
+        check_id(obj, name)
+    elif kind == "id?":
+        check_text(obj, name, MAX_ID_CHARS)  # type first: a falsy 0 must not slip through
+        if get(obj, name):
+            check_id(obj, name)
+    elif kind == "text":
+        check_text(obj, name, _int_bound(spec.hi, MAX_TEXT_CHARS), allow_empty=not spec.lo)
+    elif kind in ("peer_id", "peer_id?"):
+        check_peer_id(obj, name, allow_empty=kind.endswith("?"))
+    elif kind in ("sha256", "sha256?"):
+        check_sha256(obj, name, allow_empty=kind.endswith("?"))
+    elif kind == "sig":
+        check_sig(obj, name)
+    elif kind == "choice" and get(obj, name) not in spec.choices:
+        raise InvalidMessage(name, f"{get(obj, name)!r} is not one of {spec.choices}")
+    # "custom": the message class checks it
+
+
+def check_declared(obj: Any) -> None:
+    for name, spec in declared(obj):
+        check_field(obj, name, spec)

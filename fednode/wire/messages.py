@@ -9,8 +9,8 @@ epoch) used by the replay window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, NewType
+from dataclasses import dataclass
+from typing import Any, ClassVar, NewType
 
 from fednode.errors import InvalidMessage
 from fednode.wire import fields as f
@@ -32,8 +32,22 @@ MAX_TERM = 2**53
 MAX_REASON_CHARS = 200
 
 
+VERSION = "`uint`; v1 sends `1` (others: IGNORE `unsupported_version`)"
+METHODS = "one of the [methods](#aggregation-methods)"
+
+
+def _version() -> Any:
+    return f.wire("uint", PROTOCOL_VERSION, lo=0, hi=2**16, display=VERSION, doc="message format version")
+
+
+def _community() -> Any:
+    return f.wire("id", doc="the community (equals the receiver's)")
+
+
 class Message:
-    """Base of every wire message. Subclasses are frozen dataclasses."""
+    """Base of every wire message. Subclasses are frozen dataclasses whose fields are declared
+    with `fields.wire` (kind, range, default, meaning): the constructor checks each from its
+    declaration, then the cross-field rules in `_check_rules`."""
 
     TYPE: ClassVar[str]
     SIGNER_FIELD: ClassVar[str]
@@ -55,12 +69,12 @@ class Message:
     def timestamp(self) -> float:
         return float(getattr(self, self.TIME_FIELD))
 
-    def _check_common(self) -> None:
-        f.check_int(self, "version", 0, 2**16)
-        f.check_id(self, "community_id")
-        f.check_peer_id(self, self.SIGNER_FIELD)
-        f.check_timestamp(self, self.TIME_FIELD)
-        f.check_sig(self, self.SIG_FIELD)
+    def __post_init__(self) -> None:
+        f.check_declared(self)
+        self._check_rules()
+
+    def _check_rules(self) -> None:
+        """Cross-field rules (round-v1.md); none by default."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,30 +86,24 @@ class Heartbeat(Message):
     SIG_FIELD: ClassVar[str] = "sig"
     TIME_FIELD: ClassVar[str] = "sent_at"
 
-    community_id: str
-    node_id: str
-    term: int
-    seq: int
-    sent_at: float
-    federated_learning: bool = False  # does this node take part in rounds
-    coordinator_node_id: str = ""  # who the sender follows in `term` ("" = nobody yet)
-    last_round_number: int = 0  # highest round the sender has finished (0 = none)
-    latest_merged_sha256: str = ""  # merged adapter the sender holds and serves
-    open_round_id: str = ""  # round the sender is working on ("" = none); peers sync what they lack
-    version: int = PROTOCOL_VERSION
-    sig: bytes = b""
-
-    def __post_init__(self) -> None:
-        self._check_common()
-        f.check_int(self, "term", 0, MAX_TERM)
-        f.check_int(self, "seq", 0)
-        f.check_text(self, "open_round_id", f.MAX_ID_CHARS)  # type first: a falsy 0 must not slip through
-        if self.open_round_id:
-            f.check_id(self, "open_round_id")
-        f.check_bool(self, "federated_learning")
-        f.check_peer_id(self, "coordinator_node_id", allow_empty=True)
-        f.check_int(self, "last_round_number", 0)
-        f.check_sha256(self, "latest_merged_sha256", allow_empty=True)
+    community_id: str = _community()
+    node_id: str = f.wire("peer_id", signer=True, doc="the sender")
+    term: int = f.wire("uint", lo=0, hi=MAX_TERM, doc="the highest election term the sender knows")
+    seq: int = f.wire("uint", lo=0, doc="sender's heartbeat counter, increasing across restarts (daemons start it "
+                      "at the wall clock in µs); a receiver ignores a heartbeat whose `seq` is not above the last it "
+                      "heard from that node (`stale_seq`, election-v1.md); also makes each id unique")
+    sent_at: float = f.wire("timestamp", doc="when sent")
+    federated_learning: bool = f.wire("bool", False, doc="does the sender take part in rounds "
+                                      "(`[research] federated_learning`)")
+    coordinator_node_id: str = f.wire("peer_id?", "", doc="whom the sender follows as coordinator in `term` "
+                                      "(`\"\"`: nobody yet)")
+    last_round_number: int = f.wire("uint", 0, lo=0, doc="highest round the sender has finished (0: none)")
+    latest_merged_sha256: str = f.wire("sha256?", "", doc="merged adapter the sender holds and serves "
+                                       "(`\"\"`: none)")
+    open_round_id: str = f.wire("id?", "", doc="round the sender is working on (`\"\"`: none); lets a peer that "
+                                "missed a manifest ask for it (sync-v1.md)")
+    version: int = _version()
+    sig: bytes = f.wire("sig", b"", doc="Ed25519 signature of `node_id`")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,18 +115,13 @@ class CoordinatorClaim(Message):
     SIG_FIELD: ClassVar[str] = "sig"
     TIME_FIELD: ClassVar[str] = "claimed_at"
 
-    community_id: str
-    node_id: str
-    term: int
-    claimed_at: float
-    last_round_number: int = 0
-    version: int = PROTOCOL_VERSION
-    sig: bytes = b""
-
-    def __post_init__(self) -> None:
-        self._check_common()
-        f.check_int(self, "term", 1, MAX_TERM)
-        f.check_int(self, "last_round_number", 0)
+    community_id: str = _community()
+    node_id: str = f.wire("peer_id", signer=True, doc="the claimant")
+    term: int = f.wire("uint", lo=1, hi=MAX_TERM, doc="the term claimed")
+    claimed_at: float = f.wire("timestamp", doc="when claimed")
+    last_round_number: int = f.wire("uint", 0, lo=0, doc="highest round the claimant has finished")
+    version: int = _version()
+    sig: bytes = f.wire("sig", b"", doc="signature of `node_id`")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,55 +134,49 @@ class RoundManifest(Message):
     SIG_FIELD: ClassVar[str] = "coordinator_sig"
     TIME_FIELD: ClassVar[str] = "created_at"
 
-    round_id: str
-    base_model_id: str
-    coordinator_node_id: str
-    community_id: str
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    learning_rate: float = 2e-4
-    min_participants: int = 2
-    max_participants: int = 20
-    round_timeout_seconds: float = 3600.0
-    created_at: float = 0.0
-    coordinator_sig: bytes = b""
-    version: int = PROTOCOL_VERSION
-    term: int = 0
-    round_number: int = 1
-    base_model_hash: str = ""  # sha256 over the base model's weight files ("" = not checked)
-    start_adapter_sha256: str = ""  # global adapter this round starts from ("" = fresh adapter)
-    start_adapter_size: int = 0
-    local_steps: int = 20
-    aggregation: str = "fedavg"
-    deadline: float = 0.0  # 0 = created_at + round_timeout_seconds
+    round_id: str = f.wire("id", doc="the round's unique name in the community")
+    base_model_id: str = f.wire("text", lo=1, hi=f.MAX_TEXT_CHARS,
+                                doc="base model name (informative; the hash below binds it)")
+    coordinator_node_id: str = f.wire("peer_id", signer=True, doc="the coordinator of `term`")
+    community_id: str = _community()
+    lora_rank: int = f.wire("uint", 16, lo=1, hi=MAX_LORA_RANK, doc="LoRA rank r participants train with")
+    lora_alpha: float = f.wire("float", 32.0, lo=0.0, hi=1e6, lo_open=True, doc="LoRA alpha (scale alpha / r)")
+    learning_rate: float = f.wire("float", 2e-4, lo=0.0, hi=10.0, lo_open=True, doc="local optimiser learning rate")
+    min_participants: int = f.wire("uint", 2, lo=1, hi=MAX_PARTICIPANTS_LIMIT, note="`<= max_participants`",
+                                   doc="fewest accepted submissions for the round to aggregate")
+    max_participants: int = f.wire("uint", 20, lo=1, hi=MAX_PARTICIPANTS_LIMIT,
+                                   doc="most submissions accepted; reaching it closes collection")
+    round_timeout_seconds: float = f.wire("float", 3600.0, lo=0.0, hi=MAX_ROUND_TIMEOUT_SECONDS, lo_open=True,
+                                          doc="longest a round may run")
+    created_at: float = f.wire("timestamp", 0.0, doc="when the manifest was made")
+    coordinator_sig: bytes = f.wire("sig", b"", doc="signature of `coordinator_node_id`")
+    version: int = _version()
+    term: int = f.wire("uint", 0, lo=0, hi=MAX_TERM, doc="election term the coordinator holds (election-v1.md)")
+    round_number: int = f.wire("uint", 1, lo=1, doc="position in the community's sequence of rounds")
+    base_model_hash: str = f.wire("sha256?", "", doc="sha256 over the base model's weight files "
+                                  "(`\"\"`: not checked)")
+    start_adapter_sha256: str = f.wire("sha256?", "", doc="blob of the adapter this round starts from "
+                                       "(`\"\"`: a fresh adapter)")
+    start_adapter_size: int = f.wire("uint", 0, lo=0, hi=MAX_BLOB_SIZE_LIMIT,
+                                     note="`> 0` exactly when `start_adapter_sha256` is set",
+                                     doc="size of that blob in bytes")
+    local_steps: int = f.wire("uint", 20, lo=1, hi=MAX_LOCAL_STEPS, doc="optimiser steps each participant runs")
+    aggregation: str = f.wire("choice", "fedavg", choices=AGGREGATION_METHODS, display=METHODS,
+                              doc="how updates are combined")
+    deadline: float = f.wire("timestamp", 0.0, default_doc="created_at + round_timeout_seconds",
+                             note="`created_at < deadline <= created_at + round_timeout_seconds + 1e-6`; "
+                                  "0 is the local spelling of the default, never sent",
+                             doc="end of collection")
 
-    def __post_init__(self) -> None:
-        self._check_common()
-        f.check_id(self, "round_id")
-        f.check_text(self, "base_model_id", f.MAX_TEXT_CHARS, allow_empty=False)
-        f.check_int(self, "lora_rank", 1, MAX_LORA_RANK)
-        f.check_float(self, "lora_alpha", 0.0, 1e6, lo_open=True)
-        f.check_float(self, "learning_rate", 0.0, 10.0, lo_open=True)
-        f.check_int(self, "min_participants", 1, MAX_PARTICIPANTS_LIMIT)
-        f.check_int(self, "max_participants", 1, MAX_PARTICIPANTS_LIMIT)
+    def _check_rules(self) -> None:
         if self.min_participants > self.max_participants:
             raise InvalidMessage(
                 "min_participants",
                 f"{self.min_participants} exceeds max_participants {self.max_participants}",
             )
-        f.check_float(self, "round_timeout_seconds", 0.0, MAX_ROUND_TIMEOUT_SECONDS, lo_open=True)
-        f.check_int(self, "term", 0, MAX_TERM)
-        f.check_int(self, "round_number", 1)
-        f.check_sha256(self, "base_model_hash", allow_empty=True)
-        f.check_sha256(self, "start_adapter_sha256", allow_empty=True)
-        f.check_int(self, "start_adapter_size", 0, MAX_BLOB_SIZE_LIMIT)
         if bool(self.start_adapter_sha256) != (self.start_adapter_size > 0):
             raise InvalidMessage("start_adapter_size", "must be > 0 exactly when start_adapter_sha256 is set")
-        f.check_int(self, "local_steps", 1, MAX_LOCAL_STEPS)
-        if self.aggregation not in AGGREGATION_METHODS:
-            raise InvalidMessage("aggregation", f"{self.aggregation!r} is not one of {AGGREGATION_METHODS}")
-        # A float like any other first (-0.0, NaN, inf: malformed); then 0 means "the default".
-        f.check_timestamp(self, "deadline")
+        # `deadline` was checked as a float like any other (-0.0, NaN, inf: malformed); 0 means "the default".
         if self.deadline == 0.0:
             f.set_(self, "deadline", self.created_at + float(self.round_timeout_seconds))
         if not self.created_at < self.deadline <= self.created_at + self.round_timeout_seconds + 1e-6:
@@ -195,33 +192,26 @@ class SubmissionAnnounce(Message):
     SIG_FIELD: ClassVar[str] = "participant_sig"
     TIME_FIELD: ClassVar[str] = "submitted_at"
 
-    round_id: str
-    participant_node_id: str
-    num_samples: int
-    submitted_at: float
-    participant_sig: bytes = b""
-    community_id: str
-    delta_sha256: str
-    delta_size: int
-    train_loss: float = 0.0
-    version: int = PROTOCOL_VERSION
-
-    def __post_init__(self) -> None:
-        self._check_common()
-        f.check_id(self, "round_id")
-        f.check_int(self, "num_samples", 1, MAX_NUM_SAMPLES)
-        f.check_sha256(self, "delta_sha256")
-        f.check_int(self, "delta_size", 1, MAX_BLOB_SIZE_LIMIT)
-        f.check_float(self, "train_loss", 0.0, 1e9)
+    round_id: str = f.wire("id", doc="the round")
+    participant_node_id: str = f.wire("peer_id", signer=True, doc="the participant")
+    num_samples: int = f.wire("uint", lo=1, hi=MAX_NUM_SAMPLES,
+                              doc="training examples used: the update's aggregation weight")
+    submitted_at: float = f.wire("timestamp", doc="when submitted")
+    participant_sig: bytes = f.wire("sig", b"", doc="signature of `participant_node_id`")
+    community_id: str = _community()
+    delta_sha256: str = f.wire("sha256", doc="sha256 of the delta blob (lowercase hex)")
+    delta_size: int = f.wire("uint", lo=1, hi=MAX_BLOB_SIZE_LIMIT, doc="its size in bytes")
+    train_loss: float = f.wire("float", 0.0, lo=0.0, hi=1e9, doc="final local training loss (informative)")
+    version: int = _version()
 
 
 @dataclass(frozen=True, slots=True)
 class Contribution:
     """One accepted submission as recorded in an AggregateAnnounce."""
 
-    node_id: str
-    delta_sha256: str
-    num_samples: int
+    node_id: str = f.wire("peer_id", doc="the participant")
+    delta_sha256: str = f.wire("sha256", doc="the update's blob, as in its SubmissionAnnounce")
+    num_samples: int = f.wire("uint", lo=1, hi=MAX_NUM_SAMPLES, doc="its weight, as in its SubmissionAnnounce")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,28 +223,23 @@ class AggregateAnnounce(Message):
     SIG_FIELD: ClassVar[str] = "sig"
     TIME_FIELD: ClassVar[str] = "announced_at"
 
-    community_id: str
-    round_id: str
-    round_number: int
-    coordinator_node_id: str
-    term: int
-    merged_sha256: str
-    merged_size: int
-    aggregation: str
-    contributions: tuple[Contribution, ...] = field(default_factory=tuple)
-    announced_at: float
-    version: int = PROTOCOL_VERSION
-    sig: bytes = b""
+    community_id: str = _community()
+    round_id: str = f.wire("id", doc="the round")
+    round_number: int = f.wire("uint", lo=1, doc="the manifest's `round_number`")
+    coordinator_node_id: str = f.wire("peer_id", signer=True, doc="the coordinator")
+    term: int = f.wire("uint", lo=0, hi=MAX_TERM, doc="the coordinator's term")
+    merged_sha256: str = f.wire("sha256", doc="blob of the merged adapter")
+    merged_size: int = f.wire("uint", lo=1, hi=MAX_BLOB_SIZE_LIMIT, doc="its size in bytes")
+    aggregation: str = f.wire("choice", choices=AGGREGATION_METHODS, display=METHODS,
+                              doc="the method used (the manifest's)")
+    contributions: tuple[Contribution, ...] = f.wire(
+        "custom", default_factory=tuple, display=f"1..{MAX_PARTICIPANTS_LIMIT} entries, distinct `node_id`s (and "
+        "see [Abuse limits](#abuse-limits))", doc="the updates aggregated")
+    announced_at: float = f.wire("timestamp", doc="when announced")
+    version: int = _version()
+    sig: bytes = f.wire("sig", b"", doc="signature of `coordinator_node_id`")
 
-    def __post_init__(self) -> None:
-        self._check_common()
-        f.check_id(self, "round_id")
-        f.check_int(self, "round_number", 1)
-        f.check_int(self, "term", 0, MAX_TERM)
-        f.check_sha256(self, "merged_sha256")
-        f.check_int(self, "merged_size", 1, MAX_BLOB_SIZE_LIMIT)
-        if self.aggregation not in AGGREGATION_METHODS:
-            raise InvalidMessage("aggregation", f"{self.aggregation!r} is not one of {AGGREGATION_METHODS}")
+    def _check_rules(self) -> None:
         if not isinstance(self.contributions, tuple):
             raise InvalidMessage("contributions", "expected a tuple of Contribution")
         if not 1 <= len(self.contributions) <= MAX_PARTICIPANTS_LIMIT:
@@ -264,15 +249,11 @@ class AggregateAnnounce(Message):
             name = f"contributions[{i}]"
             if not isinstance(c, Contribution):
                 raise InvalidMessage(name, "expected a Contribution")
-            for attr, check in (("node_id", f.check_peer_id), ("delta_sha256", f.check_sha256)):
+            for attr, spec in f.declared(Contribution):
                 try:
-                    check(c, attr)
+                    f.check_field(c, attr, spec)
                 except InvalidMessage as exc:
                     raise InvalidMessage(f"{name}.{attr}", exc.problem) from None
-            try:
-                f.check_int(c, "num_samples", 1, MAX_NUM_SAMPLES)
-            except InvalidMessage as exc:
-                raise InvalidMessage(f"{name}.num_samples", exc.problem) from None
             if c.node_id in seen:
                 raise InvalidMessage(name, f"duplicate participant {c.node_id}")
             seen.add(c.node_id)
@@ -287,22 +268,16 @@ class RoundFailed(Message):
     SIG_FIELD: ClassVar[str] = "sig"
     TIME_FIELD: ClassVar[str] = "failed_at"
 
-    community_id: str
-    round_id: str
-    round_number: int
-    coordinator_node_id: str
-    term: int
-    reason: str
-    failed_at: float
-    version: int = PROTOCOL_VERSION
-    sig: bytes = b""
-
-    def __post_init__(self) -> None:
-        self._check_common()
-        f.check_id(self, "round_id")
-        f.check_int(self, "round_number", 1)
-        f.check_int(self, "term", 0, MAX_TERM)
-        f.check_text(self, "reason", MAX_REASON_CHARS, allow_empty=False)
+    community_id: str = _community()
+    round_id: str = f.wire("id", doc="the round")
+    round_number: int = f.wire("uint", lo=1, doc="the manifest's `round_number`")
+    coordinator_node_id: str = f.wire("peer_id", signer=True, doc="the coordinator")
+    term: int = f.wire("uint", lo=0, hi=MAX_TERM, doc="the coordinator's term")
+    reason: str = f.wire("text", lo=1, hi=MAX_REASON_CHARS, doc="why, for humans (e.g. `deadline passed with 1 "
+                         "accepted submissions, fewer than min_participants=2`)")
+    failed_at: float = f.wire("timestamp", doc="when")
+    version: int = _version()
+    sig: bytes = f.wire("sig", b"", doc="signature of `coordinator_node_id`")
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
