@@ -146,7 +146,7 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
 
 
 def _decode_object(cls: type[T], data: Mapping[str, Any], path: str) -> T:
-    hints = _hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]  # a dataclass is hashable; mypy cannot see that of type[T]
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         tp = hints[f.name]
