@@ -24,11 +24,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from fednode.consensus.outcome import OutcomeConflict
 from fednode.consensus.round_state import Phase, Role
 from fednode.errors import DecodeError, FednodeError, InvalidUpdate
 
@@ -356,6 +357,10 @@ class OutcomeConflictRecord(JsonForm):
     kept: OutcomeSeen
     other: OutcomeSeen
 
+    @classmethod
+    def of(cls, conflict: OutcomeConflict) -> OutcomeConflictRecord:
+        return cls.from_json(conflict.as_dict())
+
 
 @dataclass(frozen=True, slots=True)
 class RoundRecord(JsonForm):
@@ -400,3 +405,6 @@ class RoundRecord(JsonForm):
 
     def with_metrics(self, kind: str, figures: Mapping[str, Any]) -> RoundRecord:
         return dataclasses.replace(self, metrics={**self.metrics, kind: dict(figures)})
+
+    def with_conflicts(self, conflicts: Iterable[OutcomeConflict]) -> RoundRecord:
+        return dataclasses.replace(self, outcome_conflicts=[OutcomeConflictRecord.of(c) for c in conflicts])
