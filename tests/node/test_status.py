@@ -29,6 +29,7 @@ from fednode.node.control import (
     query_control,
     serve_control,
 )
+from fednode.node.reports import NodeStatus
 from fednode.transport.memory import open_memory_transport
 from tests.node.checks import read_record
 from tests.node.conftest import cluster, wait_until
@@ -57,6 +58,7 @@ async def test_status_over_the_control_socket(tmp_path: Path, autojump_clock: tr
         coordinator = record["final_coordinator_node_id"]
         for node, s in zip(nodes, statuses, strict=True):
             assert s["node_id"] == node.node_id and s["federated_learning"] is True
+            assert NodeStatus.from_json(s).to_json() == s  # the wire form is the typed status, key for key
             others = {n.node_id for n in nodes} - {node.node_id}
             assert {m["node_id"] for m in s["members"]} == others
             assert all(m["alive"] and m["federated_learning"] for m in s["members"])
@@ -134,7 +136,7 @@ async def test_misbehaving_control_clients_cannot_take_the_daemon_down(tmp_path:
         assert failed["peer_gone"] >= 2  # the two early closes (and maybe the empty one)
         assert failed["too_large"] == 2 and failed["unknown_command"] >= 1 and failed["timeout"] == 1
         assert "internal_error" not in failed
-        assert "control:peer_gone=" in _format_status(status)  # `fednode status` shows them too
+        assert "control:peer_gone=" in _format_status(NodeStatus.from_json(status))  # `fednode status` too
 
 
 async def test_a_failing_control_command_is_answered_and_counted(tmp_path: Path) -> None:
