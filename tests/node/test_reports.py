@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -124,7 +123,7 @@ def test_rejection_kind_follows_the_error_type_not_its_message() -> None:
     assert RejectionKind.of(LimitExceeded("blob over max_blob_bytes")) is RejectionKind.UNAVAILABLE
 
 
-def test_mypy_catches_a_renamed_status_field(tmp_path: Path) -> None:
+def test_mypy_catches_a_renamed_status_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A consumer that reads a field by a name the type does not have is a mypy error; the same
     consumer with the right name is clean (so the test can fail both ways)."""
     api = pytest.importorskip("mypy.api")
@@ -140,17 +139,10 @@ def test_mypy_catches_a_renamed_status_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad_consumer.py"
     good.write_text(textwrap.dedent(body.format(completed="rounds_completed", final="final_coordinator_node_id")))
     bad.write_text(textwrap.dedent(body.format(completed="rounds_done", final="final_coordinator")))
-    env_path = os.environ.get("MYPYPATH")
-    os.environ["MYPYPATH"] = str(REPO)
-    try:
-        out, err, code = api.run([str(good), str(bad), "--follow-imports=silent", "--ignore-missing-imports",
-                                  "--cache-dir", str(tmp_path / "cache"), "--no-error-summary",
-                                  "--config-file", str(REPO / "pyproject.toml")])
-    finally:
-        if env_path is None:
-            os.environ.pop("MYPYPATH")
-        else:
-            os.environ["MYPYPATH"] = env_path
+    monkeypatch.setenv("MYPYPATH", str(REPO))  # where mypy finds this checkout's fednode
+    out, err, code = api.run([str(good), str(bad), "--follow-imports=silent", "--ignore-missing-imports",
+                              "--cache-dir", str(tmp_path / "cache"), "--no-error-summary",
+                              "--config-file", str(REPO / "pyproject.toml")])
     lines = [line for line in out.splitlines() if ": error:" in line]
     assert not [line for line in lines if "good_consumer" in line], out + err
     assert any('"RoundProgress" has no attribute "rounds_done"' in line for line in lines), out + err
