@@ -6,9 +6,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fednode.errors import FednodeError
+
+if TYPE_CHECKING:
+    from fednode.node.reports import NodeStatus
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_BROKEN_PIPE = 128 + 13  # as if killed by SIGPIPE, the shell's convention
@@ -82,43 +85,41 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     import trio
 
-    from fednode.node.control import query_control
+    from fednode.node.control import query_status
 
-    status = trio.run(query_control, _control_path(args))
+    status = trio.run(query_status, _control_path(args))
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print(json.dumps(status.to_json(), indent=2, sort_keys=True))
         return 0
     print(_format_status(status))
     return 0
 
 
-def _format_status(s: dict[str, Any]) -> str:
-    lines = [f"node        {s.get('node_id')} {s.get('name') or ''}".rstrip(),
-             f"community   {s.get('community_id')}   federated_learning={s.get('federated_learning')}",
-             f"coordinator {s.get('coordinator') or '-'} (term {s.get('term')})",
-             f"members     {sum(1 for m in s.get('members', []) if m.get('alive'))} alive of "
-             f"{len(s.get('members', []))} seen; {len(s.get('peers', []))} connected"]
-    paused = s.get("paused")
-    if paused:
-        lines.append(f"PAUSED      {paused.get('reason')} for {paused.get('seconds', 0):.0f} s "
-                     f"({paused.get('detail', '')}); retrying every {paused.get('retry_every_seconds', 0):.0f} s")
-    cur = s.get("current_round")
+def _format_status(s: NodeStatus) -> str:
+    p = s.progress
+    lines = [f"node        {s.node_id} {s.name}".rstrip(),
+             f"community   {s.community_id}   federated_learning={s.federated_learning}",
+             f"coordinator {s.coordinator or '-'} (term {s.term})",
+             f"members     {len(s.alive_members())} alive of {len(s.members)} seen; {len(s.peers)} connected"]
+    if s.paused:
+        lines.append(f"PAUSED      {s.paused.reason} for {s.paused.seconds:.0f} s ({s.paused.detail}); "
+                     f"retrying every {s.paused.retry_every_seconds:.0f} s")
+    cur = p.current_round
     if cur:
-        lines.append(f"round       #{cur['round_number']} {cur['round_id']} {cur['state']} as {cur['role']}, "
-                     f"{cur['submissions']} submissions (min {cur['min_participants']})")
+        lines.append(f"round       #{cur.round_number} {cur.round_id} {cur.state.value} as {cur.role.value}, "
+                     f"{cur.submissions} submissions (min {cur.min_participants})")
     else:
-        lines.append(f"round       {s.get('rounds', 'none yet')}")
-    last = s.get("last_merged") or {}
-    if last:
-        lines.append(f"last merged round {last.get('round_number')}: {last.get('sha256', '')[:16]}… {last.get('path')}")
-    lines.append(f"completed   {s.get('rounds_completed', 0)} rounds")
+        lines.append(f"round       {p.disabled_reason or 'none yet'}")
+    if p.last_merged:
+        last = p.last_merged
+        lines.append(f"last merged round {last.round_number}: {last.sha256[:16]}… {last.path}")
+    lines.append(f"completed   {p.rounds_completed} rounds")
     for verdict in ("rejected", "ignored"):
-        counts = s.get("counters", {}).get(verdict, {})
+        counts = s.counters.get(verdict, {})  # keyed by verdict; one not met yet is absent
         if counts:
             lines.append(f"{verdict:<11} " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-    b = s.get("bytes", {})
-    lines.append("bytes       " + ", ".join(f"{k}={v}" for k, v in sorted(b.items())))
-    errors = {f"{where}:{k}": v for where, counts in (s.get("handler_errors") or {}).items() for k, v in counts.items()}
+    lines.append("bytes       " + ", ".join(f"{k}={v}" for k, v in sorted(s.bytes.to_json().items())))
+    errors = {f"{where}:{k}": v for where, counts in s.handler_errors.items() for k, v in counts.items()}
     if errors:  # misbehaving clients, each contained to its own connection
         lines.append("clients     " + ", ".join(f"{k}={v}" for k, v in sorted(errors.items())))
     return "\n".join(lines)
@@ -128,18 +129,18 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
     import json
 
     from fednode.config import load_config
+    from fednode.node.records import read_record, read_records, record_path
 
     config = load_config(args.config)
-    folder = config.data_dir / "rounds"
     if args.number is not None:
-        path = folder / f"round-{args.number}.json"
+        path = record_path(config.data_dir, args.number)
         if not path.exists():
             print(f"fednode rounds: no record {path}", file=sys.stderr)
             return 1
-        sys.stdout.write(path.read_text())
+        print(json.dumps(read_record(path).to_json(), indent=2, sort_keys=True))
         return 0
-    records = sorted(folder.glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
-    print(json.dumps([json.loads(p.read_text()) for p in records], indent=2, sort_keys=True))
+    records = read_records(config.data_dir)
+    print(json.dumps([r.to_json() for r in records], indent=2, sort_keys=True))
     return 0
 
 

@@ -58,3 +58,25 @@ def test_output_into_a_closed_pipe_ends_quietly() -> None:
         os.close(write_end)
     assert done.returncode == EXIT_BROKEN_PIPE
     assert done.stderr == ""
+
+
+def test_rounds_prints_records_as_written_and_names_a_field_a_file_lacks(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    data = Path(__file__).parent / "node" / "data"
+    assert main(["init", str(tmp_path / "n")]) == 0
+    config = tmp_path / "n" / "node.toml"
+    rounds = tmp_path / "n" / "rounds"
+    rounds.mkdir()
+    for number, name in ((1, "round-record-published-v0.json"), (2, "round-record-failed-v0.json")):
+        (rounds / f"round-{number}.json").write_text((data / name).read_text())
+    capsys.readouterr()
+    assert main(["rounds", "--config", str(config), "2"]) == 0
+    assert capsys.readouterr().out == (data / "round-record-failed-v0.json").read_text()
+    assert main(["rounds", "--config", str(config)]) == 0
+    assert [r["state"] for r in json.loads(capsys.readouterr().out)] == ["published", "failed"]
+    broken = json.loads((rounds / "round-2.json").read_text())
+    del broken["final_term"]
+    (rounds / "round-2.json").write_text(json.dumps(broken))
+    assert main(["rounds", "--config", str(config)]) == 1
+    assert "round-2.json: record.final_term: missing" in capsys.readouterr().err

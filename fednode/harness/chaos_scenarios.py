@@ -14,19 +14,23 @@ from typing import Any
 
 import trio
 
+from fednode.consensus.round_state import Phase, Role
 from fednode.harness.chaos_support import (
     ChaosOptions,
     Federation,
     ScenarioFailed,
+    Statuses,
     accepted_ids,
     check,
     completed,
     current_round,
     one_merged_hash,
+    training,
 )
 from fednode.harness.cluster import NodeProcess
+from fednode.node.reports import CurrentRound, TrainingState
 
-Status = dict[int, dict[str, Any]]
+Status = Statuses
 
 
 def _slowness(node: NodeProcess) -> int:
@@ -36,9 +40,9 @@ def _slowness(node: NodeProcess) -> int:
 def _collecting(fed: Federation, st: Status, round_number: int) -> NodeProcess | None:
     """The agreed coordinator, once it is collecting round `round_number`."""
     coordinator = fed.agreed_coordinator(st)
-    cur = current_round(st.get(coordinator.index)) if coordinator else {}
-    if coordinator and cur.get("round_number") == round_number and cur.get("state") == "collecting" \
-            and cur.get("role") == "coordinator":
+    cur = current_round(st.get(coordinator.index)) if coordinator else None
+    if coordinator and cur and cur.round_number == round_number and cur.state is Phase.COLLECTING \
+            and cur.role is Role.COORDINATOR:
         return coordinator
     return None
 
@@ -47,9 +51,9 @@ def _training(fed: Federation, st: Status, round_number: int, exclude: set[int])
     """Live nodes (not in `exclude`) training round `round_number` right now, slowest first."""
     out = []
     for node in fed.nodes:
-        training = (st.get(node.index) or {}).get("training") or {}
-        if node.alive and node.index not in exclude and training.get("round_number") == round_number \
-                and training.get("state") == "training" and training.get("step", 0) >= 1:
+        tr = training(st.get(node.index))
+        if node.alive and node.index not in exclude and tr and tr.round_number == round_number \
+                and tr.state is TrainingState.TRAINING and tr.step >= 1:
             out.append(node)
     return sorted(out, key=lambda n: -_slowness(n))
 
@@ -62,15 +66,15 @@ async def coordinator_killed(opts: ChaosOptions, run_dir: Path) -> dict[str, Any
     try:
         await fed.start()
 
-        def mid_collection(st: Status) -> tuple[NodeProcess, dict[str, Any]] | None:
+        def mid_collection(st: Status) -> tuple[NodeProcess, CurrentRound] | None:
             coordinator = _collecting(fed, st, 1)
             if coordinator is None:
                 return None
             cur = current_round(st[coordinator.index])
-            return (coordinator, cur) if cur.get("submissions", 0) >= 1 else None
+            return (coordinator, cur) if cur and cur.submissions >= 1 else None
 
         victim, cur = await fed.wait_for(mid_collection, "the coordinator has accepted a submission of round 1")
-        old_term = fed.statuses[victim.index].get("term", 0)
+        old_term = fed.statuses[victim.index].term
         killed_at = fed.kill(victim)
         t0 = time.monotonic()
         survivors = [node for node in fed.nodes if node is not victim]
@@ -80,22 +84,22 @@ async def coordinator_killed(opts: ChaosOptions, run_dir: Path) -> dict[str, Any
         await fed.wait_for(completed(survivors, 1), "every survivor installed round 1")
         records = fed.published(survivors, 1)
         merged = one_merged_hash(records, "round 1")
-        recovery = max(r["finished_at"] for r in records.values()) - killed_at
+        recovery = max(r.finished_at for r in records.values()) - killed_at
         final = records[successor.index]
         check(successor is not victim, "the killed coordinator is still named coordinator")
-        check(final["final_coordinator_node_id"] == successor.node_id != victim.node_id,
+        check(final.final_coordinator_node_id == successor.node_id != victim.node_id,
               "the round was not finished by the new coordinator")
-        check(fed.statuses[successor.index].get("term", 0) > old_term, "the term did not grow")
-        check(len(final["accepted"]) >= n - 1, f"only {len(final['accepted'])} contributions, min {n - 1}")
+        check(fed.statuses[successor.index].term > old_term, "the term did not grow")
+        check(len(final.accepted) >= n - 1, f"only {len(final.accepted)} contributions, min {n - 1}")
         check(victim.node_id not in accepted_ids(final), "the dead coordinator's update was aggregated")
         check(recovery <= opts.recovery_bound_seconds,
               f"recovery took {recovery:.1f} s > bound {opts.recovery_bound_seconds:.0f} s")
-        return {"killed_node": victim.index, "submissions_at_kill": cur.get("submissions"),
-                "new_coordinator": successor.index, "continued": final["round_id"] == cur.get("round_id"),
-                "round_id_at_kill": cur.get("round_id"), "round_id_final": final["round_id"],
+        return {"killed_node": victim.index, "submissions_at_kill": cur.submissions,
+                "new_coordinator": successor.index, "continued": final.round_id == cur.round_id,
+                "round_id_at_kill": cur.round_id, "round_id_final": final.round_id,
                 "failover_seconds": round(failover, 2), "recovery_seconds": round(recovery, 2),
                 "recovery_bound_seconds": opts.recovery_bound_seconds,
-                "contributions": len(final["accepted"]), "merged_sha256": merged}
+                "contributions": len(final.accepted), "merged_sha256": merged}
     finally:
         fed.stop()
 
@@ -112,9 +116,8 @@ async def participant_killed(opts: ChaosOptions, run_dir: Path) -> dict[str, Any
 
         def announced(st: Status) -> NodeProcess | None:
             for node in fed.nodes:
-                training = (st.get(node.index) or {}).get("training") or {}
-                if node is not coordinator and training.get("round_number") == 1 \
-                        and training.get("state") == "submitted":
+                tr = training(st.get(node.index))
+                if node is not coordinator and tr and tr.round_number == 1 and tr.state is TrainingState.SUBMITTED:
                     return node
             return None
 
@@ -136,7 +139,7 @@ async def participant_killed(opts: ChaosOptions, run_dir: Path) -> dict[str, Any
         return {"coordinator": coordinator.index, "killed_after_announce": uploader.index,
                 "killed_mid_training": trainer.index, "announced_update_included": uploader.node_id in ids,
                 "contributions": len(ids), "min_participants": min_participants,
-                "kill_to_published_seconds": round(max(r["finished_at"] for r in records.values()) - killed_at, 2),
+                "kill_to_published_seconds": round(max(r.finished_at for r in records.values()) - killed_at, 2),
                 "merged_sha256": merged}
     finally:
         fed.stop()
@@ -163,11 +166,11 @@ async def node_restarted(opts: ChaosOptions, run_dir: Path) -> dict[str, Any]:
         for number in (1, 2):
             records = fed.published(fed.nodes, number)
             out[f"round_{number}_merged_sha256"] = one_merged_hash(records, f"round {number}")
-            final = next((r for r in records.values() if r["final_coordinator_node_id"] == r["recorded_by"]), None)
+            final = next((r for r in records.values() if r.final_coordinator_node_id == r.recorded_by), None)
             check(final is not None, f"round {number}: no record from the node that finished it")
             assert final is not None
             out[f"round_{number}_restarted_node_contributed"] = victim.node_id in accepted_ids(final)
-            check(len(final["accepted"]) >= n - 1, f"round {number}: {len(final['accepted'])} contributions")
+            check(len(final.accepted) >= n - 1, f"round {number}: {len(final.accepted)} contributions")
         return out
     finally:
         fed.stop()
@@ -193,22 +196,23 @@ async def straggler(opts: ChaosOptions, run_dir: Path) -> dict[str, Any]:
         await fed.start([laggard])
         await fed.wait_for(completed(others, 1), "every other node installed round 1",
                            timeout=opts.scenario_timeout_seconds + deadline)
-        training = (fed.statuses.get(slow) or {}).get("training") or {}
+        late = training(fed.statuses.get(slow))
         records = fed.published(others, 1)
         merged = one_merged_hash(records, "round 1")
         final = records[coordinator.index]
-        wall = final["finished_at"] - final["manifest"]["created_at"]
+        wall = final.finished_at - final.created_at
         ids = accepted_ids(final)
         check(laggard.node_id not in ids, "the straggler's update was aggregated")
         check(ids == {o.node_id for o in others}, "an on-time participant's update is missing")
         check(deadline - 0.5 <= wall <= deadline + opts.straggler_slack_seconds,
               f"round took {wall:.1f} s; deadline {deadline:.0f} s (+{opts.straggler_slack_seconds:.0f} s slack)")
-        check(training.get("state") == "training",
-              f"the straggler was not still training when the round was published: {training}")
+        check(late is not None and late.state is TrainingState.TRAINING,
+              f"the straggler was not still training when the round was published: {late}")
+        assert late is not None
         return {"coordinator": coordinator.index, "straggler": slow, "deadline_seconds": deadline,
                 "round_wall_seconds": round(wall, 2), "straggler_training_seconds": round(step * factor *
                                                                                           opts.local_steps, 1),
-                "straggler_step_at_publish": f"{training.get('step')}/{training.get('steps')}",
+                "straggler_step_at_publish": f"{late.step}/{late.steps}",
                 "contributions": len(ids), "merged_sha256": merged}
     finally:
         if laggard.alive:
@@ -263,11 +267,11 @@ async def _uninterrupted(fed: Federation) -> tuple[str, set[str]]:
 async def _kill_and_restart_aggregating(fed: Federation) -> tuple[dict[str, Any], str, set[str]]:
     await fed.start()
 
-    def aggregating(st: Status) -> tuple[NodeProcess, dict[str, Any]] | None:
+    def aggregating(st: Status) -> tuple[NodeProcess, CurrentRound] | None:
         coordinator = fed.agreed_coordinator(st)
-        cur = current_round(st.get(coordinator.index)) if coordinator else {}
-        if coordinator and cur.get("round_number") == 1 and cur.get("state") == "aggregating" \
-                and cur.get("role") == "coordinator":
+        cur = current_round(st.get(coordinator.index)) if coordinator else None
+        if coordinator and cur and cur.round_number == 1 and cur.state is Phase.AGGREGATING \
+                and cur.role is Role.COORDINATOR:
             return coordinator, cur
         return None
 
@@ -282,11 +286,10 @@ async def _kill_and_restart_aggregating(fed: Federation) -> tuple[dict[str, Any]
     merged = one_merged_hash(records, "round 1")
     final = records[victim.index]
     ids = accepted_ids(final)
-    check(len(ids) == cur.get("submissions"),
-          f"{cur.get('submissions')} submissions accepted at the kill, {len(ids)} aggregated")
-    out = {"coordinator": victim.index, "submissions_at_kill": cur.get("submissions"),
-           "failover": final["final_coordinator_node_id"] != victim.node_id, "restart_seconds": round(back, 2),
-           "kill_to_published_seconds": round(max(r["finished_at"] for r in records.values()) - killed_at, 2)}
+    check(len(ids) == cur.submissions, f"{cur.submissions} submissions accepted at the kill, {len(ids)} aggregated")
+    out = {"coordinator": victim.index, "submissions_at_kill": cur.submissions,
+           "failover": final.final_coordinator_node_id != victim.node_id, "restart_seconds": round(back, 2),
+           "kill_to_published_seconds": round(max(r.finished_at for r in records.values()) - killed_at, 2)}
     return out, merged, ids
 
 

@@ -19,8 +19,11 @@ import trio
 from fednode.errors import FednodeError
 from fednode.harness.cluster import LocalCluster, NodeProcess
 from fednode.harness.run import poll
+from fednode.node.records import read_records
+from fednode.node.reports import CurrentRound, NodeStatus, RecordState, RoundRecord, TrainingProgress
 
 T = TypeVar("T")
+Statuses = dict[int, NodeStatus]  # node index -> its latest answer
 
 DEFAULT_CHAOS_NODES = 5
 DEFAULT_POLL_SECONDS = 0.2
@@ -100,7 +103,7 @@ class Federation:
     def __init__(self, cluster: LocalCluster, opts: ChaosOptions) -> None:
         self.cluster = cluster
         self.opts = opts
-        self.statuses: dict[int, dict[str, Any]] = {}
+        self.statuses: Statuses = {}
 
     @classmethod
     def create(cls, run_dir: Path, opts: ChaosOptions, *, rounds: int, min_participants: int,
@@ -138,11 +141,11 @@ class Federation:
     def stop(self) -> None:
         self.cluster.stop()
 
-    async def refresh(self) -> dict[int, dict[str, Any]]:
+    async def refresh(self) -> Statuses:
         self.statuses = await poll(self.cluster)
         return self.statuses
 
-    async def wait_for(self, predicate: Callable[[dict[int, dict[str, Any]]], T | None], what: str, *,
+    async def wait_for(self, predicate: Callable[[Statuses], T | None], what: str, *,
                        timeout: float | None = None) -> T:
         """Poll every node's status until `predicate` returns something (not None/False)."""
         limit = self.opts.scenario_timeout_seconds if timeout is None else timeout
@@ -168,45 +171,49 @@ class Federation:
         """Every scenario keeps >= min_participants alive: a failed round is a broken promise (and
         with max_rounds reached nothing would happen any more; fail now, not at the timeout)."""
         for node in self.nodes:
-            if (self.statuses.get(node.index) or {}).get("rounds_failed", 0):
-                failed = [r for r in _all_records(node) if r.get("state") == "failed"]
+            status = self.statuses.get(node.index)
+            if status is not None and status.progress.rounds_failed:
+                failed = [r for r in read_records(node.folder) if r.state is RecordState.FAILED]
                 raise ScenarioFailed(f"node-{node.index} saw a round fail: " + "; ".join(
-                    f"round {r['round_number']}: {r.get('reason')}; rejected "
-                    f"{[(x['node_id'][-8:], x['detail'][:160]) for x in r.get('rejected', [])]}" for r in failed))
+                    f"round {r.round_number}: {r.failure_reason}; rejected "
+                    f"{[(x.node_id[-8:], x.detail[:160]) for x in r.rejected]}" for r in failed))
 
     def summary(self) -> dict[int, dict[str, Any]]:
         out = {}
         for i, s in self.statuses.items():
-            cur = s.get("current_round") or {}
-            out[i] = {"coordinator": str(s.get("coordinator", ""))[-8:], "term": s.get("term"),
-                      "round": cur.get("round_number"), "state": cur.get("state"), "role": cur.get("role"),
-                      "submissions": cur.get("submissions"), "completed": s.get("rounds_completed"),
-                      "training": (s.get("training") or {}).get("state")}
+            cur, training = s.progress.current_round, s.progress.training
+            out[i] = {"coordinator": s.coordinator[-8:], "term": s.term,
+                      "round": cur.round_number if cur else None, "state": cur.state.value if cur else None,
+                      "role": cur.role.value if cur else None, "submissions": cur.submissions if cur else None,
+                      "completed": s.progress.rounds_completed,
+                      "training": training.state.value if training else None}
         return out
 
-    def agreed_coordinator(self, statuses: dict[int, dict[str, Any]],
+    def agreed_coordinator(self, statuses: Statuses,
                            among: list[NodeProcess] | None = None) -> NodeProcess | None:
         """The node every live node of `among` (default all) names as coordinator, if it is one of ours,
         alive, and names itself too."""
         group = [n for n in (among or self.nodes) if n.alive]
-        named = {statuses.get(n.index, {}).get("coordinator") for n in group}
-        if len(named) != 1 or any(n.index not in statuses for n in group):
+        if any(n.index not in statuses for n in group):
+            return None
+        named = {statuses[n.index].coordinator for n in group}
+        if len(named) != 1:
             return None
         coordinator_id = named.pop()
         for node in self.nodes:
-            if node.node_id == coordinator_id and node.alive and \
-                    statuses.get(node.index, {}).get("coordinator") == coordinator_id:
+            own = statuses.get(node.index)
+            if node.node_id == coordinator_id and node.alive and own is not None and own.coordinator == coordinator_id:
                 return node
         return None
 
     def node_by_id(self, node_id: str) -> NodeProcess | None:
         return next((n for n in self.nodes if n.node_id == node_id), None)
 
-    def records(self, node: NodeProcess) -> dict[int, dict[str, Any]]:
+    def records(self, node: NodeProcess) -> dict[int, RoundRecord]:
         """Published round records of `node`, by round number."""
-        return {int(r["round_number"]): r for r in _all_records(node) if r.get("state") == "published"}
+        return {r.round_number: r for r in read_records(node.folder) if r.published}
 
-    def published(self, nodes: list[NodeProcess], round_number: int) -> dict[int, dict[str, Any]]:
+    def published(self, nodes: list[NodeProcess], round_number: int) -> dict[int, RoundRecord]:
         """round `round_number`'s record from each of `nodes`; ScenarioFailed if one lacks it."""
         out = {}
         for node in nodes:
@@ -217,31 +224,30 @@ class Federation:
         return out
 
 
-def _all_records(node: NodeProcess) -> list[dict[str, Any]]:
-    folder = node.folder / "rounds"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("round-*.json"))] if folder.exists() else []
-
-
-def completed(nodes: list[NodeProcess], rounds: int) -> Callable[[dict[int, dict[str, Any]]], bool]:
-    def predicate(statuses: dict[int, dict[str, Any]]) -> bool:
-        return all(statuses.get(n.index, {}).get("rounds_completed", 0) >= rounds for n in nodes)
+def completed(nodes: list[NodeProcess], rounds: int) -> Callable[[Statuses], bool]:
+    def predicate(statuses: Statuses) -> bool:
+        return all((s := statuses.get(n.index)) is not None and s.progress.rounds_completed >= rounds for n in nodes)
 
     return predicate
 
 
-def current_round(status: dict[str, Any] | None) -> dict[str, Any]:
-    return (status or {}).get("current_round") or {}
+def current_round(status: NodeStatus | None) -> CurrentRound | None:
+    return status.progress.current_round if status is not None else None
 
 
-def one_merged_hash(records: dict[int, dict[str, Any]], what: str) -> str:
-    hashes = {r["merged_sha256"] for r in records.values()}
+def training(status: NodeStatus | None) -> TrainingProgress | None:
+    return status.progress.training if status is not None else None
+
+
+def one_merged_hash(records: dict[int, RoundRecord], what: str) -> str:
+    hashes = {r.merged_sha256 for r in records.values()}
     check(len(hashes) == 1, f"{what}: nodes disagree on the merged adapter: "
-                            f"{ {i: r['merged_sha256'][:12] for i, r in records.items()} }")
+                            f"{ {i: r.merged_sha256[:12] for i, r in records.items()} }")
     return hashes.pop()
 
 
-def accepted_ids(record: dict[str, Any]) -> set[str]:
-    return {a["node_id"] for a in record["accepted"]}
+def accepted_ids(record: RoundRecord) -> set[str]:
+    return record.accepted_ids()
 
 
 def log_tail(node: NodeProcess) -> str:

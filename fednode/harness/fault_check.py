@@ -24,7 +24,9 @@ import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from fednode.node.records import read_record
+from fednode.node.reports import RoundRecord
 
 INSTALLED_RE = re.compile(r"round (r(\d+)-t\d+) installed: merged ([0-9a-f]{16})")
 GUARD_RE = re.compile(r"fednode\.rounds: (_\w+) failed: (.*)")
@@ -60,11 +62,18 @@ class Violation:
         return {"kind": self.kind, "key": self.key, "detail": self.detail[:MAX_DETAIL_CHARS]}
 
 
+@dataclass(frozen=True)
+class PublishedRow:
+    round_number: int
+    merged_sha256: str
+    record: RoundRecord | None
+
+
 @dataclass
 class NodeEvidence:
     node: NodeFiles
-    records: dict[int, dict[str, Any]] = field(default_factory=dict)  # round number -> record json
-    db_published: dict[str, dict[str, Any]] = field(default_factory=dict)  # round id -> row
+    records: dict[int, RoundRecord] = field(default_factory=dict)  # round number -> published record
+    db_published: dict[str, PublishedRow] = field(default_factory=dict)  # round id -> row
     db_accepted: dict[str, dict[str, str]] = field(default_factory=dict)  # round id -> node id -> delta sha
     installs: list[tuple[str, int, str]] = field(default_factory=list)  # (round id, number, sha prefix)
     notes: list[str] = field(default_factory=list)
@@ -74,12 +83,12 @@ def _read_records(node: NodeFiles, ev: NodeEvidence) -> None:
     folder = node.data_dir / "rounds"
     for path in sorted(folder.glob("round-*.json")) if folder.exists() else []:
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+            record = read_record(path)
+        except (OSError, ValueError) as exc:  # ReportError is a ValueError: it names the field
             ev.notes.append(f"{path}: unreadable ({exc})")
             continue
-        if record.get("state") == "published":
-            ev.records[int(record["round_number"])] = record
+        if record.published:
+            ev.records[record.round_number] = record
 
 
 def _read_db(node: NodeFiles, ev: NodeEvidence) -> None:
@@ -90,8 +99,8 @@ def _read_db(node: NodeFiles, ev: NodeEvidence) -> None:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as conn:
             for round_id, number, sha, record in conn.execute(
                     "SELECT round_id, round_number, merged_sha256, record FROM rounds WHERE state = 'published'"):
-                ev.db_published[str(round_id)] = {"round_number": int(number), "merged_sha256": str(sha),
-                                                  "record": json.loads(record) if record else None}
+                ev.db_published[str(round_id)] = PublishedRow(
+                    int(number), str(sha), RoundRecord.from_json(json.loads(record)) if record else None)
             for round_id, node_id, sha in conn.execute(
                     "SELECT round_id, node_id, delta_sha256 FROM submissions WHERE status = 'accepted'"):
                 ev.db_accepted.setdefault(str(round_id), {})[str(node_id)] = str(sha)
@@ -130,9 +139,9 @@ def check_rounds(evidence: list[NodeEvidence]) -> list[Violation]:
     for ev in evidence:
         name = f"node-{ev.node.index}"
         for number, record in ev.records.items():
-            saw(number, record.get("merged_sha256", ""), f"{name} {record.get('round_id')} (record)")
+            saw(number, record.merged_sha256, f"{name} {record.round_id} (record)")
         for round_id, row in ev.db_published.items():
-            saw(row["round_number"], row["merged_sha256"], f"{name} {round_id} (state.sqlite)")
+            saw(row.round_number, row.merged_sha256, f"{name} {round_id} (state.sqlite)")
         for round_id, number, sha in ev.installs:
             saw(number, sha, f"{name} {round_id} (log: installed)")
     for number in sorted(merged):
@@ -142,30 +151,30 @@ def check_rounds(evidence: list[NodeEvidence]) -> list[Violation]:
                                  f"round {number} has {len(merged[number])} merged adapters: {where}"))
 
     by_id = {ev.node.node_id: ev for ev in evidence}
-    records_by_round_id: dict[str, dict[int, dict[str, Any]]] = {}
+    records_by_round_id: dict[str, dict[int, RoundRecord]] = {}
     for ev in evidence:
-        for record in [*ev.records.values(), *(r["record"] for r in ev.db_published.values() if r["record"])]:
-            records_by_round_id.setdefault(str(record["round_id"]), {}).setdefault(ev.node.index, record)
+        for record in [*ev.records.values(), *(r.record for r in ev.db_published.values() if r.record)]:
+            records_by_round_id.setdefault(record.round_id, {}).setdefault(ev.node.index, record)
     for round_id, records in sorted(records_by_round_id.items()):
         views = {}
         for index, record in records.items():
-            ids = [a["node_id"] for a in record.get("accepted", [])]
+            ids = [a.node_id for a in record.accepted]
             if len(ids) != len(set(ids)):
                 twice = sorted({i[-8:] for i in ids if ids.count(i) > 1})
                 out.append(Violation("counted_twice", f"{round_id} node-{index}",
                                      f"{round_id}: node-{index}'s record lists {twice} more than once"))
-            views[index] = sorted((a["node_id"], a.get("blob_sha256", "")) for a in record.get("accepted", []))
+            views[index] = sorted((a.node_id, a.blob_sha256) for a in record.accepted)
         if len({json.dumps(v) for v in views.values()}) > 1:
             shown = {f"node-{i}": [n[-8:] for n, _ in v] for i, v in sorted(views.items())}
             out.append(Violation("accepted_differs", round_id,
                                  f"{round_id}: the nodes' records list different contributions: {shown}"))
         record = next(iter(records.values()))
-        final = by_id.get(str(record.get("final_coordinator_node_id", "")))
+        final = by_id.get(record.final_coordinator_node_id)
         if final is None:
             continue
         final_record = records.get(final.node.index, record)
-        listed = {a["node_id"]: a.get("blob_sha256", "") for a in final_record.get("accepted", [])}
-        rejected = {r["node_id"] for r in final_record.get("rejected", [])}
+        listed = {a.node_id: a.blob_sha256 for a in final_record.accepted}
+        rejected = {r.node_id for r in final_record.rejected}
         for node_id, sha in sorted(final.db_accepted.get(round_id, {}).items()):
             if node_id not in listed and node_id not in rejected:
                 out.append(Violation("lost", f"{round_id} {node_id}",

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from fednode.consensus.round_state import Phase
 from fednode.harness import fault_check
 from fednode.harness.cluster import LocalCluster, NodeProcess
 from fednode.harness.fault_plan import (
@@ -42,9 +43,11 @@ from fednode.harness.fault_plan import (
 )
 from fednode.harness.fault_plan import Sequence as FaultSequence
 from fednode.harness.run import poll
+from fednode.node.records import read_records
+from fednode.node.reports import CurrentRound, LastMerged, NodeStatus, TrainingState
 
 T = TypeVar("T")
-Status = dict[int, dict[str, Any]]
+Status = dict[int, NodeStatus]
 
 DEFAULT_SEQUENCES = 31  # the fixed r36 case + 30 random ones
 DEFAULT_TIME_BOUND_SECONDS = 720.0  # then the sequences not started yet FAIL as not run (never a hang)
@@ -200,7 +203,7 @@ class FaultCluster:
         # Every daemon answers and a first round is installed (there is a latest merged blob to hit). A
         # node that started late catches up meanwhile; later sequences check that it does.
         await self.wait_for(lambda st: len(st) == len(nodes) and sum(
-            (s.get("rounds_completed") or 0) >= 1 for s in st.values()) >= MIN_ANSWERING,
+            s.progress.rounds_completed >= 1 for s in st.values()) >= MIN_ANSWERING,
             "every node answers and a first round is installed", self.opts.start_timeout_seconds)
 
     async def stop(self) -> None:
@@ -274,19 +277,20 @@ class FaultCluster:
             if s is None:
                 out[f"node-{node.index}"] = "up, not answering" if node.alive else "down"
                 continue
-            cur = s.get("current_round") or {}
-            out[f"node-{node.index}"] = {"coordinator": str(s.get("coordinator", ""))[-6:], "term": s.get("term"),
-                                         "round": cur.get("round_number"), "state": cur.get("state"),
-                                         "installed": (s.get("last_merged") or {}).get("round_number"),
-                                         "failed": s.get("rounds_failed")}
+            cur, last = s.progress.current_round, s.progress.last_merged
+            out[f"node-{node.index}"] = {"coordinator": s.coordinator[-6:], "term": s.term,
+                                         "round": cur.round_number if cur else None,
+                                         "state": cur.state.value if cur else None,
+                                         "installed": last.round_number if last else None,
+                                         "failed": s.progress.rounds_failed}
         return out
 
     # -- targets -------------------------------------------------------------------------------
     def coordinator(self, st: Status) -> NodeProcess | None:
         """The live node that names itself coordinator (the highest term if several do)."""
         mine = [n for n in self.cluster.nodes if n.alive and n.index in st
-                and st[n.index].get("coordinator") == n.node_id]
-        return max(mine, key=lambda n: st[n.index].get("term", 0)) if mine else None
+                and st[n.index].coordinator == n.node_id]
+        return max(mine, key=lambda n: st[n.index].term) if mine else None
 
     def resolve(self, target: str) -> NodeProcess | None:
         st = self.statuses
@@ -308,14 +312,15 @@ class FaultCluster:
 
         def moment(st: Status) -> bool:
             c = self.coordinator(st)
-            cur = (st.get(c.index) or {}).get("current_round") or {} if c else {}
+            cur = st[c.index].progress.current_round if c and c.index in st else None
             if action.trigger == "collecting":
-                return cur.get("state") == "collecting"
+                return cur is not None and cur.state is Phase.COLLECTING
             if action.trigger == "submitted":
-                return cur.get("state") == "collecting" and cur.get("submissions", 0) >= 1
+                return cur is not None and cur.state is Phase.COLLECTING and cur.submissions >= 1
             if action.trigger == "aggregating":
-                return cur.get("state") == "aggregating"
-            return any(((s or {}).get("training") or {}).get("state") == "training" for s in st.values())
+                return cur is not None and cur.state is Phase.AGGREGATING
+            return any((tr := s.progress.training) is not None and tr.state is TrainingState.TRAINING
+                       for s in st.values())
 
         try:
             await self.wait_for(moment, f"moment {action.trigger}", self.opts.trigger_timeout_seconds)
@@ -357,13 +362,12 @@ class FaultCluster:
         """(the blob file to hit, its round number when it is the latest merged adapter, else 0)."""
         data = node.data_dir
         if which == LATEST_MERGED:
-            records = [json.loads(p.read_text()) for p in (data / "rounds").glob("round-*.json")]
-            published = [r for r in records if r.get("state") == "published" and r.get("merged_sha256")]
+            published = [r for r in read_records(data) if r.published and r.merged_sha256]
             if published:
-                latest = max(published, key=lambda r: int(r["round_number"]))
-                path = data / "blobs" / str(latest["merged_sha256"])
+                latest = max(published, key=lambda r: r.round_number)
+                path = data / "blobs" / latest.merged_sha256
                 if path.exists():
-                    return path, int(latest["round_number"])
+                    return path, latest.round_number
         blobs = sorted(p for p in (data / "blobs").iterdir() if len(p.name) == SHA_HEX_LEN and p.is_file()) \
             if (data / "blobs").exists() else []
         return (self.rng.choice(blobs), 0) if blobs else (None, 0)
@@ -475,7 +479,7 @@ class FaultCluster:
             if any(n.index not in st or not n.alive for n in self.cluster.nodes):
                 return False
             for n in self.cluster.nodes:
-                live = {m["node_id"] for m in st[n.index].get("members", []) if m.get("alive")}
+                live = {m.node_id for m in st[n.index].alive_members()}
                 if n.index not in self.written_off and not (ids - {n.node_id}) <= live:
                     return False
             return True
@@ -485,12 +489,12 @@ class FaultCluster:
                                 self.opts.recovery_timeout_seconds)
         st = await self.wait_for(lambda st: st if len(st) >= MIN_ANSWERING else None,
                                  f"at least {MIN_ANSWERING} nodes answer", self.opts.recovery_timeout_seconds)
-        top = max(max(((s.get("current_round") or {}).get("round_number") or 0,
-                       (s.get("last_merged") or {}).get("round_number") or 0) for s in st.values()), default=0)
+        top = max(max(_round_number(s.progress.current_round), _round_number(s.progress.last_merged))
+                  for s in st.values()) if st else 0
         must = [n for n in self.cluster.nodes if (full or n.index in st) and n.index not in self.written_off]
 
         def behind(st: Status) -> list[NodeProcess]:
-            return [n for n in must if ((st.get(n.index) or {}).get("last_merged") or {}).get("round_number", 0) <= top]
+            return [n for n in must if _round_number(_last_merged(st.get(n.index))) <= top]
 
         def progressed(st: Status) -> bool:
             self.restart_all()
@@ -554,3 +558,11 @@ class SequenceStopped(Exception):
     def __init__(self, result: SequenceResult) -> None:
         super().__init__(result.name)
         self.result = result
+
+
+def _round_number(what: CurrentRound | LastMerged | None) -> int:
+    return what.round_number if what is not None else 0
+
+
+def _last_merged(status: NodeStatus | None) -> LastMerged | None:
+    return status.progress.last_merged if status is not None else None

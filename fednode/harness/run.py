@@ -19,10 +19,13 @@ from typing import Any
 
 import trio
 
+from fednode.consensus.round_state import Phase, Role
 from fednode.errors import FednodeError
 from fednode.harness.cluster import LocalCluster, NodeProcess, load_template
 from fednode.harness.view import LiveView
-from fednode.node.control import ControlError, query_control
+from fednode.node.control import ControlError, query_status
+from fednode.node.records import read_records, record_path
+from fednode.node.reports import NodeStatus
 
 logger = logging.getLogger("fednode.harness")
 
@@ -53,7 +56,7 @@ class HarnessResult:
     run_dir: Path
     completed: bool
     rounds: list[dict[str, Any]]
-    statuses: dict[int, dict[str, Any]]
+    statuses: dict[int, NodeStatus]
     killed: list[dict[str, Any]]
     exit_codes: dict[int, int | None]
     wall_seconds: float
@@ -100,7 +103,7 @@ async def run_harness(opts: HarnessOptions) -> HarnessResult:
     cluster.start(cluster.nodes[2:])
     view = LiveView(cluster, opts.rounds, enabled=opts.live)
     killed: list[dict[str, Any]] = []
-    statuses: dict[int, dict[str, Any]] = {}
+    statuses: dict[int, NodeStatus] = {}
     problems: list[str] = []
     completed = False
     try:
@@ -134,15 +137,17 @@ async def run_harness(opts: HarnessOptions) -> HarnessResult:
     return result
 
 
-async def poll(cluster: LocalCluster, timeout: float = 2.0) -> dict[int, dict[str, Any]]:
-    out: dict[int, dict[str, Any]] = {}
+async def poll(cluster: LocalCluster, timeout: float = 2.0) -> dict[int, NodeStatus]:
+    """Each live node's status. A node that does not answer is left out (asked again next time);
+    one that answers with a status that does not fit NodeStatus raises ReportError, naming the field."""
+    out: dict[int, NodeStatus] = {}
 
     async def one(node: NodeProcess) -> None:
         if not node.alive:
             return
         # not up yet, busy, or dying (the connection reset): the next poll asks again
         with contextlib.suppress(ControlError, trio.BrokenResourceError, OSError):
-            out[node.index] = await query_control(node.control_socket, timeout=timeout)
+            out[node.index] = await query_status(node.control_socket, timeout=timeout)
 
     async with trio.open_nursery() as nursery:
         for node in cluster.nodes:
@@ -150,7 +155,7 @@ async def poll(cluster: LocalCluster, timeout: float = 2.0) -> dict[int, dict[st
     return out
 
 
-def maybe_kill(cluster: LocalCluster, statuses: dict[int, dict[str, Any]], opts: HarnessOptions,
+def maybe_kill(cluster: LocalCluster, statuses: dict[int, NodeStatus], opts: HarnessOptions,
                killed: list[dict[str, Any]], elapsed: float) -> None:
     """SIGKILL the coordinator once, mid-collection of round `kill_coordinator_at`, after at least one
     submission arrived (so there is accepted work a successor must not lose)."""
@@ -158,55 +163,52 @@ def maybe_kill(cluster: LocalCluster, statuses: dict[int, dict[str, Any]], opts:
         return
     for node in cluster.nodes:
         s = statuses.get(node.index)
-        cur = (s or {}).get("current_round") or {}
-        if (s and node.alive and s.get("coordinator") == node.node_id and cur.get("role") == "coordinator"
-                and cur.get("round_number") == opts.kill_coordinator_at and cur.get("state") == "collecting"
-                and cur.get("submissions", 0) >= 1):
+        cur = s.progress.current_round if s else None
+        if (s and cur and node.alive and s.coordinator == node.node_id and cur.role is Role.COORDINATOR
+                and cur.round_number == opts.kill_coordinator_at and cur.state is Phase.COLLECTING
+                and cur.submissions >= 1):
             cluster.kill(node)
-            killed.append({"node": node.index, "node_id": node.node_id, "round_number": cur["round_number"],
-                           "submissions_at_kill": cur.get("submissions"), "at_seconds": round(elapsed, 2)})
-            logger.warning("harness: SIGKILLed coordinator node-%d in round %d", node.index, cur["round_number"])
+            killed.append({"node": node.index, "node_id": node.node_id, "round_number": cur.round_number,
+                           "submissions_at_kill": cur.submissions, "at_seconds": round(elapsed, 2)})
+            logger.warning("harness: SIGKILLed coordinator node-%d in round %d", node.index, cur.round_number)
             return
 
 
-def all_done(cluster: LocalCluster, statuses: dict[int, dict[str, Any]], rounds: int) -> bool:
+def all_done(cluster: LocalCluster, statuses: dict[int, NodeStatus], rounds: int) -> bool:
     live_fl = [n for n in cluster.nodes if n.federated_learning and n.alive]
     if not live_fl:
         return False
     # Done when every live node installed `rounds` rounds and has scored them (records complete).
-    return all(statuses.get(n.index, {}).get("rounds_completed", 0) >= rounds
-               and statuses.get(n.index, {}).get("pending_evaluations", 0) == 0 for n in live_fl)
+    return all((s := statuses.get(n.index)) is not None and s.progress.rounds_completed >= rounds
+               and s.progress.pending_evaluations == 0 for n in live_fl)
 
 
 def collect_rounds(cluster: LocalCluster, rounds: int) -> list[dict[str, Any]]:
     """One entry per published round, from every federated node's records."""
     by_number: dict[int, dict[str, Any]] = {}
     for node in cluster.nodes:
-        folder = node.folder / "rounds"
-        for path in sorted(folder.glob("round-*.json")) if folder.exists() else []:
-            record = json.loads(path.read_text())
-            if record.get("state") != "published":
+        for record in read_records(node.folder):
+            if not record.published:
                 continue
-            entry = by_number.setdefault(record["round_number"], {
-                "round_number": record["round_number"], "round_id": record["round_id"],
-                "aggregation": record["aggregation"], "merged_sha256_by_node": {}, "participants": [],
+            entry = by_number.setdefault(record.round_number, {
+                "round_number": record.round_number, "round_id": record.round_id,
+                "aggregation": record.aggregation, "merged_sha256_by_node": {}, "participants": [],
                 "merged_metrics": {}, "local_metrics": {}, "records": {}, "wall_seconds": None,
-                "coordinator": record["final_coordinator_node_id"], "bytes_moved": 0,
+                "coordinator": record.final_coordinator_node_id, "bytes_moved": 0,
             })
-            entry["merged_sha256_by_node"].setdefault(record["merged_sha256"], []).append(node.index)
-            entry["records"][node.index] = str(path)
-            merged = record.get("metrics", {}).get("merged") or {}
+            entry["merged_sha256_by_node"].setdefault(record.merged_sha256, []).append(node.index)
+            entry["records"][node.index] = str(record_path(node.folder, record.round_number))
+            merged = record.metrics.get("merged")  # absent until the coordinator scored it
             if merged:
                 entry["merged_metrics"][node.index] = merged
-            local = record.get("metrics", {}).get("local") or {}
+            local = record.metrics.get("local")
             if local:
                 entry["local_metrics"][node.index] = local
-            if node.node_id == record["final_coordinator_node_id"] or not entry["participants"]:
-                entry["participants"] = [a["node_id"] for a in record["accepted"]]
-                entry["merged_size"] = record["merged_size"]
-                entry["delta_bytes"] = sum(_blob_size(node, a["blob_sha256"]) for a in record["accepted"])
-                created = record["manifest"]["created_at"]
-                entry["wall_seconds"] = round(record["finished_at"] - created, 2)
+            if node.node_id == record.final_coordinator_node_id or not entry["participants"]:
+                entry["participants"] = [a.node_id for a in record.accepted]
+                entry["merged_size"] = record.merged_size
+                entry["delta_bytes"] = sum(_blob_size(node, a.blob_sha256) for a in record.accepted)
+                entry["wall_seconds"] = round(record.finished_at - record.created_at, 2)
     out = []
     for number in sorted(by_number):
         e = by_number[number]
@@ -232,5 +234,5 @@ def result_json(result: HarnessResult, cluster: LocalCluster) -> dict[str, Any]:
         "nodes": [{"index": n.index, "node_id": n.node_id, "federated_learning": n.federated_learning,
                    "folder": str(n.folder), "port": n.port} for n in cluster.nodes],
         "rounds": result.rounds,
-        "final_status": {str(k): v for k, v in result.statuses.items()},
+        "final_status": {str(k): v.to_json() for k, v in result.statuses.items()},
     }

@@ -9,11 +9,13 @@ from __future__ import annotations
 import sys
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from fednode.node.reports import NodeStatus, TrainingState
 
 if TYPE_CHECKING:
     from fednode.harness.cluster import LocalCluster
@@ -45,7 +47,7 @@ class LiveView:
         if self._live is not None:
             self._live.__exit__(et, e, tb)
 
-    def update(self, statuses: dict[int, dict[str, Any]], elapsed: float) -> None:
+    def update(self, statuses: dict[int, NodeStatus], elapsed: float) -> None:
         if not self.enabled:
             return
         if self._live is not None:
@@ -56,7 +58,7 @@ class LiveView:
             self._last_plain = now
             self.console.print(self._line(statuses, elapsed), highlight=False)
 
-    def _line(self, statuses: dict[int, dict[str, Any]], elapsed: float) -> str:
+    def _line(self, statuses: dict[int, NodeStatus], elapsed: float) -> str:
         parts = [f"[{elapsed:6.1f}s]"]
         for node in self.cluster.nodes:
             s = statuses.get(node.index)
@@ -64,19 +66,18 @@ class LiveView:
                 parts.append(f"n{node.index}:KILLED")
             elif s is None:
                 parts.append(f"n{node.index}:starting")
-            elif not s.get("federated_learning"):
+            elif not s.federated_learning:
                 parts.append(f"n{node.index}:member-only")
             else:
-                cur = s.get("current_round") or {}
-                tr = s.get("training") or {}
-                step = f" step {tr.get('step')}/{tr.get('steps')}" if tr.get("state") == "training" else ""
-                parts.append(f"n{node.index}:r{cur.get('round_number', '-')} {cur.get('state', 'waiting')} "
-                             f"sub={cur.get('submissions', 0)} done={s.get('rounds_completed', 0)}/{self.rounds}{step}")
+                cur, tr = s.progress.current_round, s.progress.training
+                step = f" step {tr.step}/{tr.steps}" if tr and tr.state is TrainingState.TRAINING else ""
+                parts.append(f"n{node.index}:r{cur.round_number if cur else '-'} "
+                             f"{cur.state.value if cur else 'waiting'} sub={cur.submissions if cur else 0} "
+                             f"done={s.progress.rounds_completed}/{self.rounds}{step}")
         return " | ".join(parts)
 
-    def _table(self, statuses: dict[int, dict[str, Any]], elapsed: float) -> Table:
-        joined = max((sum(1 for m in s.get("members", []) if m.get("alive")) + 1 for s in statuses.values()),
-                     default=0)
+    def _table(self, statuses: dict[int, NodeStatus], elapsed: float) -> Table:
+        joined = max((len(s.alive_members()) + 1 for s in statuses.values()), default=0)
         table = Table(title=f"fednode local federation — {elapsed:5.0f} s — {joined}/{len(self.cluster.nodes)} "
                             f"nodes joined — target {self.rounds} rounds", title_justify="left")
         for col in ("node", "id", "role", "round", "state", "submissions", "training", "transfer", "done"):
@@ -89,21 +90,20 @@ class LiveView:
             if s is None:
                 table.add_row(f"node-{node.index}", _short(node.node_id), "starting…", "", "", "", "", "", "")
                 continue
-            if not s.get("federated_learning"):
+            if not s.federated_learning:
                 table.add_row(f"node-{node.index}", _short(node.node_id), "member (FL off)", "-", "-", "-", "-", "-",
                               "-")
                 continue
-            cur = s.get("current_round") or {}
-            role = "coordinator" if s.get("coordinator") == node.node_id else "participant"
-            tr = s.get("training") or {}
+            cur = s.progress.current_round
+            role = "coordinator" if s.coordinator == node.node_id else "participant"
+            tr = s.progress.training
             training = ""
             if tr:
-                loss = tr.get("loss")
-                loss_text = f" loss {loss:.3f}" if isinstance(loss, int | float) else ""
-                training = f"{tr.get('state')} {tr.get('step')}/{tr.get('steps')}{loss_text}"
-            xfer = s.get("transfer") or {}
-            transfer = f"{xfer.get('done', 0) / 1e6:.2f}/{xfer.get('size', 0) / 1e6:.2f} MB" if xfer else ""
-            table.add_row(f"node-{node.index}", _short(node.node_id), role, str(cur.get("round_number", "-")),
-                          str(cur.get("state", "waiting")), str(cur.get("submissions", 0)), training, transfer,
-                          f"{s.get('rounds_completed', 0)}/{self.rounds}")
+                loss_text = f" loss {tr.loss:.3f}" if tr.loss is not None else ""
+                training = f"{tr.state.value} {tr.step}/{tr.steps}{loss_text}"
+            xfer = s.progress.transfer
+            transfer = f"{xfer.done / 1e6:.2f}/{xfer.size / 1e6:.2f} MB" if xfer else ""
+            table.add_row(f"node-{node.index}", _short(node.node_id), role, str(cur.round_number if cur else "-"),
+                          cur.state.value if cur else "waiting", str(cur.submissions if cur else 0), training,
+                          transfer, f"{s.progress.rounds_completed}/{self.rounds}")
         return table

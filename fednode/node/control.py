@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fednode.errors import ConfigError, FednodeError
+from fednode.node.reports import NodeStatus
 
 if TYPE_CHECKING:  # trio-typing's stubs shadow trio's own annotations under mypy
     from trio_typing import TaskStatus
@@ -37,7 +38,7 @@ def check_socket_path(path: Path) -> None:
                           f"{MAX_SOCKET_PATH_BYTES}-byte limit of a unix socket address; use a shorter "
                           f"node.data_dir or an absolute, short control.socket (e.g. /tmp/fednode-1.sock)")
 
-StatusFn = Callable[[], dict[str, Any]]
+StatusFn = Callable[[], dict[str, Any]]  # a command's answer, as JSON
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +178,13 @@ async def query_control(path: Path, command: str = "status",
     if not isinstance(result, dict):
         raise ControlError(f"daemon at {path} sent {type(result).__name__}, not an object")
     return result
+
+
+async def query_status(path: Path, timeout: float = DEFAULT_CONTROL_TIMEOUT_SECONDS) -> NodeStatus:
+    """The daemon's `status` as a NodeStatus. ControlError when no daemon answers; ReportError (naming
+    the field) when one answers with a status that does not fit the type: that is a bug to see, not
+    a node to wait for."""
+    answer = await query_control(path, "status", timeout)
+    if "error" in answer and "node_id" not in answer:
+        raise ControlError(f"daemon at {path}: {answer['error']}")
+    return NodeStatus.from_json(answer)

@@ -40,6 +40,7 @@ from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
 from fednode.node.control import serve_control
 from fednode.node.diskfull import DiskPause, probe_free_space, watch_disk
+from fednode.node.reports import ByteCounts, MemberStatus, NodeStatus, RoundProgress
 from fednode.node.rounds import RoundDriver
 from fednode.node.sync import request_sync, serve_sync
 from fednode.node.trainers import Trainer
@@ -162,7 +163,7 @@ class Node:
                 nursery.start_soon(self._timer_loop)
                 self.control_server = await nursery.start(functools.partial(
                     serve_control, self.config.control_socket_path,
-                    {"status": self.status, "start_round": self._start_round_now}))
+                    {"status": lambda: self.status().to_json(), "start_round": self._start_round_now}))
                 metrics = None
                 if self.config.metrics.enabled:
                     from fednode.node.metrics import MetricsServer
@@ -408,57 +409,55 @@ class Node:
     def _holders_of(self, sha: str) -> list[str]:
         return sorted(n for n, s in self._holders.items() if s == sha)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         now = self.clock()
         liveness = self.election.config.liveness_timeout
-        members = [{"node_id": n, "federated_learning": h["federated_learning"], "last_seen_seconds_ago":
-                    round(now - h["seen"], 3), "alive": now - h["seen"] < liveness}
+        members = [MemberStatus(node_id=n, federated_learning=h["federated_learning"],
+                                last_seen_seconds_ago=round(now - h["seen"], 3), alive=now - h["seen"] < liveness)
                    for n, h in sorted(self._heard.items())]
         transport_stats = self.transport.statistics() if self.transport is not None else None
-        out: dict[str, Any] = {
-            "node_id": self.node_id,
-            "name": self.config.node.name,
-            "community_id": self.config.community.id,
-            "federated_learning": self.enabled,
-            "members": members,
-            "coordinator": self.election.coordinator or "",
-            "term": self.election.term,
-            "counters": {k: dict(v) for k, v in self.counters.items()},
-            "peers": sorted(self.transport.peers()) if self.transport is not None else [],
-            "paused": self.disk.status(),  # None while participating; else why (e.g. disk_full) and since when
-            "disk_full_events": self.disk.events,
-        }
         blob_stats = self.blob_server.statistics() if hasattr(self, "blob_server") else None
-        out["bytes"] = {
-            "transport_sent": transport_stats.bytes_sent if transport_stats else 0,
-            "transport_received": transport_stats.bytes_received if transport_stats else 0,
-            "blob_served": getattr(blob_stats, "bytes_served", 0),
-            "blob_fetched": self.driver.progress.bytes_fetched,
-        }
-        out["gossip_dropped"] = transport_stats.dropped if transport_stats else 0
-        # the transport's verdicts by reason, including what it refuses before our validator runs
-        # (e.g. "too_large": over the transport's message limit)
-        out["gossip_rejected"] = dict(transport_stats.rejected_by_reason) if transport_stats else {}
-        # streams refused before they were served (e.g. "not_member" in a closed community)
         sync_stats = self.sync_server.statistics() if hasattr(self, "sync_server") else None
-        out["streams_refused"] = {"blob": getattr(blob_stats, "refused_by_reason", {}),
-                                  "sync": getattr(sync_stats, "refused_by_reason", {})}
-        # clients that misbehaved or failed (closed early, stalled, sent garbage or too much), by reason:
-        # each cost only its own connection or stream
         control_stats = self.control_server.statistics() if hasattr(self, "control_server") else None
-        out["handler_errors"] = {
-            "control": getattr(control_stats, "failed_by_reason", {}),
-            "sync": getattr(sync_stats, "failed_by_reason", {}),
-            "blob": getattr(blob_stats, "aborted_by_reason", {}),
-            "streams": dict(transport_stats.streams_failed) if transport_stats else {},
-        }
         if self.enabled:
-            out.update(self.driver.status())
+            progress = self.driver.status()
         else:
-            out["rounds"] = "disabled: [research] federated_learning = false in " + self.config.source
-            out["current_round"] = None
-            out["rounds_completed"] = 0
-        return out
+            progress = RoundProgress(disabled_reason="disabled: [research] federated_learning = false in "
+                                     + self.config.source)
+        return NodeStatus(
+            node_id=self.node_id,
+            name=self.config.node.name,
+            community_id=self.config.community.id,
+            federated_learning=self.enabled,
+            members=members,
+            coordinator=self.election.coordinator or "",
+            term=self.election.term,
+            counters={k: dict(v) for k, v in self.counters.items()},
+            peers=sorted(self.transport.peers()) if self.transport is not None else [],
+            paused=self.disk.status(),  # None while participating; else why (e.g. disk_full) and since when
+            disk_full_events=self.disk.events,
+            bytes=ByteCounts(
+                transport_sent=transport_stats.bytes_sent if transport_stats else 0,
+                transport_received=transport_stats.bytes_received if transport_stats else 0,
+                blob_served=blob_stats.bytes_served if blob_stats else 0,
+                blob_fetched=self.driver.progress.bytes_fetched),
+            gossip_dropped=transport_stats.dropped if transport_stats else 0,
+            # the transport's verdicts by reason, including what it refuses before our validator runs
+            # (e.g. "too_large": over the transport's message limit)
+            gossip_rejected=dict(transport_stats.rejected_by_reason) if transport_stats else {},
+            # streams refused before they were served (e.g. "not_member" in a closed community)
+            streams_refused={"blob": dict(blob_stats.refused_by_reason) if blob_stats else {},
+                             "sync": dict(sync_stats.refused_by_reason) if sync_stats else {}},
+            # clients that misbehaved or failed (closed early, stalled, sent garbage or too much), by reason:
+            # each cost only its own connection or stream
+            handler_errors={
+                "control": dict(control_stats.failed_by_reason) if control_stats else {},
+                "sync": dict(sync_stats.failed_by_reason) if sync_stats else {},
+                "blob": dict(blob_stats.aborted_by_reason) if blob_stats else {},
+                "streams": dict(transport_stats.streams_failed) if transport_stats else {},
+            },
+            progress=progress,
+        )
 
 
 @contextlib.asynccontextmanager

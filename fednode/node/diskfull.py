@@ -18,11 +18,11 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from fednode.errors import DiskFull, is_disk_full
+from fednode.node.reports import PauseStatus
 
 logger = logging.getLogger("fednode.disk")
 
@@ -68,12 +68,13 @@ class DiskPause:
             self._changed = trio.Event()
             await self._changed.wait()
 
-    def status(self) -> dict[str, Any] | None:
+    def status(self) -> PauseStatus | None:
         """The `paused` field of `fednode status`: None while the node participates."""
         if self.paused_since is None:
             return None
-        return {"reason": "disk_full", "detail": self.detail, "since": self.paused_since,
-                "seconds": round(self.clock() - self.paused_since, 3), "retry_every_seconds": DISK_FULL_RETRY_SECONDS}
+        return PauseStatus(reason="disk_full", detail=self.detail, since=self.paused_since,
+                           seconds=round(self.clock() - self.paused_since, 3),
+                           retry_every_seconds=DISK_FULL_RETRY_SECONDS)
 
 
 def probe_free_space(folder: Path, size: int = DISK_PROBE_BYTES) -> None:

@@ -62,6 +62,16 @@ from fednode.errors import (
 from fednode.identity import Identity
 from fednode.node.diskfull import DiskPause
 from fednode.node.records import round_record, write_record
+from fednode.node.reports import (
+    CurrentRound,
+    LastMerged,
+    RecordState,
+    RejectionKind,
+    RoundProgress,
+    RoundRecord,
+    TrainingProgress,
+    TransferProgress,
+)
 from fednode.node.trainers import Trainer
 from fednode.state import OwnUpdate, StateDB
 from fednode.transport.base import Transport
@@ -152,7 +162,7 @@ class RoundDriver:
         self._train_lock = trio.Lock()
         self._prefetch_limiter = trio.CapacityLimiter(DEFAULT_PREFETCH_CONCURRENCY)
         self._prefetched: dict[tuple[str, str], trio.Event] = {}  # (round_id, node_id) -> blob checked
-        self._update_errors: dict[tuple[str, str], str] = {}
+        self._update_errors: dict[tuple[str, str], tuple[RejectionKind, str]] = {}  # kind, detail
         self._aggregating: set[str] = set()
         self._replans: dict[str, StartAggregation] = {}  # re-plans issued while an aggregation ran
         self._installing: set[str] = set()
@@ -214,7 +224,7 @@ class RoundDriver:
         latest = self.db.latest_published()
         if latest is not None:
             self.progress.last_merged = {"round_number": latest.round_number, "sha256": latest.merged_sha256,
-                                         "path": str(self.adapter_dir(latest.round_number))}
+                                         "path": str(self.adapter_dir(latest.round_number)), "metrics": {}}
 
     def resume_effects(self) -> None:
         """After restore: re-issue the work that died with the old process."""
@@ -421,9 +431,9 @@ class RoundDriver:
         logger.error("round %s: conflicting outcomes %s", state.round_id, [c.as_dict() for c in state.conflicts])
         row = self.db.get_round(state.round_id)
         if row is not None and row.record and state.round_id not in self._installing:
-            record = {**row.record, "outcome_conflicts": [c.as_dict() for c in state.conflicts]}
+            record = RoundRecord.from_json(row.record).with_conflicts(state.conflicts)
             self.db.finish_round(state.round_id, state=row.state, merged_sha256=row.merged_sha256,
-                                 outcome=row.outcome or b"", record=record, now=self.clock())
+                                 outcome=row.outcome or b"", record=record.to_json(), now=self.clock())
             write_record(self.config.data_dir, record)
 
     # -- open rounds -------------------------------------------------------------------------
@@ -599,11 +609,11 @@ class RoundDriver:
         be gone (deleted, quarantined); the manifest names it and participants fetch it from any holder."""
         if self.store.has(row.merged_sha256):
             return self.store.size(row.merged_sha256)
-        return int((row.record or {}).get("merged_size", 0))
+        return RoundRecord.from_json(row.record).merged_size if row.record else 0
 
     @staticmethod
     def _finished_at(row: Any) -> float:
-        return float((row.record or {}).get("finished_at", 0.0))
+        return RoundRecord.from_json(row.record).finished_at if row.record else 0.0
 
     # -- participant: train and submit --------------------------------------------------------
     async def _train_and_submit(self, manifest: RoundManifest) -> None:
@@ -799,7 +809,7 @@ class RoundDriver:
             if self.disk.note(exc, f"fetching {a.participant_node_id[-8:]}'s update"):
                 self._prefetched.pop(key).set()  # our disk's fault, not theirs: fetch again on resume
                 return
-            self._update_errors[key] = f"{type(exc).__name__}: {exc}"[:200]
+            self._update_errors[key] = (RejectionKind.of(exc), f"{type(exc).__name__}: {exc}"[:200])
         finally:
             if key in self._prefetched:
                 self._prefetched[key].set()
@@ -849,10 +859,9 @@ class RoundDriver:
         if not self._aggregation_wanted(state):
             return
         if bad:
-            for a, reason in bad:
-                kind = "invalid_update" if "InvalidUpdate" in reason or "DecodeError" in reason else "unavailable"
-                self._record_submission_rejected(state, a, kind, reason)
-                self._feed(state, ContributionRejected(a.participant_node_id, kind, self.clock(), reason))
+            for a, (kind, reason) in bad:
+                self._record_submission_rejected(state, a, kind.value, reason)
+                self._feed(state, ContributionRejected(a.participant_node_id, kind.value, self.clock(), reason))
             return  # the state machine re-plans: a fresh StartAggregation, or failure
         learning = self.config.learning
         if learning.task == "fake" and learning.fake_aggregate_delay_seconds:  # fault tests act in this gap
@@ -912,11 +921,11 @@ class RoundDriver:
         self._finish_failed(state)
 
     def _finish_failed(self, state: RoundState) -> None:
-        record = self._record(state, "failed", "", 0)
+        record = self._record(state, RecordState.FAILED, "", 0)
         row = self.db.get_round(state.round_id)
         try:
             self.db.finish_round(state.round_id, state="failed", merged_sha256="", outcome=(row.outcome or b"")
-                                 if row else b"", record=record, now=self.clock())
+                                 if row else b"", record=record.to_json(), now=self.clock())
             write_record(self.config.data_dir, record)
         except (DiskFull, OSError) as exc:
             if not self.disk.note(exc, f"recording failed round {state.round_id}"):
@@ -949,10 +958,11 @@ class RoundDriver:
             own = self.db.get_own_update(number, state.manifest.start_adapter_sha256)
             if own is not None:
                 metrics["train"] = {k[len("train_"):]: v for k, v in own.metrics.items() if k.startswith("train_")}
-            record = self._record(state, "published", effect.sha256, effect.size, metrics)
+            record = self._record(state, RecordState.PUBLISHED, effect.sha256, effect.size, metrics)
             row = self.db.get_round(state.round_id)
             self.db.finish_round(state.round_id, state="published", merged_sha256=effect.sha256,
-                                 outcome=(row.outcome or b"") if row else b"", record=record, now=self.clock())
+                                 outcome=(row.outcome or b"") if row else b"", record=record.to_json(),
+                                 now=self.clock())
             write_record(self.config.data_dir, record)
             self.progress.rounds_completed = self._count_installed()
             if number >= self.progress.last_merged.get("round_number", 0):  # an older round installed late
@@ -984,9 +994,9 @@ class RoundDriver:
             self._metrics.pop(next(iter(self._metrics)))
         row = self.db.get_round(round_id)
         if row is not None and row.record:  # already recorded: add the figures to it
-            record = {**row.record, "metrics": {**row.record.get("metrics", {}), kind: dict(result)}}
+            record = RoundRecord.from_json(row.record).with_metrics(kind, result)
             self.db.finish_round(round_id, state=row.state, merged_sha256=row.merged_sha256,
-                                 outcome=row.outcome or b"", record=record, now=self.clock())
+                                 outcome=row.outcome or b"", record=record.to_json(), now=self.clock())
             write_record(self.config.data_dir, record)
             if kind == "merged" and self.progress.last_merged.get("sha256") == sha:
                 self.progress.last_merged["metrics"] = dict(result)
@@ -1017,52 +1027,36 @@ class RoundDriver:
                 return announce.contributions
         return state.contributions()
 
-    def _record(self, state: RoundState, outcome: str, sha: str, size: int,
-                metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-        contributions = self._aggregated(state, sha) if outcome == "published" else state.contributions()
-        accepted = [{"node_id": c.node_id, "blob_sha256": c.delta_sha256, "num_samples": c.num_samples}
-                    for c in contributions]
-        rejected = [{"node_id": r.node_id, "reason": r.reason, "detail": r.detail, "blob_sha256": r.delta_sha256}
-                    for r in state.rejections]
-        record = round_record(manifest=state.manifest, state=outcome, accepted=accepted, rejected=rejected,
-                              merged_sha256=sha, merged_size=size,
-                              discarded_energy=self._discarded.get(state.round_id), reason=state.failure_reason,
-                              metrics=metrics)
-        if state.conflicts:
-            record["outcome_conflicts"] = [c.as_dict() for c in state.conflicts]
-        record["final_coordinator_node_id"] = state.coordinator_node_id
-        record["final_term"] = state.term
-        record["recorded_by"] = self.me
-        record["finished_at"] = self.clock()
-        return record
+    def _record(self, state: RoundState, outcome: RecordState, sha: str, size: int,
+                metrics: dict[str, dict[str, Any]] | None = None) -> RoundRecord:
+        published = outcome is RecordState.PUBLISHED
+        return round_record(manifest=state.manifest, state=outcome,
+                            accepted=self._aggregated(state, sha) if published else state.contributions(),
+                            rejected=state.rejections, merged_sha256=sha, merged_size=size,
+                            discarded_energy=self._discarded.get(state.round_id), reason=state.failure_reason,
+                            metrics=metrics, conflicts=state.conflicts,
+                            final_coordinator_node_id=state.coordinator_node_id, final_term=state.term,
+                            recorded_by=self.me, finished_at=self.clock())
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RoundProgress:
         current = self.open_round()
         last = max(self.rounds.values(), key=lambda r: (r.manifest.round_number, r.term), default=None)
         shown = current or last
-        out: dict[str, Any] = {
-            "rounds_completed": self.progress.rounds_completed,
-            "rounds_failed": self.progress.rounds_failed,
-            "last_merged": self.progress.last_merged,
-            "training": self.progress.training,
-            "transfer": self.progress.transfer,
-            "refused": self.progress.refused,
-            "pending_evaluations": self.progress.pending_evaluations,
-            "outcome_conflicts": self.progress.outcome_conflicts,
-            "unsettled_rounds": sorted(r.round_id for r in self.rounds.values() if self._unsettled(r)),
-        }
-        if shown is not None:
-            now = self.clock()
-            out["current_round"] = {
-                "round_id": shown.round_id, "round_number": shown.manifest.round_number,
-                "state": shown.phase.value, "role": shown.role.value, "term": shown.term,
-                "coordinator_node_id": shown.coordinator_node_id, "submissions": len(shown.accepted),
-                "min_participants": shown.manifest.min_participants,
-                "deadline_in_seconds": max(0.0, shown.deadline - now) if shown.is_open else 0.0,
-            }
-        else:
-            out["current_round"] = None
-        return out
+        p = self.progress
+        # the progress dicts are updated in place (a trainer thread reports steps): read copies
+        return RoundProgress(
+            rounds_completed=p.rounds_completed, rounds_failed=p.rounds_failed,
+            last_merged=LastMerged.from_json(dict(p.last_merged)) if p.last_merged else None,
+            training=TrainingProgress.from_json(dict(p.training)) if p.training else None,
+            transfer=TransferProgress.from_json(dict(p.transfer)) if p.transfer else None,
+            refused=dict(p.refused), pending_evaluations=p.pending_evaluations,
+            outcome_conflicts=p.outcome_conflicts,
+            unsettled_rounds=sorted(r.round_id for r in self.rounds.values() if self._unsettled(r)),
+            current_round=None if shown is None else CurrentRound(
+                round_id=shown.round_id, round_number=shown.manifest.round_number, state=shown.phase,
+                role=shown.role, term=shown.term, coordinator_node_id=shown.coordinator_node_id,
+                submissions=len(shown.accepted), min_participants=shown.manifest.min_participants,
+                deadline_in_seconds=max(0.0, shown.deadline - self.clock()) if shown.is_open else 0.0))
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:

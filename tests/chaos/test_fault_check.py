@@ -21,14 +21,20 @@ def sha(c: str) -> str:
     return c * 64
 
 
+RECORD = Path(__file__).parents[1] / "node" / "data" / "round-record-published-v0.json"  # a daemon-written record
+
+
 def record(number: int, merged: str, accepted: list[str], *, by: str, final: str = IDS[0],
            rejected: list[str] | None = None) -> dict[str, Any]:
-    return {"round_number": number, "round_id": f"r{number}-t1", "state": "published", "merged_sha256": merged,
-            "accepted": [{"node_id": n, "blob_sha256": sha(str(IDS.index(n))), "num_samples": 10, "weight": 0.5}
-                         for n in accepted],
-            "rejected": [{"node_id": n, "reason": "unavailable", "detail": "", "blob_sha256": ""}
-                         for n in rejected or []],
-            "final_coordinator_node_id": final, "recorded_by": by}
+    """A published record as daemons write it (every field), with these contributions."""
+    out: dict[str, Any] = json.loads(RECORD.read_text())
+    out.update({"round_number": number, "round_id": f"r{number}-t1", "state": "published", "merged_sha256": merged,
+                "accepted": [{"node_id": n, "blob_sha256": sha(str(IDS.index(n))), "num_samples": 10, "weight": 0.5}
+                             for n in accepted],
+                "rejected": [{"node_id": n, "reason": "unavailable", "detail": "", "blob_sha256": ""}
+                             for n in rejected or []],
+                "final_coordinator_node_id": final, "recorded_by": by})
+    return out
 
 
 def lay_out(root: Path, i: int, records: list[dict[str, Any]], accepted_db: dict[str, list[str]] | None = None,
@@ -123,3 +129,13 @@ def test_log_scan_finds_tracebacks_and_abandoned_work_once(tmp_path: Path) -> No
     assert "OperationalError: database or disk is full" in found[0].detail
     assert offset == len(log.encode())
     assert scan_log(node, offset) == ([], offset)  # what was read is not reported again
+
+
+def test_a_record_that_does_not_fit_is_noted_naming_its_field(tmp_path: Path) -> None:
+    broken = record(1, sha("a"), IDS, by="")
+    del broken["finished_at"]
+    node = lay_out(tmp_path, 0, [])
+    (node.data_dir / "rounds" / "round-1.json").write_text(json.dumps(broken))
+    (ev,) = gather([node])
+    assert ev.records == {} and len(ev.notes) == 1
+    assert "round-1.json: record.finished_at: missing" in ev.notes[0], ev.notes

@@ -147,7 +147,7 @@ async def test_new_coordinator_that_missed_the_announce_adopts_it(tmp_path: Path
         assert not [m for m in published_by_x if isinstance(m, AggregateAnnounce)]
         assert state.role is Role.COORDINATOR and state.outcome_unknown and not state.aggregation_started
         assert state.phase is Phase.AGGREGATING  # collection ended at the deadline; nothing concluded
-        assert nodes[x].status()["unsettled_rounds"] == [round_id]
+        assert nodes[x].status().progress.unsettled_rounds == [round_id]
 
         fault.sync_broken = False  # the network heals: X's next query reaches a holder
         await wait_until(lambda: nodes[x].driver.progress.rounds_completed >= 1, timeout=120.0)
@@ -160,4 +160,4 @@ async def test_new_coordinator_that_missed_the_announce_adopts_it(tmp_path: Path
         assert fault.coordinator in [a["node_id"] for a in x_record["accepted"]]  # K's announce is the record
         assert not any(isinstance(m, AggregateAnnounce) for m in published_by_x)  # no second announce
         for node in survivors:
-            assert node.status()["outcome_conflicts"] == 0
+            assert node.status().progress.outcome_conflicts == 0

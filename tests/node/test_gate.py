@@ -72,16 +72,18 @@ async def test_gated_node_is_a_member_but_never_in_a_round(tmp_path: Path,
         # it runs, and the others list it as a (non-federated, alive) member
         assert gated.started.is_set()
         for node in nodes:
-            members = {m["node_id"]: m for m in node.status()["members"]}
+            members = {m.node_id: m for m in node.status().members}
             assert gated.node_id in members
-            assert members[gated.node_id]["federated_learning"] is False
-            assert members[gated.node_id]["alive"] is True
+            assert members[gated.node_id].federated_learning is False
+            assert members[gated.node_id].alive is True
         # its own status says rounds are disabled, naming the key
         status = gated.status()
-        assert status["federated_learning"] is False
-        assert "disabled" in status["rounds"] and "federated_learning = false" in status["rounds"]
-        assert status["current_round"] is None and status["rounds_completed"] == 0
-        assert {m["node_id"] for m in status["members"]} == {n.node_id for n in nodes}
+        assert status.federated_learning is False
+        reason = status.progress.disabled_reason
+        assert "disabled" in reason and "federated_learning = false" in reason
+        assert status.to_json()["rounds"] == reason  # the JSON key it always had
+        assert status.progress.current_round is None and status.progress.rounds_completed == 0
+        assert {m.node_id for m in status.members} == {n.node_id for n in nodes}
         # it refuses to start a round, naming the config key
         assert "federated_learning = false" in gated._start_round_now()["error"]
         # it never trained, installed or evaluated anything, and holds no round

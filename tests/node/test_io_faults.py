@@ -1,7 +1,7 @@
 """I/O faults are states, not crashes (issue 13, part 3).
 
 - A full disk (ENOSPC from the blob store, SQLITE_FULL from state.sqlite) pauses participation:
-  `status()["paused"]` says why, Prometheus counts it, the others finish the round without the
+  `status().paused` says why, Prometheus counts it, the others finish the round without the
   node, and once writes succeed again it resumes and installs what it missed.
 - A blob missing or corrupt on our disk (the coordinator's latest merged adapter, a participant's
   merged adapter or start adapter) is quarantined and fetched again from another holder.
@@ -14,7 +14,9 @@ tried too when the tests run as root.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
 import sqlite3
 import subprocess
@@ -31,7 +33,9 @@ from fednode.cli import main as cli_main
 from fednode.config import config_to_dict, dump_toml
 from fednode.consensus import InstallAdapter
 from fednode.node.daemon import Node
+from fednode.node.diskfull import DiskPause
 from fednode.node.metrics import StatusCollector
+from fednode.node.reports import NodeStatus
 from fednode.node.trainers import FakeTrainer
 from fednode.state import StateDB
 from fednode.wire.messages import SubmissionAnnounce
@@ -160,9 +164,9 @@ async def test_disk_full_pauses_participation_then_resumes(tmp_path: Path, clock
         assert len(record["accepted"]) == 2
         await wait_until(lambda: victim.driver.rounds.get(record["round_id"]) is not None, WAIT)
         status = victim.status()
-        assert status["paused"] is not None and status["paused"]["reason"] == "disk_full", status["paused"]
-        assert "full" in status["paused"]["detail"] or "space" in status["paused"]["detail"]
-        assert status["disk_full_events"] == 1 and disk.refused > 0
+        assert status.paused is not None and status.paused.reason == "disk_full", status.paused
+        assert "full" in status.paused.detail or "space" in status.paused.detail
+        assert status.disk_full_events == 1 and disk.refused > 0
         assert _metric(victim, "fednode_disk_full_pauses_total") == 1
         assert _metric(victim, "fednode_paused") == 1
         assert victim.driver.progress.rounds_completed == 1  # nothing installed while paused
@@ -173,8 +177,8 @@ async def test_disk_full_pauses_participation_then_resumes(tmp_path: Path, clock
         from fednode.node.diskfull import DISK_FULL_RETRY_SECONDS
 
         assert trio.current_time() - paused_at <= DISK_FULL_RETRY_SECONDS + 5.0
-        assert victim.status()["paused"] is None and _metric(victim, "fednode_paused") == 0
-        assert victim.status()["disk_full_events"] == 1
+        assert victim.status().paused is None and _metric(victim, "fednode_paused") == 0
+        assert victim.status().disk_full_events == 1
         check_round_agreement(nodes, 2)
         # the round the victim saw while paused is in its state.sqlite now
         row = victim.db.get_round(record["round_id"])
@@ -247,16 +251,16 @@ async def test_real_full_disk_pauses_survives_a_restart_and_resumes(tmp_path: Pa
                 pytest.skip("node 2 (on the tmpfs) was elected coordinator; this test needs it a participant")
             filler = _fill(mnt)
             await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes[:2]), WAIT)
-            await wait_until(lambda: nodes[2].status()["paused"] is not None, WAIT)
+            await wait_until(lambda: nodes[2].status().paused is not None, WAIT)
             assert nodes[2].driver.progress.rounds_completed == 1
             c.kill(2)  # restart while the disk is still full: it must come up, not crash
             await trio.sleep(1.0)
             again = await c.start(2, N, **_sections(2))
-            await wait_until(lambda: again.status()["paused"] is not None, WAIT)  # its first write failed
+            await wait_until(lambda: again.status().paused is not None, WAIT)  # its first write failed
             await trio.sleep(30.0)  # a few probe intervals: still full, still running
-            assert again.status()["paused"] is not None
+            assert again.status().paused is not None
             filler.unlink()
-            await wait_until(lambda: again.status()["paused"] is None, WAIT)
+            await wait_until(lambda: again.status().paused is None, WAIT)
             # it takes part again: an operator's start-round opens round 3 (max_rounds is spent); the
             # restarted node fetches round 2's adapter to start from, trains and submits
             coord = next(n for n in nodes if n.node_id == coordinator)
@@ -368,7 +372,8 @@ async def test_latest_never_points_back_to_an_older_round(tmp_path: Path, clock:
         first = read_record(node, 1)
         await node.driver._install(InstallAdapter(first["round_id"], first["merged_sha256"], first["merged_size"]))
         assert os.readlink(latest) == "round-2"
-        assert node.status()["last_merged"]["round_number"] == 2
+        last = node.status().progress.last_merged
+        assert last is not None and last.round_number == 2
 
 
 async def test_latest_stays_on_the_newest_round_when_an_older_one_resumes_after_restart(
@@ -389,7 +394,8 @@ async def test_latest_stays_on_the_newest_round_when_an_older_one_resumes_after_
         again = await c.start(index, N, **_sections(2))
         await wait_until(lambda: again.driver.progress.rounds_completed >= 2, WAIT)
         assert os.readlink(again.config.data_dir / "adapters" / "latest") == "round-2"
-        assert again.status()["last_merged"]["round_number"] == 2
+        last = again.status().progress.last_merged
+        assert last is not None and last.round_number == 2
 
 
 # -- a corrupt state.sqlite ----------------------------------------------------------------------
@@ -429,17 +435,22 @@ def test_corrupt_state_db_is_refused_at_start_with_advice(tmp_path: Path, corrup
     assert db_path.exists()  # refused, not deleted: moving it aside is the operator's call
 
 
+def _with_pause(pause: DiskPause) -> NodeStatus:
+    """A recorded status (tests/node/data) with `pause`'s `paused` field."""
+    recorded = NodeStatus.from_json(json.loads((Path(__file__).parent / "data" / "status-v0.json").read_text()))
+    return dataclasses.replace(recorded, paused=pause.status())
+
+
 def test_status_text_says_why_the_node_is_paused() -> None:
     from fednode.cli import _format_status
-    from fednode.node.diskfull import DiskPause
 
     now = [100.0]
     pause = DiskPause(lambda: now[0])
-    assert pause.status() is None and _format_status({"paused": pause.status()}).count("PAUSED") == 0
+    assert pause.status() is None and _format_status(_with_pause(pause)).count("PAUSED") == 0
     assert not pause.note(ValueError("not a disk error"), "x")  # other errors are not a pause
     assert pause.note(OSError(errno.ENOSPC, "No space left on device"), "training")
     now[0] = 112.0
-    text = _format_status({"paused": pause.status()})
+    text = _format_status(_with_pause(pause))
     assert "PAUSED      disk_full for 12 s (training: [Errno 28] No space left on device)" in text, text
     assert pause.note(OSError(errno.EDQUOT, "Disk quota exceeded"), "install") and pause.events == 1
     pause.resume()

@@ -3,15 +3,16 @@ figures taken from the same status snapshot as `fednode status`."""
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import trio
 import trio.testing
 
 from fednode.node.metrics import METRICS_BIND_ADDRESS, MetricsServer
+from fednode.node.reports import NodeStatus
 from tests.node.conftest import cluster, wait_until
 
 
@@ -29,9 +30,11 @@ def _scrape(port: int) -> str:
 def test_metrics_server_exposes_status_figures_and_stops_cleanly() -> None:
     import threading
 
-    status: dict[str, Any] = {"members": [{"node_id": "a"}, {"node_id": "b"}], "term": 3, "rounds_completed": 2,
-                              "counters": {"rejected": {"bad_signature": 4}, "accepted": {"heartbeat": 9}},
-                              "bytes": {"blob_served": 1234}, "outcome_conflicts": 1}
+    data = json.loads((Path(__file__).parent / "data" / "status-v0.json").read_text())
+    data.update(term=3, rounds_completed=2, outcome_conflicts=1,
+                counters={"rejected": {"bad_signature": 4}, "accepted": {"heartbeat": 9}})
+    data["bytes"]["blob_served"] = 1234
+    status = NodeStatus.from_json(data)
     before = set(threading.enumerate())
     server = MetricsServer(_free_port(), lambda: status)
     try:

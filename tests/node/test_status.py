@@ -27,8 +27,10 @@ from fednode.node.control import (
     MAX_REQUEST_BYTES,
     ControlError,
     query_control,
+    query_status,
     serve_control,
 )
+from fednode.node.reports import NodeStatus, ReportError
 from fednode.transport.memory import open_memory_transport
 from tests.node.checks import read_record
 from tests.node.conftest import cluster, wait_until
@@ -57,6 +59,7 @@ async def test_status_over_the_control_socket(tmp_path: Path, autojump_clock: tr
         coordinator = record["final_coordinator_node_id"]
         for node, s in zip(nodes, statuses, strict=True):
             assert s["node_id"] == node.node_id and s["federated_learning"] is True
+            assert NodeStatus.from_json(s).to_json() == s  # the wire form is the typed status, key for key
             others = {n.node_id for n in nodes} - {node.node_id}
             assert {m["node_id"] for m in s["members"]} == others
             assert all(m["alive"] and m["federated_learning"] for m in s["members"])
@@ -134,7 +137,7 @@ async def test_misbehaving_control_clients_cannot_take_the_daemon_down(tmp_path:
         assert failed["peer_gone"] >= 2  # the two early closes (and maybe the empty one)
         assert failed["too_large"] == 2 and failed["unknown_command"] >= 1 and failed["timeout"] == 1
         assert "internal_error" not in failed
-        assert "control:peer_gone=" in _format_status(status)  # `fednode status` shows them too
+        assert "control:peer_gone=" in _format_status(NodeStatus.from_json(status))  # `fednode status` too
 
 
 async def test_a_failing_control_command_is_answered_and_counted(tmp_path: Path) -> None:
@@ -148,6 +151,23 @@ async def test_a_failing_control_command_is_answered_and_counted(tmp_path: Path)
         assert "RuntimeError: a bug in status" in answer["error"]
         assert await query_control(tmp_path / "c.sock", "ok") == {"ok": True}
         assert server.statistics().failed_by_reason == {"internal_error": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_query_status_names_the_field_a_daemon_gets_wrong(tmp_path: Path) -> None:
+    """A daemon whose status lost or renamed a field is a bug to show, not a node to wait for (the
+    harness used to read the default and time out)."""
+    recorded = json.loads((Path(__file__).parent / "data" / "status-v0.json").read_text())
+    renamed = {**{k: v for k, v in recorded.items() if k != "rounds_completed"}, "rounds_done": 1}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(serve_control, tmp_path / "c.sock", {
+            "status": lambda: renamed}))
+        with pytest.raises(ReportError, match=r"status\.rounds_completed: missing"):
+            await query_status(tmp_path / "c.sock")
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(serve_control, tmp_path / "d.sock", {"status": lambda: recorded}))
+        assert (await query_status(tmp_path / "d.sock")).to_json() == recorded
         nursery.cancel_scope.cancel()
 
 

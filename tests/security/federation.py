@@ -66,7 +66,7 @@ class Federation:
         return read_record(self.node(record["final_coordinator_node_id"]), number)
 
     def counters(self) -> list[dict[str, dict[str, int]]]:
-        return [node.status()["counters"] for node in self.nodes]
+        return [node.status().counters for node in self.nodes]
 
 
 @contextlib.asynccontextmanager

@@ -164,7 +164,7 @@ async def test_reannounced_delta_is_rejected(scratch: Path, autojump_clock: trio
                 assert refused == [("duplicate_delta", victim.delta_sha256)], record
             for node in fed.nodes:  # and the other nodes refuse copies too (one may reach a node before
                 # its manifest or after its round closed there; the coordinator's verdict is what counts)
-                assert node.status()["counters"]["rejected"].get("round:duplicate_delta", 0) >= 1
+                assert node.status().counters["rejected"].get("round:duplicate_delta", 0) >= 1
             assert_bounded(fed, heartbeating={*honest_ids(), MEMBER.node_id})
             attacked = fed.merged()
     await same_as_clean_run(scratch, attacked, peak.bytes)
@@ -245,7 +245,7 @@ async def test_non_member_is_rejected(scratch: Path, autojump_clock: trio.abc.Cl
                     await fetch_blob(adv.transport, attacked[0], [node.node_id], loot)
                 with pytest.raises(RemoteProtocolError):
                     await request_sync(adv.transport, node.node_id, round_ids[0])
-                refused = node.status()["streams_refused"]
+                refused = node.status().streams_refused
                 assert refused["blob"].get("not_member", 0) >= 1 and refused["sync"] == {"not_member": 1}, refused
                 assert node.blob_server.statistics().rejected_busy_by_peer.get(me) is None
             assert not loot.has(attacked[0])
@@ -307,7 +307,7 @@ async def test_malformed_control_messages_are_rejected(scratch: Path, autojump_c
                 assert counts["rejected"] == dict(want), counts["rejected"]
                 assert counts["ignored"].get("unsupported_version") == unsupported
                 stats = node.status()
-                assert stats["gossip_rejected"] == {**want, "too_large": 1}, stats["gossip_rejected"]
+                assert stats.gossip_rejected == {**want, "too_large": 1}, stats.gossip_rejected
             assert_bounded(fed)
             attacked = fed.merged()
     await same_as_clean_run(scratch, attacked, peak.bytes)
@@ -397,7 +397,7 @@ async def test_heartbeat_flood_is_bounded(scratch: Path, autojump_clock: trio.ab
             # adversary's transport) instead of buffering: every message is handled or dropped.
             adv_dropped = adv.transport.statistics().dropped
             for node, counts, b in zip(fed.nodes, fed.counters(), before, strict=True):
-                dropped = node.status()["gossip_dropped"] + adv_dropped
+                dropped = node.status().gossip_dropped + adv_dropped
                 not_member = counts["rejected"].get("not_member", 0)
                 accepted = counts["accepted"]["heartbeat"] - b  # the flood, and honest heartbeats meanwhile
                 assert not_member <= sybils
