@@ -171,3 +171,25 @@ async def test_a_bootstrap_peer_not_up_yet_is_logged_once_at_info_not_as_an_erro
     assert len(ours) >= 3 and len(ours) < DIAL_FAILURE_LOG_EVERY
     infos = [r for r in ours if r.levelno == logging.INFO]
     assert len(infos) == 1 and "will retry" in infos[0].getMessage()
+
+
+async def test_a_bootstrap_peer_that_comes_up_late_is_dialled_within_the_backoff_not_a_minute() -> None:
+    """Issue 13: a peer that was down (killed, restarting) when we dialled it must be reachable
+    again as soon as it is back, on our own backoff. py-libp2p 0.8.1's swarm puts a peer whose
+    dial failed into a 60 s negative cache: every redial and every stream to it then failed at
+    once ('recently failed all addresses (negative cache)') for a minute after it came back."""
+    late = Identity.generate()
+    port = free_port()
+    limits = Libp2pLimits(maintenance_interval=0.2, reconnect_backoff_min=0.2, reconnect_backoff_max=1.0)
+    async with open_libp2p_transport(Identity.generate(), listen_addrs=LOCAL, limits=limits,
+                                     bootstrap=[f"/ip4/127.0.0.1/tcp/{port}/p2p/{late.node_id}"]) as a:
+        await trio.sleep(1.0)  # a few dials fail: the peer is not up
+        assert late.node_id not in a.peers()
+        # the late peer dials nobody: only the first node's redials can link them
+        async with open_libp2p_transport(late, listen_addrs=[f"/ip4/127.0.0.1/tcp/{port}"], limits=limits) as b:
+            started = trio.current_time()
+            await wait_until(lambda: late.node_id in a.peers(), timeout=30)
+            assert trio.current_time() - started < 10.0
+            with trio.fail_after(10):
+                stream = await a.open_stream(b.local_peer_id, str(PEER_EXCHANGE_PROTOCOL))
+                await stream.aclose()
