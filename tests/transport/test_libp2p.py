@@ -20,6 +20,7 @@ from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from multiaddr import Multiaddr
 
 from fednode.harness.cluster import free_port
+from fednode.errors import PeerUnavailable
 from fednode.identity import Identity
 from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
 from fednode.transport.libp2p_discovery import (
@@ -193,3 +194,38 @@ async def test_a_bootstrap_peer_that_comes_up_late_is_dialled_within_the_backoff
             with trio.fail_after(10):
                 stream = await a.open_stream(b.local_peer_id, str(PEER_EXCHANGE_PROTOCOL))
                 await stream.aclose()
+
+
+async def test_a_connection_that_opens_no_stream_is_closed_and_the_next_stream_redials() -> None:
+    """Issue 13: a restarted node's peers kept a connection on which no new stream ever opened
+    (the far end gone or wedged, py-libp2p none the wiser) while gossip flowed on another, so
+    every sync and blob request from or to it timed out for minutes. A stream that does not open
+    within stream_open_timeout on a connection we hold now closes that connection, so the next
+    attempt dials afresh. Here the held connection's muxer is made to hang on every new stream."""
+    limits = Libp2pLimits(stream_open_timeout=1.0, maintenance_interval=0.2, reconnect_backoff_min=0.2,
+                          peer_exchange=False)
+    async with open_transports("libp2p", 2, "line", limits=limits) as (a, b):
+        await wait_until(lambda: b.local_peer_id in a.peers(), timeout=20)
+        target = ID.from_base58(b.local_peer_id)
+        wedged = list(a._host.get_network().connections[target])  # type: ignore[attr-defined]
+
+        async def hang() -> Any:
+            await trio.sleep_forever()
+
+        for conn in wedged:
+            conn.muxed_conn.open_stream = hang
+        started = trio.current_time()
+        with pytest.raises(PeerUnavailable, match="closed to redial"):
+            await a.open_stream(b.local_peer_id, str(PEER_EXCHANGE_PROTOCOL))
+        assert trio.current_time() - started < 5.0
+        assert all(conn.is_closed for conn in wedged)
+        assert a.statistics().streams_failed.get(f"{PEER_EXCHANGE_PROTOCOL}:stale_connection") == 1
+        with trio.fail_after(20):
+            while True:  # the next attempts dial afresh (or find the redialled link) and get through
+                try:
+                    stream = await a.open_stream(b.local_peer_id, str(PEER_EXCHANGE_PROTOCOL))
+                    break
+                except PeerUnavailable:
+                    await trio.sleep(0.2)
+            assert await stream.receive_some(65536)
+            await stream.aclose()
