@@ -19,8 +19,8 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from multiaddr import Multiaddr
 
-from fednode.harness.cluster import free_port
 from fednode.errors import PeerUnavailable
+from fednode.harness.cluster import free_port
 from fednode.identity import Identity
 from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
 from fednode.transport.libp2p_discovery import (
