@@ -69,7 +69,7 @@ DEFAULT_SEEN_TTL = 120  # seconds a message id is remembered for dedup
 DEFAULT_DIAL_TIMEOUT = 10.0
 # Opening a stream on a connection we already hold: a SYN and a multistream round trip, milliseconds
 # on a live link. A link that takes this long is taken for dead and closed (see open_stream).
-DEFAULT_STREAM_OPEN_TIMEOUT = 5.0
+DEFAULT_STREAM_OPEN_TIMEOUT = 8.0
 DEFAULT_RECONNECT_BACKOFF_MIN = 1.0
 DEFAULT_RECONNECT_BACKOFF_MAX = 60.0
 DEFAULT_MAINTENANCE_INTERVAL = 2.0
@@ -259,8 +259,15 @@ class Libp2pTransport:
         connection; the swarm prefers the connection with the most streams, i.e. the stale one).
         Close those connections: the next stream, or our upkeep, dials afresh."""
         self._counters.count_stream_failure(protocol_id, "stale_connection")
-        logger.info("a %s stream to %s did not open within %.1f s on %d held connection(s); closing them to redial",
-                    protocol_id, target, self.limits.stream_open_timeout, len(held))
+        network: Any = self._host.get_network()
+        semaphore = getattr(network, "_stream_semaphore", None)
+        muxers = [getattr(c, "muxed_conn", None) for c in held]
+        backlog = [(getattr(getattr(m, "stream_backlog_semaphore", None), "value", None),
+                    len(getattr(m, "streams", ()))) for m in muxers]
+        logger.info("a %s stream to %s did not open within %.1f s on %d held connection(s); closing them to redial "
+                    "(swarm stream slots free: %s; per connection (yamux slots free, streams): %s)",
+                    protocol_id, target, self.limits.stream_open_timeout, len(held),
+                    getattr(semaphore, "value", None), backlog)
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + DEFAULT_SHUTDOWN_TIMEOUT
             for conn in held:
