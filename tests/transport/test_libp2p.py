@@ -28,6 +28,7 @@ from fednode.transport.libp2p_discovery import (
     PEER_EXCHANGE_PROTOCOL,
     PEER_EXCHANGE_SERVE_TIMEOUT,
     ask_for_peers,
+    dialable_addrs,
     make_peer_exchange_handler,
 )
 from fednode.transport.testing import open_transports, wait_topic_peers, wait_until
@@ -229,3 +230,13 @@ async def test_a_connection_that_opens_no_stream_is_closed_and_the_next_stream_r
                     await trio.sleep(0.2)
             assert await stream.receive_some(65536)
             await stream.aclose()
+
+
+def test_peer_exchange_passes_on_the_observed_ip_for_a_wildcard_announcement() -> None:
+    """Before: a node listening on 0.0.0.0 was passed on as /ip4/0.0.0.0/tcp/<port>; across
+    machines its peers could then reach it only through the node that told them."""
+    announced = ["/ip4/0.0.0.0/tcp/4001", "/ip4/10.0.0.5/tcp/4001", "/ip6/::/tcp/4001"]
+    assert dialable_addrs(announced, "192.168.1.7") == ["/ip4/192.168.1.7/tcp/4001", "/ip4/10.0.0.5/tcp/4001"]
+    assert dialable_addrs(announced, "fd00::7") == ["/ip4/10.0.0.5/tcp/4001", "/ip6/fd00::7/tcp/4001"]
+    assert dialable_addrs(["/ip4/0.0.0.0/tcp/4001"], None) == []
+    assert dialable_addrs(["/ip4/10.0.0.5/tcp/1", "/ip4/0.0.0.0/tcp/1"], "10.0.0.5") == ["/ip4/10.0.0.5/tcp/1"]
