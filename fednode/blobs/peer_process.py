@@ -1,7 +1,7 @@
 """A small runnable blob peer over libp2p, for multi-process tests and the transfer bench.
 
     python -m fednode.blobs.peer_process hold  --root DIR --size N [--data-seed S] [--serve-delay SEC]
-    python -m fednode.blobs.peer_process fetch --root DIR --bootstrap ADDR... --want-holders K
+    python -m fednode.blobs.peer_process fetch --root DIR --bootstrap ADDR... --want-holders K [--key-seed S]
     python -m fednode.blobs.peer_process tcp-source --size N
 
 Each prints one JSON object per line on stdout (`{"event": ...}`). A holder stores a blob of N
@@ -86,8 +86,8 @@ async def _print_control(sub: Any, me: str) -> None:
 
 async def fetch(args: argparse.Namespace) -> None:
     store = BlobStore(args.root)
-    async with open_libp2p_transport(Identity.generate(), listen_addrs=[LOOPBACK],
-                                     bootstrap=args.bootstrap) as t:
+    identity = Identity.generate() if args.key_seed is None else Identity.from_seed(bytes([args.key_seed]) * 32)
+    async with open_libp2p_transport(identity, listen_addrs=[LOOPBACK], bootstrap=args.bootstrap) as t:
         sub = await t.subscribe(CONTROL_TOPIC)
         emit("ready", peer_id=t.local_peer_id, addrs=t.listen_addrs())
         holders: dict[str, tuple[str, int]] = {}
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--want-holders", type=int, default=1)
     p.add_argument("--progress-bytes", type=int, default=4 << 20)
     p.add_argument("--no-lane", action="store_true")
+    p.add_argument("--key-seed", type=int, default=None, choices=range(256), metavar="0..255",
+                   help="fetch: a fixed identity (the same peer id on every run), else a new one")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--lifetime", type=float, default=float("inf"), help="hold: exit after this many seconds")
     args = p.parse_args(argv)

@@ -141,13 +141,19 @@ def serve_sync(transport: Transport, lookup: Lookup, *, allow_peer: PeerPredicat
 async def request_sync(transport: Transport, peer_id: str, round_id: str,
                        timeout: float = DEFAULT_SYNC_TIMEOUT_SECONDS) -> list[bytes]:
     """The encoded messages `peer_id` holds for `round_id`; PeerUnavailable / RemoteProtocolError on failure."""
-    with trio.fail_after(timeout):
-        stream = await transport.open_stream(peer_id, SYNC_PROTOCOL_ID)
-        try:
-            await stream.send_all(_frame(msgpack.packb({"round_id": round_id}, use_bin_type=True)))
-            payload = await _read_frame(stream, MAX_SYNC_RESPONSE_BYTES)
-        finally:
-            await stream.aclose()
+    phase = "opening the stream"
+    try:
+        with trio.fail_after(timeout):
+            stream = await transport.open_stream(peer_id, SYNC_PROTOCOL_ID)
+            try:
+                phase = "waiting for the answer"
+                await stream.send_all(_frame(msgpack.packb({"round_id": round_id}, use_bin_type=True)))
+                payload = await _read_frame(stream, MAX_SYNC_RESPONSE_BYTES)
+            finally:
+                await stream.aclose()
+    except trio.TooSlowError:  # said, not a bare TooSlowError() in the caller's log
+        raise PeerUnavailable(f"sync of {round_id} from {peer_id}: no answer within {timeout:g} s "
+                              f"({phase})") from None
     try:
         messages = msgpack.unpackb(payload, raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):

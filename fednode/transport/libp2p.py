@@ -67,6 +67,9 @@ DEFAULT_OUTBOUND_QUEUE_SIZE = 1024  # RPCs per peer (py-libp2p: 32)
 DEFAULT_MAX_MESSAGES_PER_TOPIC_PER_SECOND = 500.0  # per forwarding peer (py-libp2p: 10)
 DEFAULT_SEEN_TTL = 120  # seconds a message id is remembered for dedup
 DEFAULT_DIAL_TIMEOUT = 10.0
+# Opening a stream on a connection we already hold: a SYN and a multistream round trip, milliseconds
+# on a live link. A link that takes this long is taken for dead and closed (see open_stream).
+DEFAULT_STREAM_OPEN_TIMEOUT = 8.0
 DEFAULT_RECONNECT_BACKOFF_MIN = 1.0
 DEFAULT_RECONNECT_BACKOFF_MAX = 60.0
 DEFAULT_MAINTENANCE_INTERVAL = 2.0
@@ -92,6 +95,7 @@ class Libp2pLimits:
     mesh_degree_high: int = DEFAULT_MESH_DEGREE_HIGH
     seen_ttl: int = DEFAULT_SEEN_TTL
     dial_timeout: float = DEFAULT_DIAL_TIMEOUT
+    stream_open_timeout: float = DEFAULT_STREAM_OPEN_TIMEOUT
     reconnect_backoff_min: float = DEFAULT_RECONNECT_BACKOFF_MIN
     reconnect_backoff_max: float = DEFAULT_RECONNECT_BACKOFF_MAX
     maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL
@@ -234,14 +238,43 @@ class Libp2pTransport:
             target = ID.from_base58(peer_id)
         except Exception as exc:
             raise PeerUnavailable(f"not a peer id: {peer_id!r}") from exc
+        held = list(self._host.get_network().connections.get(target) or ())
+        timeout = self.limits.stream_open_timeout if held else self.limits.dial_timeout
         try:
-            with trio.fail_after(self.limits.dial_timeout):
+            with trio.fail_after(timeout):
                 stream = await self._host.new_stream(target, [protocol(protocol_id)])
         except trio.TooSlowError as exc:
-            raise PeerUnavailable(f"opening {protocol_id} to {peer_id} timed out") from exc
+            if held:
+                await self._drop_stale_connections(target, held, protocol_id)
+            raise PeerUnavailable(f"opening {protocol_id} to {peer_id} timed out after {timeout:g} s "
+                                  f"({len(held)} connection(s) held{', closed to redial' if held else ''})") from exc
         except Exception as exc:  # py-libp2p raises many unrelated types for "could not"
             raise PeerUnavailable(f"cannot open {protocol_id} to {peer_id}: {exc!r}") from exc
         return Libp2pStream(stream, peer_id, self._count_stream_bytes)
+
+    async def _drop_stale_connections(self, target: ID, held: list[Any], protocol_id: str) -> None:
+        """A stream that cannot be opened on a connection we hold means the connection is dead
+        without py-libp2p noticing (issue 13: a peer restarted under the same peer id, or a
+        half-closed link, kept every new stream hanging for minutes while gossip flowed on another
+        connection; the swarm prefers the connection with the most streams, i.e. the stale one).
+        Close those connections: the next stream, or our upkeep, dials afresh."""
+        self._counters.count_stream_failure(protocol_id, "stale_connection")
+        network: Any = self._host.get_network()
+        semaphore = getattr(network, "_stream_semaphore", None)
+        muxers = [getattr(c, "muxed_conn", None) for c in held]
+        backlog = [(getattr(getattr(m, "stream_backlog_semaphore", None), "value", None),
+                    len(getattr(m, "streams", ()))) for m in muxers]
+        logger.info("a %s stream to %s did not open within %.1f s on %d held connection(s); closing them to redial "
+                    "(swarm stream slots free: %s; per connection (yamux slots free, streams): %s)",
+                    protocol_id, target, self.limits.stream_open_timeout, len(held),
+                    getattr(semaphore, "value", None), backlog)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + DEFAULT_SHUTDOWN_TIMEOUT
+            for conn in held:
+                try:
+                    await conn.close()
+                except Exception as exc:
+                    logger.debug("closing a stale connection to %s: %r", target, exc)
 
     def _count_stream_bytes(self, sent: int, received: int) -> None:
         self._counters.bytes_sent += sent

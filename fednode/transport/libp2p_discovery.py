@@ -5,7 +5,8 @@ Choice: a tiny peer-exchange protocol of our own, `/fednode/peers/1.0.0`, not go
 communities would never learn of each other) and not Kademlia (heavy, and nothing else needs
 it). The dialler opens a stream and reads one msgpack array of at most `max_peers` entries
 `[peer_id, [multiaddr, ...]]` (at most 8 addresses each, 64 KiB in all); the server writes the
-peers it is connected to, with the addresses their identify exchange announced, then closes.
+peers it is connected to, with the addresses their identify exchange announced (one announced on
+0.0.0.0 / :: is rewritten to the IP their connection comes from: `dialable_addrs`), then closes.
 
 Upkeep (`maintain_links`), every `interval` seconds: dial bootstrap addresses that are not
 connected, concurrently, each with exponential backoff (min..max) after a failure; ask one
@@ -113,14 +114,14 @@ def make_peer_exchange_handler(
     async def answer(stream: INetStream) -> None:
         requester = stream.muxed_conn.peer_id
         entries = []
-        for peer_id in list(host.get_network().connections):
+        for peer_id, conns in list(host.get_network().connections.items()):
             if peer_id == requester:
                 continue
             try:
                 known = host.get_peerstore().addrs(peer_id)
             except Exception:  # PeerStoreError: no addresses (yet) for a connected peer
                 continue
-            addrs = [str(a) for a in known[:MAX_ADDRS_PER_PEER]]
+            addrs = dialable_addrs([str(a) for a in known], _observed_ip(conns))[:MAX_ADDRS_PER_PEER]
             if addrs:
                 entries.append([peer_id.to_base58(), addrs])
             if len(entries) >= max_peers:
@@ -129,6 +130,37 @@ def make_peer_exchange_handler(
         await stream.close()
 
     return handle
+
+
+_WILDCARDS = {"/ip4/0.0.0.0/": "/ip4/", "/ip6/::/": "/ip6/"}
+
+
+def dialable_addrs(addrs: list[str], observed_ip: str | None) -> list[str]:
+    """The addresses to pass on for a peer: one it announced on a wildcard (a node listening on
+    0.0.0.0 announces /ip4/0.0.0.0/tcp/<port>, which nobody else can dial) becomes the IP we see
+    its connection come from, with the announced port; without an observed IP of that family it
+    is left out. Order kept, duplicates dropped."""
+    out: list[str] = []
+    for addr in addrs:
+        for wildcard, family in _WILDCARDS.items():
+            if addr.startswith(wildcard):
+                fits = observed_ip is not None and (":" in observed_ip) == (family == "/ip6/")
+                addr = f"{family}{observed_ip}/{addr[len(wildcard):]}" if fits else ""
+                break
+        if addr and addr not in out:
+            out.append(addr)
+    return out
+
+
+def _observed_ip(conns: object) -> str | None:
+    for conn in conns if isinstance(conns, list) else ():
+        try:
+            remote = conn.muxed_conn.get_remote_address()
+        except Exception:  # py-libp2p raises many types once a connection is closing
+            continue
+        if isinstance(remote, tuple) and remote and isinstance(remote[0], str):
+            return remote[0]
+    return None
 
 
 def _short(exc: BaseException) -> str:

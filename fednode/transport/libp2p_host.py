@@ -17,6 +17,7 @@ py-libp2p's defaults, each measured on 0.8.1:
   but not forwarded) is raised and its rejects are counted; delivery to our subscriptions
   bypasses pubsub's 32-slot channels (`notify_subscriptions` is replaced by ours).
 - the swarm's AutoConnector (dials every known peer while below 50 connections) is disabled.
+- the swarm's 60 s negative dial cache is disabled (our upkeep paces redials with its own backoff).
 - the `libp2p` logger is made to propagate again (importing libp2p turns that off).
 - Yamux's read loop no longer waits on the socket to answer a SYN or PING, which deadlocked a
   connection carrying bulk data both ways (see `libp2p_yamux`).
@@ -144,7 +145,22 @@ def make_host(identity: Identity) -> IHost:
             return None
 
         auto_connector.maybe_connect = no_auto_connect
+    disable_negative_dial_cache(host)
     return host
+
+
+def disable_negative_dial_cache(host: IHost) -> None:
+    """py-libp2p 0.8.1's swarm refuses for 60 s to dial a peer whose last dial failed ('recently
+    failed all addresses (negative cache)'), and `new_stream` dials through it. A peer that was
+    down for a few seconds (a restarted daemon, the same peer id) was thus unreachable, by our
+    redials and by every stream, for a minute after it came back (issue 13). Our own upkeep
+    (libp2p_discovery) already paces redials with a per-peer backoff, so the cache is turned off."""
+    cache: Any = getattr(host.get_network(), "_negative_peer_cache", None)
+    if cache is None:
+        return
+    if not hasattr(cache, "is_blocked"):
+        raise RuntimeError("py-libp2p's negative peer cache changed shape; see disable_negative_dial_cache")
+    cache.is_blocked = lambda peer_id: False
 
 
 def make_gossipsub(

@@ -1,4 +1,5 @@
-"""Keeps py-libp2p 0.8.1's Yamux read loop from blocking on writes (part of the libp2p adapter).
+"""Keeps py-libp2p 0.8.1's Yamux read loop from blocking on writes, and each frame written whole
+(part of the libp2p adapter).
 
 The bug: Yamux's read loop (`handle_incoming`) answers some frames itself, inline: the ACK of an
 inbound SYN, the RST for a frame on an unknown stream, the ACK of a PING. Each answer takes the
@@ -9,7 +10,15 @@ end to read, while each end's reader waits behind its own writer for the lock to
 Neither reader reads again: the connection is deadlocked for good (no error, no timeout), and
 every stream on it, gossip included, stalls.
 
-The fix: frames written by the read loop are queued and sent by a per-connection task, so the
+A second defect, same place: py-libp2p writes a frame with plain awaits, so a caller cancelled
+mid-write (any timeout around opening a stream or sending: ours are everywhere) leaves half a frame
+on the wire, or a Noise message encrypted (its nonce used) but never sent. The peer then fails to
+decrypt and drops the connection, while ours stays listed: every later stream on it fails or hangs,
+for good (issue 13: measured, one cancelled stream open in seven broke 90% of the opens after it on
+one connection). Every frame is therefore written whole, shielded from cancellation, within
+`frame_write_timeout`, past which the connection is closed.
+
+The fix for the first: frames written by the read loop are queued and sent by a per-connection task, so the
 read loop never waits for the socket and the connection keeps draining. The queue holds at most
 `max_pending` 12-byte frames; a peer that makes us owe more (opening streams while never reading)
 makes the read loop wait for room, as before, without memory growing. Ordering: the queued
@@ -24,9 +33,13 @@ import logging
 from typing import Any
 
 import trio
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 DEFAULT_MAX_PENDING_CONTROL_FRAMES = 4096  # per connection; 12 bytes each
+# A frame, once its first byte is handed to the secure channel, is written whole or the connection
+# is closed: this long at most (a peer that reads nothing for this long has a dead link anyway).
+DEFAULT_FRAME_WRITE_TIMEOUT = 30.0
 
 logger = logging.getLogger("fednode.transport.libp2p")
 
@@ -44,14 +57,39 @@ class _Replies:
         self.room = trio.Event()
 
 
-def install_yamux_nonblocking_reader(max_pending: int = DEFAULT_MAX_PENDING_CONTROL_FRAMES) -> None:
+async def _write_whole_frame(conn: Any, data: bytes, timeout: float) -> None:
+    """One frame onto the secure channel, never cut by a cancellation (see the module docstring:
+    a frame cut part-way, or a Noise message encrypted but not sent, desynchronises the byte
+    stream; the peer then drops the connection while ours stays listed, and every new stream on
+    it fails or hangs). Waiting for the write lock stays cancellable: nothing is written yet."""
+    async with conn._write_lock:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + timeout
+            await conn.secured_conn.write(data)
+        if scope.cancelled_caught:
+            logger.info("yamux: a frame to %s took over %.0f s to write; closing the connection", conn.peer_id,
+                        timeout)
+            with trio.CancelScope(shield=True) as closing:
+                closing.deadline = trio.current_time() + 2.0
+                try:
+                    await conn.secured_conn.close()
+                except Exception as exc:
+                    logger.debug("yamux: closing the connection to %s: %r", conn.peer_id, exc)
+            raise ConnectionClosedError(f"frame write to {conn.peer_id} timed out after {timeout:g} s")
+    await trio.lowlevel.checkpoint()
+
+
+def install_yamux_nonblocking_reader(max_pending: int = DEFAULT_MAX_PENDING_CONTROL_FRAMES,
+                                     frame_write_timeout: float = DEFAULT_FRAME_WRITE_TIMEOUT) -> None:
     """Patches `Yamux` (process-wide, idempotent); call before connections are made."""
     global _installed
     if _installed:
         return
     _installed = True
     original_handle_incoming = Yamux.handle_incoming
-    original_write_frame = Yamux._write_frame
+
+    async def original_write_frame(self: Any, data: bytes) -> None:
+        await _write_whole_frame(self, data, frame_write_timeout)
 
     async def handle_incoming(self: Any) -> None:
         self._fednode_replies = _Replies(trio.lowlevel.current_task(), max_pending)

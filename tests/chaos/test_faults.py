@@ -1,7 +1,7 @@
 """Randomised fault injection over real daemons (issue 13): 30+ seeded sequences of SIGKILL / SIGTERM /
 restart of the coordinator and participants, corrupted and deleted blobs (the latest merged one too,
 node running or stopped), a control-socket client that hangs up, and a full disk (a small tmpfs data
-dir; root only), spread over three federations of 4 `fednode run` processes (fake task, rounds of
+dir; root only), spread over two federations of 4 `fednode run` processes (fake task, rounds of
 about a second). After each sequence the checker compares every node's round records, state.sqlite
 and log: one merged adapter per round, no accepted submission lost or counted twice, no daemon exit
 but the injected ones, no traceback, no round sat out over a local blob fault. A node that stops
@@ -21,12 +21,14 @@ from fednode.harness.fault_plan import CLIENT, CORRUPT, DELETE, DISK_FULL, KILL,
 from fednode.harness.faults import SEED_ENV, FaultOptions, default_seed, run_faults
 
 # Not yet in ./scripts/test (issue 13 stays open): 0 forks and 0 lost submissions in every run so far,
-# but federations stall under the injected faults (nodes stuck in an older term; see the issue note),
-# so the 31 sequences do not all pass. Run it with `./scripts/test -m faults_open` or scripts/faults.
+# but federations still stall under the injected faults: on a loaded machine some nodes stop opening
+# libp2p streams (sync, blob) for minutes while their gossip goes on, so the 31 sequences do not all
+# pass. Fixed so far: py-libp2p's 60 s negative dial cache, frames cut by cancellation, stale
+# connections. Run it with `./scripts/test -m faults_open` or scripts/faults.
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.faults_open]
 
 SEQUENCES = 31  # the fixed r36 case + 30 random sequences
-CLUSTERS = 3
+CLUSTERS = 2
 TIME_BOUND_SECONDS = 720.0  # sequences not started by then FAIL as not run: the test never hangs the suite
 
 

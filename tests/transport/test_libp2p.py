@@ -19,6 +19,7 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from multiaddr import Multiaddr
 
+from fednode.errors import PeerUnavailable
 from fednode.harness.cluster import free_port
 from fednode.identity import Identity
 from fednode.transport.libp2p import Libp2pLimits, open_libp2p_transport
@@ -27,6 +28,7 @@ from fednode.transport.libp2p_discovery import (
     PEER_EXCHANGE_PROTOCOL,
     PEER_EXCHANGE_SERVE_TIMEOUT,
     ask_for_peers,
+    dialable_addrs,
     make_peer_exchange_handler,
 )
 from fednode.transport.testing import open_transports, wait_topic_peers, wait_until
@@ -171,3 +173,70 @@ async def test_a_bootstrap_peer_not_up_yet_is_logged_once_at_info_not_as_an_erro
     assert len(ours) >= 3 and len(ours) < DIAL_FAILURE_LOG_EVERY
     infos = [r for r in ours if r.levelno == logging.INFO]
     assert len(infos) == 1 and "will retry" in infos[0].getMessage()
+
+
+async def test_a_bootstrap_peer_that_comes_up_late_is_dialled_within_the_backoff_not_a_minute() -> None:
+    """Issue 13: a peer that was down (killed, restarting) when we dialled it must be reachable
+    again as soon as it is back, on our own backoff. py-libp2p 0.8.1's swarm puts a peer whose
+    dial failed into a 60 s negative cache: every redial and every stream to it then failed at
+    once ('recently failed all addresses (negative cache)') for a minute after it came back."""
+    late = Identity.generate()
+    port = free_port()
+    limits = Libp2pLimits(maintenance_interval=0.2, reconnect_backoff_min=0.2, reconnect_backoff_max=1.0)
+    async with open_libp2p_transport(Identity.generate(), listen_addrs=LOCAL, limits=limits,
+                                     bootstrap=[f"/ip4/127.0.0.1/tcp/{port}/p2p/{late.node_id}"]) as a:
+        await trio.sleep(1.0)  # a few dials fail: the peer is not up
+        assert late.node_id not in a.peers()
+        # the late peer dials nobody: only the first node's redials can link them
+        async with open_libp2p_transport(late, listen_addrs=[f"/ip4/127.0.0.1/tcp/{port}"], limits=limits) as b:
+            started = trio.current_time()
+            await wait_until(lambda: late.node_id in a.peers(), timeout=30)
+            assert trio.current_time() - started < 10.0
+            with trio.fail_after(10):
+                stream = await a.open_stream(b.local_peer_id, str(PEER_EXCHANGE_PROTOCOL))
+                await stream.aclose()
+
+
+async def test_a_connection_that_opens_no_stream_is_closed_and_the_next_stream_redials() -> None:
+    """Issue 13: a restarted node's peers kept a connection on which no new stream ever opened
+    (the far end gone or wedged, py-libp2p none the wiser) while gossip flowed on another, so
+    every sync and blob request from or to it timed out for minutes. A stream that does not open
+    within stream_open_timeout on a connection we hold now closes that connection, so the next
+    attempt dials afresh. Here the held connection's muxer is made to hang on every new stream."""
+    limits = Libp2pLimits(stream_open_timeout=1.0, maintenance_interval=0.2, reconnect_backoff_min=0.2,
+                          peer_exchange=False)
+    async with open_transports("libp2p", 2, "line", limits=limits) as (a, b):
+        await wait_until(lambda: b.local_peer_id in a.peers(), timeout=20)
+        target = ID.from_base58(b.local_peer_id)
+        wedged = list(a._host.get_network().connections[target])  # type: ignore[attr-defined]
+
+        async def hang() -> Any:
+            await trio.sleep_forever()
+
+        for conn in wedged:
+            conn.muxed_conn.open_stream = hang
+        started = trio.current_time()
+        with pytest.raises(PeerUnavailable, match="closed to redial"):
+            await a.open_stream(b.local_peer_id, str(PEER_EXCHANGE_PROTOCOL))
+        assert trio.current_time() - started < 5.0
+        assert all(conn.is_closed for conn in wedged)
+        assert a.statistics().streams_failed.get(f"{PEER_EXCHANGE_PROTOCOL}:stale_connection") == 1
+        with trio.fail_after(20):
+            while True:  # the next attempts dial afresh (or find the redialled link) and get through
+                try:
+                    stream = await a.open_stream(b.local_peer_id, str(PEER_EXCHANGE_PROTOCOL))
+                    break
+                except PeerUnavailable:
+                    await trio.sleep(0.2)
+            assert await stream.receive_some(65536)
+            await stream.aclose()
+
+
+def test_peer_exchange_passes_on_the_observed_ip_for_a_wildcard_announcement() -> None:
+    """Before: a node listening on 0.0.0.0 was passed on as /ip4/0.0.0.0/tcp/<port>; across
+    machines its peers could then reach it only through the node that told them."""
+    announced = ["/ip4/0.0.0.0/tcp/4001", "/ip4/10.0.0.5/tcp/4001", "/ip6/::/tcp/4001"]
+    assert dialable_addrs(announced, "192.168.1.7") == ["/ip4/192.168.1.7/tcp/4001", "/ip4/10.0.0.5/tcp/4001"]
+    assert dialable_addrs(announced, "fd00::7") == ["/ip4/10.0.0.5/tcp/4001", "/ip6/fd00::7/tcp/4001"]
+    assert dialable_addrs(["/ip4/0.0.0.0/tcp/4001"], None) == []
+    assert dialable_addrs(["/ip4/10.0.0.5/tcp/1", "/ip4/0.0.0.0/tcp/1"], "10.0.0.5") == ["/ip4/10.0.0.5/tcp/1"]
