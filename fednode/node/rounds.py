@@ -859,14 +859,14 @@ class RoundDriver:
             await trio.sleep(learning.fake_aggregate_delay_seconds)
         datas = [await self._read_blob(a.delta_sha256, self._fetch_delta(a)) for a in effect.announces]
         weights = [float(a.num_samples) for a in effect.announces]
-        from fednode.aggregation import aggregate, dump_delta
+        from fednode.node.fake_task import FakeTrainer, merge_updates  # fake task + fedavg: numpy, no torch
 
-        options = aggregation_options(self.config)
+        config, fake = self.config, isinstance(self.trainer, FakeTrainer)
 
         def work() -> tuple[bytes, float | None]:
-            result = aggregate(datas, weights, effect.method, rank=state.manifest.lora_rank,
-                               alpha=state.manifest.lora_alpha, options=options)
-            return dump_delta(result.tensors), result.discarded_energy
+            return merge_updates(datas, weights, effect.method, rank=state.manifest.lora_rank,
+                                 alpha=state.manifest.lora_alpha, options=lambda: aggregation_options(config),
+                                 fake=fake)
 
         try:
             if self.inline_training:
