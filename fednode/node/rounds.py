@@ -62,6 +62,7 @@ from fednode.errors import (
 from fednode.identity import Identity
 from fednode.node.diskfull import DiskPause
 from fednode.node.records import round_record, write_record
+from fednode.node.retention import collect_old_rounds, collected_published
 from fednode.node.trainers import Trainer
 from fednode.state import OwnUpdate, StateDB
 from fednode.transport.base import Transport
@@ -282,7 +283,7 @@ class RoundDriver:
         return announce
 
     def _count_installed(self) -> int:
-        return sum(1 for r in self.db.rounds(states=("published",)) if r.record)
+        return sum(1 for r in self.db.rounds(states=("published",)) if r.record) + collected_published(self.db)
 
     # -- helpers -----------------------------------------------------------------------------
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -572,7 +573,8 @@ class RoundDriver:
             return None
         finished = self.db.rounds(states=("published", "failed"))
         if not force:
-            if cfg.max_rounds and sum(1 for r in finished if r.state == "published") >= cfg.max_rounds:
+            published = sum(1 for r in finished if r.state == "published") + collected_published(self.db)
+            if cfg.max_rounds and published >= cfg.max_rounds:
                 return None
             if finished and now - self._finished_at(finished[-1]) < cfg.pause_seconds:
                 return None
@@ -954,6 +956,8 @@ class RoundDriver:
             self.db.finish_round(state.round_id, state="published", merged_sha256=effect.sha256,
                                  outcome=(row.outcome or b"") if row else b"", record=record, now=self.clock())
             write_record(self.config.data_dir, record)
+            collect_old_rounds(data_dir=self.config.data_dir, db=self.db, store=self.store,
+                               keep_rounds=self.config.node.keep_rounds, driver=self)  # bounded disk/memory
             self.progress.rounds_completed = self._count_installed()
             if number >= self.progress.last_merged.get("round_number", 0):  # an older round installed late
                 self.progress.last_merged = {"round_number": number, "sha256": effect.sha256, "path": str(target),
