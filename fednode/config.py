@@ -41,6 +41,9 @@ class NodeSection:
     data_dir: str = _opt("./fednode-data", doc="where blobs, state.sqlite, adapters and rounds live")
     key_file: str = _opt("node.key", doc="Ed25519 key file (mode 0600); relative to data_dir")
     name: str = _opt("", doc="display name for logs and status")
+    keep_rounds: int = _opt(50, lo=0, hi=1_000_000_000,
+                            doc="finished rounds kept (rows, records, adapters, blobs only they use); "
+                                "older ones are deleted after each round; 0 = keep all")
 
 
 @dataclass(frozen=True)

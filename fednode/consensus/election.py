@@ -18,6 +18,11 @@ replays a crashed coordinator's heartbeats after the duplicate cache flushed can
 "alive". Daemons start their counter at the wall clock in microseconds, so it keeps growing
 across restarts.
 With `mode = "fixed"` the coordinator is the configured peer id, term 0, and claims are ignored.
+
+Late heartbeats (r2): a member's timeout stretches with the gaps its heartbeats actually arrive at
+(a slow member is not a dead one), and a node that was itself not running (no event for longer than a
+heartbeat interval: a CPU stall, a suspended laptop) suspects nobody until it has been running for a
+heartbeat interval again, so the heartbeats queued meanwhile are read before anyone is judged.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ DEFAULT_LIVENESS_TIMEOUT_INTERVALS = 2.5  # a peer silent this many intervals is
 DEFAULT_MAX_MEMBERS = 10_000  # member table bound
 DEFAULT_TERM_HISTORY = 64  # terms whose best claim is remembered
 DEFAULT_MAX_TERM_JUMP = 1_000_000  # a claim further above our term than this is ignored (term exhaustion)
+# Late heartbeats (election-v1 r2, rules 10 and 11): a member that is merely slow must not cost a term.
+SLOW_GAP_RATIO = 1.5  # a member whose recent heartbeat gaps exceed this many intervals is "slow"
+GAP_DECAY = 0.9  # the remembered gap relaxes by this factor per heartbeat once the member is on time again
+MAX_SLOW_TIMEOUT_FACTOR = 4.0  # a slow member's timeout is at most this many liveness_timeouts
+STALL_TICKS = 2.0  # no event for this many promised tick gaps (and a heartbeat interval) = we were stalled
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,7 @@ class ElectionConfig:
     # A message is a sign of life at min(receipt, its timestamp + this): an old message replayed
     # by gossip (a late subscriber's catch-up, an IWANT answer) does not make a dead node live.
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
+    max_tick_gap: float = 0.0  # the host feeds an event at least this often (0 = no promise: rule 11 off)
 
     def __post_init__(self) -> None:
         if self.mode not in ("elect", "fixed"):
@@ -63,6 +74,16 @@ class ElectionConfig:
             raise ConfigError("coordinator: need liveness_timeout > heartbeat_interval > 0")
         if self.max_members < 1 or self.term_history < 1 or self.max_term_jump < 1:
             raise ConfigError("coordinator: max_members, term_history and max_term_jump must be >= 1")
+        if not (math.isfinite(self.max_tick_gap) and self.max_tick_gap >= 0):
+            raise ConfigError("coordinator: max_tick_gap must be finite and >= 0")
+
+    @property
+    def stall_gap(self) -> float | None:
+        """Rule 11: a gap between two events longer than this means the node itself was not running
+        (None: the host promises no regular ticks, so a gap means nothing)."""
+        if self.max_tick_gap <= 0:
+            return None
+        return max(self.heartbeat_interval, STALL_TICKS * self.max_tick_gap)
 
     @property
     def effective_claim_timeout(self) -> float:
@@ -111,6 +132,24 @@ class _Member:
     federated: bool
     seq: int = -1  # the highest heartbeat seq heard (-1: none yet, e.g. known from a claim only)
     claim: tuple[int, float] = (0, -1.0)  # (term, claimed_at) of the newest CoordinatorClaim heard
+    gap: float = 0.0  # recent heartbeat inter-arrival gap: the latest, or the decayed larger one before it
+    heartbeat_at: float = -1.0  # reception time of the last fresh heartbeat (-1: none yet)
+
+
+def stretched_timeout(liveness_timeout: float, heartbeat_interval: float, gap: float) -> float:
+    """election-v1 rule 10: a member's timeout. `liveness_timeout`, unless its recent heartbeat gap is
+    over SLOW_GAP_RATIO intervals: then liveness_timeout x gap / interval (as many missed heartbeats
+    as usual, counted at its own pace), at most MAX_SLOW_TIMEOUT_FACTOR x liveness_timeout."""
+    ratio = gap / heartbeat_interval
+    if ratio <= SLOW_GAP_RATIO:
+        return liveness_timeout
+    return min(liveness_timeout * ratio, liveness_timeout * MAX_SLOW_TIMEOUT_FACTOR)
+
+
+def next_gap(previous: float, observed: float) -> float:
+    """The remembered gap after a heartbeat arrived `observed` seconds after the one before: a longer
+    gap is taken at once, a shorter one lets the old value decay by GAP_DECAY per heartbeat."""
+    return max(observed, previous * GAP_DECAY)
 
 
 class ElectionState:
@@ -128,6 +167,7 @@ class ElectionState:
         self.claims: dict[int, str] = {}  # term -> best claimant seen (bounded by term_history)
         self._pending: tuple[int, float] | None = None  # (term we wait a claim for, since)
         self._last_now = now
+        self._resumed_at = -math.inf  # rule 11: after a stall of our own, suspect nobody for an interval
 
     @property
     def coordinator(self) -> str | None:
@@ -144,10 +184,13 @@ class ElectionState:
 
     def live_members(self, now: float) -> list[str]:
         """Federated members heard within liveness_timeout, this node included when federated."""
-        out = [n for n, m in self.members.items() if m.federated and now - m.last_seen < self.config.liveness_timeout]
+        out = [n for n, m in self.members.items() if m.federated and now - m.last_seen < self.timeout_of(m)]
         if self.federated and self.node_id not in out:
             out.append(self.node_id)
         return sorted(out)
+
+    def timeout_of(self, member: _Member) -> float:
+        return stretched_timeout(self.config.liveness_timeout, self.config.heartbeat_interval, member.gap)
 
     def is_stale(self, hb: Heartbeat) -> bool:
         """Whether `hb` is no newer than a heartbeat already heard from its node (a replay)."""
@@ -165,15 +208,20 @@ class ElectionState:
         times = [grace_end]
         coord = self.coordinator
         if coord is not None and coord != self.node_id and coord in self.members:
-            times.append(self.members[coord].last_seen + self.config.liveness_timeout)
+            times.append(self.members[coord].last_seen + self.timeout_of(self.members[coord]))
         if self._pending is not None:
             times.append(self._pending[1] + self.config.effective_claim_timeout)
-            times.extend(m.last_seen + self.config.liveness_timeout for m in self.members.values() if m.federated)
+            times.extend(m.last_seen + self.timeout_of(m) for m in self.members.values() if m.federated)
+        if self._resumed_at > -math.inf:
+            times.append(self._resumed_at + self.config.heartbeat_interval)
         future = [t for t in times if t > self._last_now]
         return min(future) if future else None
 
     # -- the one entry point -------------------------------------------------------------------
     def handle(self, event: ElectionEvent) -> Outcome:
+        stall_gap = self.config.stall_gap
+        if stall_gap is not None and event.now - self._last_now > stall_gap:
+            self._resumed_at = event.now  # we were not running: what we missed may still be queued
         self._last_now = max(self._last_now, event.now)
         effects: list[Effect] = []
         if isinstance(event, HeartbeatSeen):
@@ -207,7 +255,11 @@ class ElectionState:
         seen = self._alive_at(hb.sent_at, now)
         if not self._see(hb.node_id, seen, hb.federated_learning):
             return Validation(Verdict.IGNORE, "member_table_full", f"max_members={self.config.max_members}")
-        self.members[hb.node_id].seq = hb.seq
+        member = self.members[hb.node_id]
+        member.seq = hb.seq
+        if member.heartbeat_at >= 0:
+            member.gap = next_gap(member.gap, now - member.heartbeat_at)
+        member.heartbeat_at = max(member.heartbeat_at, now)
         if hb.term >= 1 and hb.coordinator_node_id == hb.node_id:  # a coordinator's heartbeat
             return self._on_claim(hb.term, hb.node_id, now, effects, seen=seen)  # renews its claim
         return ACCEPTED
@@ -266,9 +318,11 @@ class ElectionState:
         if coord == self.node_id:
             return
         if coord is not None and coord in self.members and \
-                now - self.members[coord].last_seen < self.config.liveness_timeout:
+                now - self.members[coord].last_seen < self.timeout_of(self.members[coord]):
             self._pending = None
             return
+        if now - self._resumed_at < self.config.heartbeat_interval:
+            return  # rule 11: just back from a stall of our own; read what queued up first
         # No live coordinator: wait for a claim for the next term, moving on a term per claim_timeout.
         if self._pending is None or self._pending[0] <= self.term:
             self._pending = (self.term + 1, now)

@@ -116,7 +116,8 @@ class Node:
             liveness_timeout=liveness, max_clock_skew=config.community.max_clock_skew_seconds,
             # Before a first claim, hear the community: the gossip mesh forms within a gossip heartbeat,
             # then every live member's heartbeat arrives (with the term and coordinator it follows).
-            startup_grace=liveness + config.network.gossip_heartbeat_seconds), now=clock(),
+            startup_grace=liveness + config.network.gossip_heartbeat_seconds,
+            max_tick_gap=MAX_TIMER_SLEEP_SECONDS), now=clock(),  # the timer loop's promise (rule 11)
             federated=self.enabled)
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,

@@ -72,6 +72,7 @@ from fednode.node.reports import (
     TrainingProgress,
     TransferProgress,
 )
+from fednode.node.retention import collect_old_rounds, collected_published
 from fednode.node.trainers import Trainer
 from fednode.state import OwnUpdate, StateDB
 from fednode.transport.base import Transport
@@ -292,7 +293,7 @@ class RoundDriver:
         return announce
 
     def _count_installed(self) -> int:
-        return sum(1 for r in self.db.rounds(states=("published",)) if r.record)
+        return sum(1 for r in self.db.rounds(states=("published",)) if r.record) + collected_published(self.db)
 
     # -- helpers -----------------------------------------------------------------------------
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -582,7 +583,8 @@ class RoundDriver:
             return None
         finished = self.db.rounds(states=("published", "failed"))
         if not force:
-            if cfg.max_rounds and sum(1 for r in finished if r.state == "published") >= cfg.max_rounds:
+            published = sum(1 for r in finished if r.state == "published") + collected_published(self.db)
+            if cfg.max_rounds and published >= cfg.max_rounds:
                 return None
             if finished and now - self._finished_at(finished[-1]) < cfg.pause_seconds:
                 return None
@@ -868,14 +870,14 @@ class RoundDriver:
             await trio.sleep(learning.fake_aggregate_delay_seconds)
         datas = [await self._read_blob(a.delta_sha256, self._fetch_delta(a)) for a in effect.announces]
         weights = [float(a.num_samples) for a in effect.announces]
-        from fednode.aggregation import aggregate, dump_delta
+        from fednode.node.fake_task import FakeTrainer, merge_updates  # fake task + fedavg: numpy, no torch
 
-        options = aggregation_options(self.config)
+        config, fake = self.config, isinstance(self.trainer, FakeTrainer)
 
         def work() -> tuple[bytes, float | None]:
-            result = aggregate(datas, weights, effect.method, rank=state.manifest.lora_rank,
-                               alpha=state.manifest.lora_alpha, options=options)
-            return dump_delta(result.tensors), result.discarded_energy
+            return merge_updates(datas, weights, effect.method, rank=state.manifest.lora_rank,
+                                 alpha=state.manifest.lora_alpha, options=lambda: aggregation_options(config),
+                                 fake=fake)
 
         try:
             if self.inline_training:
@@ -964,6 +966,8 @@ class RoundDriver:
                                  outcome=(row.outcome or b"") if row else b"", record=record.to_json(),
                                  now=self.clock())
             write_record(self.config.data_dir, record)
+            collect_old_rounds(data_dir=self.config.data_dir, db=self.db, store=self.store,
+                               keep_rounds=self.config.node.keep_rounds, driver=self)  # bounded disk/memory
             self.progress.rounds_completed = self._count_installed()
             if number >= self.progress.last_merged.get("round_number", 0):  # an older round installed late
                 self.progress.last_merged = {"round_number": number, "sha256": effect.sha256, "path": str(target),

@@ -8,14 +8,23 @@ blocking CPU work: the daemon runs it in a worker thread.
 
 from __future__ import annotations
 
-import hashlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from fednode.config import Config
+from fednode.node.fake_task import FAKE_LAYOUT, FakeTrainer
+
+__all__ = [
+    "FAKE_LAYOUT",
+    "FakeTrainer",
+    "LearningTrainer",
+    "ProgressCallback",
+    "TrainOutput",
+    "Trainer",
+    "make_trainer",
+]
 
 ProgressCallback = Callable[[int, float], None]  # (step, loss)
 
@@ -73,79 +82,6 @@ class Trainer(Protocol):
         """Write `adapter` (a round's merged adapter) as a loadable folder at `directory`, atomically
         (build beside it, then rename: `fednode.fsutil.atomic_replace_dir`). The daemon points
         adapters/latest at it."""
-
-
-# FakeTrainer's adapter: two adapted "modules" and a head, small enough for 100s of nodes.
-FAKE_LAYOUT: dict[str, tuple[int, ...]] = {
-    "base_model.model.layer.0.q.lora_A.weight": (4, 12),
-    "base_model.model.layer.0.q.lora_B.weight": (10, 4),
-    "base_model.model.layer.0.v.lora_A.weight": (4, 12),
-    "base_model.model.layer.0.v.lora_B.weight": (10, 4),
-    "base_model.model.head.weight": (3, 10),
-}
-
-
-class FakeTrainer:
-    """Deterministic: the update is the start adapter plus noise seeded by (node, round, start)."""
-
-    base_model_id = "fake-model"
-    base_model_hash = hashlib.sha256(b"fednode fake base model v1").hexdigest()
-
-    def __init__(self, node_index: int, *, num_samples: int | None = None, step_seconds: float = 0.0) -> None:
-        self.node_index = node_index
-        self.num_samples = num_samples if num_samples is not None else 10 + 7 * node_index
-        self.step_seconds = step_seconds
-        # The tensor stack is imported now, at daemon start (make_trainer runs before the node joins),
-        # not inside the first round's deadline: on a loaded machine that import takes seconds.
-        import fednode.aggregation.delta  # noqa: F401
-
-    def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
-              seed: int, progress: ProgressCallback | None = None, deadline: float | None = None) -> TrainOutput:
-        import torch
-
-        from fednode.aggregation.delta import dump_delta, load_delta
-
-        start = load_delta(start_adapter) if start_adapter else {k: torch.zeros(s) for k, s in FAKE_LAYOUT.items()}
-        digest = hashlib.sha256(f"{self.node_index}/{round_number}/{seed}".encode() + (start_adapter or b""))
-        gen = torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little"))
-        out = {k: (start[k] + 0.1 * torch.randn(s, generator=gen)).float() for k, s in FAKE_LAYOUT.items()}
-        for step in range(1, steps + 1):
-            if self.step_seconds:
-                # Unequal machines: node i's steps take (1 + i mod 4) x step_seconds, so submissions
-                # arrive spread out. Runs in the daemon's worker thread.
-                time.sleep(self.step_seconds * (1 + self.node_index % 4))
-            if progress is not None:
-                progress(step, 1.0 / step)
-        return TrainOutput(dump_delta(out), self.num_samples, {"loss": 1.0 / max(steps, 1)})
-
-    def evaluate(self, adapter: bytes | None) -> dict[str, float]:
-        if adapter is None:
-            return {"accuracy": 0.0, "loss": 1.0, "n": 1}
-        from fednode.aggregation.delta import load_delta
-
-        tensors = load_delta(adapter)
-        norm = float(sum(float(t.float().norm()) ** 2 for t in tensors.values())) ** 0.5
-        return {"accuracy": 1.0 / (1.0 + norm), "loss": norm, "n": 1}
-
-    def check_update(self, delta_bytes: bytes, *, max_norm: float) -> None:
-        import torch
-
-        from fednode.aggregation.delta import AdapterLayout, load_delta, validate_update
-
-        layout = AdapterLayout.from_tensors({k: torch.zeros(s) for k, s in FAKE_LAYOUT.items()})
-        validate_update(load_delta(delta_bytes), layout, max_norm=max_norm)
-
-    def install(self, adapter: bytes, directory: Path, *, lora_rank: int, lora_alpha: float) -> None:
-        import json
-        import tempfile
-
-        from fednode.fsutil import atomic_replace_dir
-
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        build = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-        (build / "adapter_model.safetensors").write_bytes(adapter)
-        (build / "adapter_config.json").write_text(json.dumps({"fake": True, "r": lora_rank, "lora_alpha": lora_alpha}))
-        atomic_replace_dir(build, directory)
 
 
 class LearningTrainer:

@@ -47,6 +47,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from fednode.identity import Identity
+from fednode.transport.libp2p_records import install_signed_record_memo
 from fednode.transport.libp2p_yamux import install_yamux_nonblocking_reader
 from fednode.transport.subscription import GossipCounters
 
@@ -127,6 +128,7 @@ def key_pair_from_identity(identity: Identity) -> KeyPair:
 
 def make_host(identity: Identity) -> IHost:
     install_yamux_nonblocking_reader()
+    install_signed_record_memo()  # idle CPU: a peer's record is verified once, not per RPC
     key_pair = key_pair_from_identity(identity)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     host = new_host(

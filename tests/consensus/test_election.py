@@ -296,3 +296,108 @@ def test_rank_vectors_in_the_spec() -> None:
     by_term = {t: min((r for r in rows if r[0] == t), key=lambda r: r[2])[1] for t in ("1", "2")}
     assert by_term == {"1": "12D3KooWP3YuV6tAbk9KeArKrGv1DTvpjkVtraZSV55W9brcZtLY",
                        "2": "12D3KooWL5Tu1NWUnQ3dzF4Dhkvx2Xn4BZYFUnZM3UUjdNUkSaLp"}
+
+
+# -- late heartbeats (election-v1 r2, rules 10 and 11) ---------------------------------------------
+
+
+def test_stretched_timeout_counts_missed_heartbeats_at_the_members_own_pace() -> None:
+    from fednode.consensus.election import MAX_SLOW_TIMEOUT_FACTOR, SLOW_GAP_RATIO, next_gap, stretched_timeout
+
+    live = CONFIG.liveness_timeout
+    assert stretched_timeout(live, INTERVAL, 0.0) == live  # nothing heard yet
+    assert stretched_timeout(live, INTERVAL, SLOW_GAP_RATIO * INTERVAL) == live  # jitter is not slowness
+    assert stretched_timeout(live, INTERVAL, 3 * INTERVAL) == pytest.approx(3 * live)
+    assert stretched_timeout(live, INTERVAL, 100 * INTERVAL) == MAX_SLOW_TIMEOUT_FACTOR * live  # bounded
+    assert next_gap(1.0, 3.0) == 3.0  # a longer gap counts at once
+    gap = 3.0
+    for _ in range(30):  # back on time: the remembered gap decays to the real one
+        gap = next_gap(gap, 1.0)
+    assert gap == 1.0
+
+
+def test_a_slow_coordinator_still_heard_costs_no_term() -> None:
+    """Its heartbeats arrive every 3 intervals (a busy machine): after the first slow gap it is
+    judged at its own pace, so the follower neither suspects it nor claims."""
+    coord, me = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    t = EPOCH
+    state.handle(HeartbeatSeen(hb(coord, t, term=1, coordinator=coord), t))
+    t += 1.0
+    state.handle(HeartbeatSeen(hb(coord, t, term=1, coordinator=coord), t))
+    t += 2.4  # one slow gap, still within liveness_timeout
+    state.handle(HeartbeatSeen(hb(coord, t, term=1, coordinator=coord), t))
+    for _ in range(10):
+        due = state.next_timer()
+        assert due is not None and due >= t + 2.4 * CONFIG.liveness_timeout - 1e-9
+        for k in range(1, 7):  # ticks while it is silent for 3 intervals
+            out = state.handle(Tick(t + 0.5 * k))
+            assert not [e for e in out.effects if isinstance(e, PublishClaim)]
+            assert coord in state.live_members(t + 0.5 * k)
+        t += 3.0
+        state.handle(HeartbeatSeen(hb(coord, t, term=1, coordinator=coord), t))
+    assert (state.term, state.coordinator, state._pending) == (1, coord, None)
+    # and once it really stops, it is suspected within its stretched timeout (bounded)
+    from fednode.consensus.election import MAX_SLOW_TIMEOUT_FACTOR
+
+    dead_from, suspected_at = t, None
+    for k in range(1, 100):
+        state.handle(Tick(dead_from + 0.5 * k))
+        if state._pending is not None or state.term > 1:  # waiting for a claim, or claimed term 2 itself
+            suspected_at = dead_from + 0.5 * k
+            break
+    assert suspected_at is not None and (state.term == 2 or state._pending == (2, suspected_at))
+    assert suspected_at - dead_from <= MAX_SLOW_TIMEOUT_FACTOR * CONFIG.liveness_timeout + 0.5
+
+
+def test_an_on_time_member_keeps_the_plain_timeout() -> None:
+    coord, me = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    for k in range(5):
+        state.handle(HeartbeatSeen(hb(coord, EPOCH + k, term=1, coordinator=coord), EPOCH + k + 0.05 * (k % 2)))
+    last = state.members[coord].last_seen
+    assert state.next_timer() == last + CONFIG.liveness_timeout
+
+
+def test_a_node_back_from_its_own_stall_reads_queued_heartbeats_before_suspecting() -> None:
+    """Rule 11: the host promised a tick every 0.5 s; a 4 s gap means this node was not running.
+    Its first tick after the stall (the coordinator looks silent for 4 s) suspects nobody; the
+    coordinator's heartbeat that was queued meanwhile arrives next and keeps it."""
+    config = ElectionConfig(heartbeat_interval=INTERVAL, liveness_timeout=2.5 * INTERVAL, max_tick_gap=0.5)
+    coord, me = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, config, now=EPOCH)
+    t = EPOCH
+    for _ in range(4):
+        state.handle(HeartbeatSeen(hb(coord, t, term=1, coordinator=coord), t))
+        state.handle(Tick(t + 0.5))
+        t += 1.0
+    t -= 1.0
+    back = t + 4.0  # stalled from t + 0.5 to t + 4
+    out = state.handle(Tick(back))
+    assert not [e for e in out.effects if isinstance(e, PublishClaim)] and state._pending is None
+    assert state.next_timer() == back + INTERVAL
+    state.handle(HeartbeatSeen(hb(coord, back, term=1, coordinator=coord), back + 0.01))
+    out = state.handle(Tick(back + INTERVAL))
+    assert state._pending is None and (state.term, state.coordinator) == (1, coord)
+    # without the queued heartbeat, suspicion starts one interval after the node is back
+    state2 = ElectionState(me, config, now=EPOCH)
+    t = EPOCH
+    for _ in range(4):
+        state2.handle(HeartbeatSeen(hb(coord, t, term=1, coordinator=coord), t))
+        state2.handle(Tick(t + 0.5))
+        t += 1.0
+    state2.handle(Tick(back))
+    assert state2._pending is None and state2.term == 1
+    state2.handle(Tick(back + INTERVAL))  # waits for a claim for term 2, or made it (the candidate)
+    assert (state2._pending is not None and state2._pending[0] == 2) or state2.term == 2
+
+
+def test_without_a_tick_promise_a_quiet_gap_is_not_a_stall() -> None:
+    """max_tick_gap = 0 (a host that only wakes on next_timer): a long quiet gap says nothing."""
+    coord, me = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH, federated=False)  # never claims: _pending shows the suspicion
+    state.handle(HeartbeatSeen(hb(coord, EPOCH + 3, term=1, coordinator=coord), EPOCH + 3))
+    dead_at = EPOCH + 3 + CONFIG.liveness_timeout
+    assert state.next_timer() == dead_at
+    state.handle(Tick(dead_at))
+    assert state._pending is not None and state._pending[0] == 2
