@@ -221,6 +221,20 @@ class StateDB:
         rows = self._conn.execute("SELECT * FROM rounds WHERE record IS NULL ORDER BY round_number, term").fetchall()
         return [_round_row(r) for r in rows]
 
+    def highest_term(self) -> int:
+        """The highest term this node has seen (election-v1 rule 12): stored, reported by a member,
+        or of a round. A node restarted from this database starts its election there."""
+        row = self._conn.execute(
+            "SELECT max(coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'election_term'), 0), "
+            "coalesce((SELECT max(term) FROM members), 0), coalesce((SELECT max(term) FROM rounds), 0))").fetchone()
+        return int(row[0] or 0)
+
+    def save_term(self, term: int) -> None:
+        """Remember `term` if it is higher than the stored one (one small write per term change)."""
+        with self._tx() as c:
+            c.execute("INSERT INTO meta VALUES ('election_term', ?) ON CONFLICT(key) DO UPDATE SET value = "
+                      "CAST(max(CAST(meta.value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)", (str(term),))
+
     def latest_published(self) -> RoundRow | None:
         row = self._conn.execute("SELECT * FROM rounds WHERE state = 'published' AND record IS NOT NULL "
                                  "ORDER BY round_number DESC, term DESC LIMIT 1").fetchone()

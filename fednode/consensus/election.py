@@ -157,12 +157,14 @@ class ElectionState:
     `handle(Tick(now))` when `next_timer()` is due. Put `term` and `coordinator` into heartbeats."""
 
     def __init__(self, node_id: str, config: ElectionConfig | None = None, *, now: float,
-                 federated: bool = True) -> None:
+                 federated: bool = True, known_term: int = 0) -> None:
+        """`known_term`: the highest term this node saw before a restart (rule 12); it starts there,
+        with no coordinator known, so it neither claims nor follows an older term."""
         self.node_id = node_id
         self.config = config or ElectionConfig()
         self.federated = federated
         self.started_at = now
-        self.term = 0
+        self.term = min(max(0, known_term), MAX_TERM)
         self.members: dict[str, _Member] = {}
         self.claims: dict[int, str] = {}  # term -> best claimant seen (bounded by term_history)
         self._pending: tuple[int, float] | None = None  # (term we wait a claim for, since)

@@ -118,7 +118,7 @@ class Node:
             # then every live member's heartbeat arrives (with the term and coordinator it follows).
             startup_grace=liveness + config.network.gossip_heartbeat_seconds,
             max_tick_gap=MAX_TIMER_SLEEP_SECONDS), now=clock(),  # the timer loop's promise (rule 11)
-            federated=self.enabled)
+            federated=self.enabled, known_term=self.db.highest_term())  # rule 12: a restart keeps the term
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
                                   live_members=self._live_federated, inline_training=inline_training,
@@ -333,6 +333,10 @@ class Node:
                 self._publish_soon(claim)
             elif isinstance(effect, CoordinatorChanged):
                 logger.info("coordinator is now %s (term %d)", effect.coordinator_node_id[-8:], effect.term)
+                try:
+                    self.db.save_term(effect.term)  # election-v1 rule 12
+                except DiskFull as exc:  # kept in memory; members and rounds carry terms too
+                    self.disk.note(exc, "saving the term")
                 self.driver.on_coordinator_changed(effect)
                 self._wake.set()
         return outcome.validation

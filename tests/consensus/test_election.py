@@ -401,3 +401,20 @@ def test_without_a_tick_promise_a_quiet_gap_is_not_a_stall() -> None:
     assert state.next_timer() == dead_at
     state.handle(Tick(dead_at))
     assert state._pending is not None and state._pending[0] == 2
+
+
+def test_a_restarted_node_keeps_its_term_and_ignores_an_older_terms_claim() -> None:
+    """Rule 12 (fault runner seed 2026): a node restarted while the term-4 coordinator is down must
+    neither follow a term-1 claim nor claim a term <= 4 itself."""
+    me, other = IDS[0].node_id, IDS[1].node_id
+    cfg = ElectionConfig(heartbeat_interval=INTERVAL, liveness_timeout=3 * INTERVAL, startup_grace=3 * INTERVAL)
+    state = ElectionState(me, cfg, now=EPOCH, known_term=4)
+    assert state.term == 4 and state.coordinator is None
+    out = state.handle(ClaimSeen(claim(other, 1, EPOCH + 1), EPOCH + 1))
+    assert out.validation.reason == "stale_term" and state.coordinator is None and state.term == 4
+    claims = [e.term for t in range(2, 60)
+              for e in state.handle(Tick(EPOCH + t)).effects if isinstance(e, PublishClaim)]
+    assert claims and min(claims) >= 5, claims
+    fresh = ElectionState(me, cfg, now=EPOCH)  # without rule 12 the same node follows term 1
+    fresh.handle(ClaimSeen(claim(other, 1, EPOCH + 1), EPOCH + 1))
+    assert fresh.coordinator == other and fresh.term == 1
