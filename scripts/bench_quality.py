@@ -64,9 +64,13 @@ DEFAULT_MAX_LEN = 64
 DEFAULT_THREADS = 2
 SUITES = ("classification", "chat")
 # --suite chat: per-suite defaults of the shared flags (a flag given on the command line wins).
-CHAT_DEFAULTS = {"rounds": 3, "local_steps": 4, "lr": 1e-3, "central_lr": 5e-4, "batch": 4, "max_len": 96}
+# chat: 8 rounds x 2 local steps under one decay over the run (see bench_quality_chat's docstring).
+CHAT_DEFAULTS = {"rounds": 8, "local_steps": 2, "lr": 1e-3, "central_lr": 5e-4, "batch": 4, "max_len": 96,
+                 "round_schedule": "run"}
 CLASSIFICATION_DEFAULTS = {"rounds": DEFAULT_ROUNDS, "local_steps": DEFAULT_LOCAL_STEPS, "lr": DEFAULT_LR,
-                           "central_lr": DEFAULT_CENTRAL_LR, "batch": DEFAULT_BATCH, "max_len": DEFAULT_MAX_LEN}
+                           "central_lr": DEFAULT_CENTRAL_LR, "batch": DEFAULT_BATCH, "max_len": DEFAULT_MAX_LEN,
+                           "round_schedule": "call"}
+ROUND_SCHEDULES = ("call", "run")
 DEFAULT_CHAT_TRAIN_ROWS = 48  # per node
 DEFAULT_CHAT_EVAL_ROWS = 16  # per node; the pooled held-out set is all nodes' together
 DEFAULT_CHAT_SKEW = 0.8  # fraction of a node's rows from its own topic
@@ -116,6 +120,7 @@ def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
             "central_lr": args.central_lr,
             "schedule": args.schedule,
             "floor": args.floor,
+            "round_schedule": args.round_schedule,
             "batch": args.batch,
             "max_len": args.max_len,
             "seed": args.seed,
@@ -158,7 +163,13 @@ def run(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, Any]:
         for rnd in range(args.rounds):
             results = [
                 n.train(
-                    global_adapter, steps=args.local_steps, learning_rate=args.lr, seed=args.seed + 1000 * (rnd + 1)
+                    global_adapter,
+                    steps=args.local_steps,
+                    learning_rate=args.lr,
+                    seed=args.seed + 1000 * (rnd + 1),
+                    lr_schedule=schedule.window(rnd * args.local_steps, args.rounds * args.local_steps)
+                    if args.round_schedule == "run"
+                    else None,
                 )
                 for n in nodes
             ]
@@ -236,6 +247,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--central-lr", type=float, default=None, help="centralized arm's peak LR; "
                    f"default {DEFAULT_CENTRAL_LR}, chat {CHAT_DEFAULTS['central_lr']}")
     p.add_argument("--schedule", choices=LR_SCHEDULE_KINDS, default=DEFAULT_SCHEDULE, help="LR within each call")
+    p.add_argument("--round-schedule", choices=ROUND_SCHEDULES, default=None,
+                   help="federated arms: 'call' restarts the decay every round, 'run' runs one decay over all "
+                   "rounds (as the centralized arm has over its run); default call, chat run")
     p.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="last step's LR as a fraction of the peak")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
     p.add_argument("--no-base", dest="base", action="store_false", help="skip evaluating the fresh adapter")

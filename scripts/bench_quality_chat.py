@@ -6,12 +6,24 @@ download): capitals, arithmetic, opposites, animal sounds. Node i holds mostly t
 pooled held-out set is every node's together. The rows go through fednode.learning.local_data
 (format "chat": the tokenizer's chat template, loss on the assistant turns), as a node's own files
 would. Arms and step budget as in bench_quality.py; scores are held-out perplexities.
+
+One rule for every arm, so the comparison is fair: the same examples seen (every arm runs
+nodes * rounds * local_steps steps of `batch` rows in all), AdamW, and ONE linear decay over the
+arm's whole run -- the centralized arm over its one call, local-only over each node's one call,
+and the federated arms over their rounds (round n runs steps n*local_steps.. of the same decay,
+fednode.learning.schedule's window) rather than a restart to the peak every round, which the
+centralized arm never gets. Defaults: 8 rounds x 2 local steps (FedAvg on non-IID data needs
+several rounds of few local steps: client drift grows with the local steps), 64 steps per arm.
+
+The pooled held-out set is the nodes' held-out sets together, so its perplexity is computed from
+the per-node evaluations (token-weighted, exactly the pooled mean) instead of a second pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import tempfile
 import time
@@ -23,6 +35,7 @@ from typing import Any
 from fednode.config import DataSection
 from fednode.learning import LocalTrainer, get_task
 from fednode.learning.local_data import LocalData, load_local_data
+from fednode.learning.local_formats import IGNORE_INDEX
 from fednode.learning.model import load_tokenizer, resolve_model_dir
 from fednode.learning.schedule import LrSchedule
 
@@ -111,15 +124,26 @@ def run_chat(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, A
     total_steps = args.nodes * args.rounds * args.local_steps
     log(f"setup {time.perf_counter() - t0:.1f}s; {len(pooled.train)} train / {len(pooled.eval)} held-out chats")
 
+    units = [_target_tokens(d.eval) for d in datas]
+
+    def per_node(adapter: bytes | None) -> list[float]:
+        """Mean token loss of `adapter` on each node's held-out set."""
+        return [n.evaluate(adapter)["loss"] for n in nodes]
+
+    def pooled_ppl(losses: Sequence[float]) -> float:
+        return math.exp(sum(lo * u for lo, u in zip(losses, units, strict=True)) / sum(units))
+
     def scores(adapter: bytes | None) -> dict[str, Any]:
-        own = [n.evaluate(adapter)["perplexity"] for n in nodes]
-        return {"pooled": central.evaluate(adapter)["perplexity"], "own": own, "own_mean": sum(own) / len(own)}
+        losses = per_node(adapter)
+        own = [math.exp(lo) for lo in losses]
+        return {"pooled": pooled_ppl(losses), "own": own, "own_mean": sum(own) / len(own)}
 
     figures: dict[str, Any] = {"suite": "chat", "config": {
         "model": args.model or task.base_model_id, "nodes": args.nodes, "rounds": args.rounds,
         "local_steps": args.local_steps, "lr": args.lr, "central_lr": args.central_lr, "schedule": args.schedule,
         "floor": args.floor, "batch": args.batch, "max_len": args.max_len, "seed": args.seed, "skew": args.skew,
-        "threads": args.threads, "total_steps_per_arm": total_steps, "train_rows_per_node": args.chat_train_rows,
+        "threads": args.threads, "total_steps_per_arm": total_steps, "round_schedule": args.round_schedule,
+        "train_rows_per_node": args.chat_train_rows,
         "eval_rows_per_node": args.chat_eval_rows, "target_modules": list(central.target_modules)}}
     if args.base:
         figures["base"] = scores(None)
@@ -128,30 +152,50 @@ def run_chat(args: argparse.Namespace, aggregate_fn: AggregateFn) -> dict[str, A
         figures["centralized"] = scores(res.delta_bytes)
         log(f"centralized {figures['centralized']}")
     if "local_only" in args.arms:
-        per_node = []
+        local: list[dict[str, float]] = []
         for n in nodes:
             r = n.train(None, steps=args.rounds * args.local_steps, learning_rate=args.lr, seed=args.seed)
-            per_node.append({"pooled": central.evaluate(r.delta_bytes)["perplexity"],
-                             "own": n.evaluate(r.delta_bytes)["perplexity"]})
-        figures["local_only"] = {"pooled": sum(p["pooled"] for p in per_node) / len(per_node),
-                                 "own_mean": sum(p["own"] for p in per_node) / len(per_node), "per_node": per_node}
+            losses = per_node(r.delta_bytes)
+            local.append({"pooled": pooled_ppl(losses), "own": math.exp(losses[n.node_index])})
+        figures["local_only"] = {"pooled": sum(p["pooled"] for p in local) / len(local),
+                                 "own_mean": sum(p["own"] for p in local) / len(local), "per_node": local}
         log(f"local-only {figures['local_only']}")
     for method in ("fedavg", "exact"):
         if method not in args.arms:
             continue
         adapter: bytes | None = None
+        curve: list[float] = []
+        energies: list[float] = []
         for rnd in range(args.rounds):
-            results = [n.train(adapter, steps=args.local_steps, learning_rate=args.lr,
-                               seed=args.seed + 1000 * (rnd + 1)) for n in nodes]
+            window = schedule.window(rnd * args.local_steps, args.rounds * args.local_steps)
+            seed = args.seed + 1000 * (rnd + 1)
+            results = [n.train(adapter, steps=args.local_steps, learning_rate=args.lr, seed=seed,
+                               lr_schedule=window if args.round_schedule == "run" else schedule) for n in nodes]
             total = sum(r.num_samples for r in results)
-            adapter, _ = aggregate_fn(method, [r.delta_bytes for r in results],
-                                      [r.num_samples / total for r in results], task.lora_r, float(task.lora_alpha))
+            adapter, discarded = aggregate_fn(method, [r.delta_bytes for r in results],
+                                              [r.num_samples / total for r in results], task.lora_r,
+                                              float(task.lora_alpha))
+            if discarded is not None:
+                energies.append(discarded)
+            if args.curve and rnd < args.rounds - 1:
+                curve.append(pooled_ppl(per_node(adapter)))
+                log(f"  {method} round {rnd + 1}: pooled ppl {curve[-1]:.4f}")
         assert adapter is not None
         figures[method] = scores(adapter)
+        if args.curve:
+            figures[method]["curve"] = [*curve, figures[method]["pooled"]]
+        if energies:
+            figures[method]["discarded_energy_max"] = max(energies)
         log(f"{method} {figures[method]}")
     figures["wall_seconds"] = time.perf_counter() - t0
     figures["goals"] = chat_goals(figures)
     return figures
+
+
+def _target_tokens(examples: Sequence[Any]) -> int:
+    """Tokens the loss counts in `examples` (as fednode.learning.batching.batch_loss counts them:
+    each example's labels after the first position that are not IGNORE_INDEX)."""
+    return sum(sum(1 for t in (ex.labels or ex.input_ids)[1:] if t != IGNORE_INDEX) for ex in examples)
 
 
 def chat_goals(fig: Mapping[str, Any]) -> dict[str, bool]:

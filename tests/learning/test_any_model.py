@@ -36,10 +36,10 @@ from fednode.errors import ConfigError
 from fednode.learning import LocalTrainer, TaskSpec, adapter_from_bytes, get_task, save_adapter_dir
 from fednode.learning.accel import Available
 from fednode.learning.batching import Example
+from fednode.learning.local_data import ensure_pad_token
 from fednode.learning.model import (
     _quiet,
     auto_target_modules,
-    ensure_pad_token,
     load_tokenizer,
     resolve_target_modules,
 )

@@ -42,7 +42,8 @@ def test_goals_judge_the_arms_that_ran(bench: ModuleType) -> None:
 
 def test_chat_suite_has_its_own_defaults_and_equal_steps(bench: ModuleType) -> None:
     args = bench.parse_args(["--suite", "chat"])
-    assert (args.rounds, args.local_steps, args.lr, args.batch) == (3, 4, 1e-3, 4)
+    assert (args.rounds, args.local_steps, args.lr, args.batch, args.round_schedule) == (8, 2, 1e-3, 4, "run")
+    assert bench.parse_args([]).round_schedule == "call"  # classification: the decay restarts every call
     assert bench.parse_args(["--suite", "chat", "--lr", "0.01"]).lr == 0.01  # a flag given wins
     assert bench.parse_args([]).lr == bench.DEFAULT_LR  # the classification defaults are untouched
 

@@ -46,3 +46,14 @@ def test_trainer_applies_the_schedule_deterministically(trainer: LocalTrainer) -
     assert constant.delta_bytes != linear.delta_bytes
     flat = trainer.train(None, steps=3, learning_rate=lr, seed=3, lr_schedule=LrSchedule("linear", 1.0))
     assert flat.delta_bytes == constant.delta_bytes  # a linear decay to 1.0x is the constant rate
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_windows_slice_one_schedule_over_several_calls(kind: str) -> None:
+    whole = LrSchedule(kind, 0.1)  # type: ignore[arg-type]
+    rounds, steps = 5, 3
+    sliced = [whole.window(r * steps, rounds * steps).factor(i, steps) for r in range(rounds) for i in range(steps)]
+    assert sliced == [whole.factor(i, rounds * steps) for i in range(rounds * steps)]
+    assert whole.window(12, 15).factor(5, 3) == pytest.approx(0.1 if kind != "constant" else 1.0)  # past the end
+    with pytest.raises(ConfigError, match="offset < span"):
+        whole.window(15, 15)
