@@ -15,7 +15,6 @@ import collections
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -36,6 +35,7 @@ from fednode.consensus import (
     PublishClaim,
     Tick,
 )
+from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom
 from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
 from fednode.node.control import serve_control
@@ -61,7 +61,6 @@ MAX_HOLDERS_TRACKED = 1024
 MAX_HEARTBEAT_SEQ_START = 2**52  # heartbeat seq is a uint <= 2^53; leave room to count up
 MAX_SYNCS_IN_FLIGHT = 4
 MEMBER_PERSIST_INTERVAL_SECONDS = 30.0
-SYNC_RETRY_SECONDS = 5.0  # ask again for the outcome of a round we are behind on at most this often
 
 
 def topic_for(community_id: str) -> str:
@@ -134,11 +133,8 @@ class Node:
         self._seq = min(max(0, int(clock() * 1_000_000)), MAX_HEARTBEAT_SEQ_START)
         self._wake = trio.Event()
         self._syncing: set[str] = set()
-        self._synced_at: dict[str, float] = {}  # round id -> when we last asked a peer for its outcome
         self._members_persisted_at = 0.0
         self.started = trio.Event()
-        if c.mode == "fixed":
-            self.driver.coordinator, self.driver.term = c.fixed_peer_id, 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
@@ -251,16 +247,16 @@ class Node:
         if hb.latest_merged_sha256:
             self._holders[hb.node_id] = hb.latest_merged_sha256
         self._persist_members()
+        if not self.enabled:
+            return
         want = hb.open_round_id
-        if self.enabled and want and want not in self.driver.rounds and self.db.get_round(want) is None:
-            self._maybe_sync(hb.node_id, want)
-        if self.enabled and hb.last_round_number:
-            # Our round that this peer is already past: we missed its outcome (down, partitioned).
-            # The peer holds the signed AggregateAnnounce / RoundFailed; without it we would wait forever.
-            for round_id in self.driver.rounds_behind(hb.last_round_number):
-                if now - self._synced_at.get(round_id, -math.inf) >= SYNC_RETRY_SECONDS:
-                    self._synced_at[round_id] = now
-                    self._maybe_sync(self._sync_peer(hb.node_id, hb.last_round_number), round_id)
+        finished = bool(want) and want not in self.driver.rounds and self.db.get_round(want) is not None
+        asked = self.driver.book.heartbeat(open_round_id=want, open_round_finished=finished,
+                                           last_round_number=hb.last_round_number, now=now)
+        for round_id, effect in asked.steps:
+            if isinstance(effect, SyncFrom):
+                peer = self._sync_peer(hb.node_id, hb.last_round_number) if effect.past else hb.node_id
+                self._maybe_sync(peer, round_id)
 
     def _sync_peer(self, sender: str, last_round_number: int) -> str:
         """Whom to ask for a round we are behind on: the heartbeat's sender if we are connected to it,
@@ -272,7 +268,8 @@ class Node:
             return sender
         ahead = sorted(n for n, h in self._heard.items()
                        if n in connected and h["last_round_number"] >= last_round_number)
-        return ahead[int(self.clock() / SYNC_RETRY_SECONDS) % len(ahead)] if ahead else sender  # rotate on retries
+        rotate = int(self.clock() / DEFAULT_SYNC_RETRY_SECONDS)  # a different one on each retry
+        return ahead[rotate % len(ahead)] if ahead else sender
 
     def _maybe_sync(self, peer: str, round_id: str) -> None:
         if (round_id not in self._syncing and len(self._syncing) < MAX_SYNCS_IN_FLIGHT
@@ -397,8 +394,8 @@ class Node:
     def _start_round_now(self) -> dict[str, Any]:
         if not self.enabled:
             return {"error": "[research] federated_learning = false: this node starts no round"}
-        if self.election.coordinator != self.node_id:
-            return {"error": f"not the coordinator; ask {self.election.coordinator or 'nobody (none elected yet)'}"}
+        if self.driver.coordinator != self.node_id:
+            return {"error": f"not the coordinator; ask {self.driver.coordinator or 'nobody (none elected yet)'}"}
         manifest = self.driver.maybe_start_round(self.clock(), len(self._live_federated()), force=True)
         if manifest is None:
             return {"error": "a round is already open"}
@@ -425,8 +422,8 @@ class Node:
             "community_id": self.config.community.id,
             "federated_learning": self.enabled,
             "members": members,
-            "coordinator": self.election.coordinator or "",
-            "term": self.election.term,
+            "coordinator": self.driver.coordinator,
+            "term": self.driver.term,
             "counters": {k: dict(v) for k, v in self.counters.items()},
             "peers": sorted(self.transport.peers()) if self.transport is not None else [],
             "paused": self.disk.status(),  # None while participating; else why (e.g. disk_full) and since when

@@ -28,13 +28,11 @@ from fednode.consensus import (
     AggregateSeen,
     AggregationDone,
     AggregationFailed,
-    CloseSubmissions,
     ContributionRejected,
     CoordinatorChanged,
     Effect,
     FailureSeen,
     InstallAdapter,
-    ManifestSeen,
     Phase,
     PublishAggregate,
     PublishFailure,
@@ -45,10 +43,19 @@ from fednode.consensus import (
     RoundState,
     StartAggregation,
     SubmissionReceived,
-    Superseded,
     SyncAnswered,
     Tick,
     TrainAndSubmit,
+)
+from fednode.consensus.round_book import (
+    MAX_ROUNDS_IN_MEMORY,
+    BookOutcome,
+    ConflictsFound,
+    History,
+    RecordFailure,
+    RoundBook,
+    RoundPolicy,
+    SaveRound,
 )
 from fednode.errors import (
     BlobIntegrityError,
@@ -82,8 +89,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fednode.rounds")
 
-MAX_ROUNDS_IN_MEMORY = 16  # finished rounds kept in memory (all of them stay in state.sqlite)
-MAX_PENDING_MANIFESTS = 8  # manifests from a coordinator we have not yet seen elected
 DEFAULT_PREFETCH_CONCURRENCY = 4
 DEFAULT_PREFETCH_RETRY_SECONDS = 0.5  # first wait before fetching a live participant's update again
 DEFAULT_PREFETCH_RETRY_MAX_SECONDS = 4.0  # the wait doubles up to this
@@ -144,10 +149,18 @@ class RoundDriver:
         self._settling: set[str] = set()  # rounds whose outcome a _settle task is asking for
         self.transport: Transport | None = None
         self.nursery: trio.Nursery | None = None
-        self.rounds: dict[str, RoundState] = {}
-        self.pending_manifests: dict[str, RoundManifest] = {}
-        self.coordinator = ""
-        self.term = 0
+        c, r = config.coordinator, config.round
+        # A node that just won a term waits a heartbeat interval before opening a round: a rival's
+        # claim for a later term, published at the same moment, arrives within it (else both open
+        # round n, and the earlier term's round is superseded: wasted work, not harm).
+        policy = RoundPolicy(max_rounds=r.max_rounds, pause_seconds=r.pause_seconds,
+                             quorum=r.wait_for_members or r.min_participants,
+                             settle_seconds=c.heartbeat_interval_seconds)
+        self.book = RoundBook(self.me, policy=policy, coordinator=c.fixed_peer_id if c.mode == "fixed" else "",
+                              base_model_hash=trainer.base_model_hash if trainer is not None else "",
+                              reannounce_seconds=config.round.reannounce_seconds)
+        self.rounds = self.book.rounds
+        self.pending_manifests = self.book.pending
         self.progress = Progress()
         self._train_lock = trio.Lock()
         self._prefetch_limiter = trio.CapacityLimiter(DEFAULT_PREFETCH_CONCURRENCY)
@@ -160,11 +173,6 @@ class RoundDriver:
         self._fetch_locks: dict[str, trio.Lock] = {}
         self._started_at = clock()
         self._reannounce_seconds = config.round.reannounce_seconds
-        # A node that just won a term waits a heartbeat interval before opening a round: a rival's
-        # claim for a later term, published at the same moment, arrives within it (else both open
-        # round n, and the earlier term's round is superseded: wasted work, not harm).
-        self._settle_seconds = config.coordinator.heartbeat_interval_seconds
-        self._coordinator_since = -math.inf
         self._metrics: dict[str, dict[str, Any]] = {}  # round id -> {"local"/"merged": figures}
         self._eval_limiter = trio.CapacityLimiter(1)
         # A full disk pauses participation (fednode.node.diskfull); what it stopped is redone on resume.
@@ -172,6 +180,14 @@ class RoundDriver:
         self._unsaved: set[str] = set()  # rounds whose snapshot a full disk kept out of state.sqlite
         self._unsaved_outcomes: dict[str, bytes] = {}  # round id -> signed outcome not yet saved
         self._deferred_training: set[str] = set()  # open rounds we did not train for while paused
+
+    @property
+    def coordinator(self) -> str:
+        return self.book.coordinator
+
+    @property
+    def term(self) -> int:
+        return self.book.term
 
     @property
     def enabled(self) -> bool:
@@ -206,7 +222,7 @@ class RoundDriver:
                 state = RoundState(manifest, node_id=self.me, reannounce_seconds=self._reannounce_seconds)
             else:
                 state = RoundState.restore(snap, reannounce_seconds=self._reannounce_seconds)
-            self.rounds[row.round_id] = state
+            self.book.add(state)
             self.progress.outcome_conflicts += len(state.conflicts)
             logger.info("restored round %s (%s, %s, %d accepted)", row.round_id, state.phase.value,
                         state.role.value, len(state.accepted))
@@ -330,39 +346,27 @@ class RoundDriver:
         self.db.save_snapshot(state.round_id, state=state.phase.value, term=state.term,
                               coordinator=state.coordinator_node_id, snapshot=state.snapshot(), now=now)
 
-    @staticmethod
-    def _persisted_view(state: RoundState) -> tuple[Any, ...]:
-        """What must reach state.sqlite when it changes. A participant's view of the accepted set is
-        left out (persisting it per submission is quadratic in the round size): after a restart or
-        a failover, participants re-announce, and the coordinator's signed aggregate is the record."""
-        counts = (len(state.accepted), len(state.rejections)) if state.role is Role.COORDINATOR else ()
-        return (state.phase, state.term, state.role, state.own_submission is not None, state.outcome_unknown,
-                state.merged_sha256, len(state.conflicts), *counts)
-
     def _feed(self, state: RoundState, event: RoundEvent) -> Validation:
-        before = self._persisted_view(state)
-        conflicts = len(state.conflicts)
-        outcome = state.handle(event)
-        after = self._persisted_view(state)
-        if before != after:
-            self._persist(state)
-        if len(state.conflicts) > conflicts:
-            self._on_conflict(state, len(state.conflicts) - conflicts)
-        for effect in outcome.effects:
-            self._perform(state, effect)
-        self._forget_old_rounds()
+        return self._run(self.book.feed(state.round_id, event))
+
+    def _run(self, outcome: BookOutcome) -> Validation:
+        """Carry out what the round book asked for, in its order; then forget old finished rounds."""
+        for round_id, effect in outcome.steps:
+            state = self.rounds.get(round_id)
+            if state is not None:
+                self._perform(state, effect)
+        self.book.forget_old(pinned=self._installing)
         return outcome.validation
 
-    def _forget_old_rounds(self) -> None:
-        finished = [r for r in self.rounds.values() if r.phase in (Phase.PUBLISHED, Phase.FAILED)]
-        if len(finished) > MAX_ROUNDS_IN_MEMORY:
-            finished.sort(key=lambda r: (r.manifest.round_number, r.term))
-            for r in finished[: len(finished) - MAX_ROUNDS_IN_MEMORY]:
-                if r.round_id not in self._installing:
-                    del self.rounds[r.round_id]
-
     def _perform(self, state: RoundState, effect: Effect) -> None:
-        if isinstance(effect, TrainAndSubmit):
+        if isinstance(effect, SaveRound):
+            self._persist(state, new=effect.new)
+        elif isinstance(effect, ConflictsFound):
+            self._on_conflict(state, effect.count)
+        elif isinstance(effect, RecordFailure):
+            logger.info("round %s superseded (%s)", state.round_id, state.failure_reason)
+            self._finish_failed(state)
+        elif isinstance(effect, TrainAndSubmit):
             self._spawn(self._train_and_submit, effect.manifest)
         elif isinstance(effect, StartAggregation):
             if state.round_id not in self._aggregating:
@@ -412,7 +416,7 @@ class RoundDriver:
             self._settling.discard(state.round_id)
 
     def _unsettled(self, state: RoundState) -> bool:
-        return state.outcome_unknown and state.role is Role.COORDINATOR and self.rounds.get(state.round_id) is state
+        return self.book.unsettled(state.round_id) and self.rounds.get(state.round_id) is state
 
     def _on_conflict(self, state: RoundState, new: int) -> None:
         """Two different signed outcomes for one round: count it, log it loudly, and put it in the
@@ -426,33 +430,15 @@ class RoundDriver:
                                  outcome=row.outcome or b"", record=record, now=self.clock())
             write_record(self.config.data_dir, record)
 
-    # -- open rounds -------------------------------------------------------------------------
+    # -- the round book's entry points ---------------------------------------------------------
     def open_round(self) -> RoundState | None:
-        opened = [r for r in self.rounds.values() if r.phase not in (Phase.PUBLISHED, Phase.FAILED)]
-        return max(opened, key=lambda r: (r.manifest.round_number, r.term)) if opened else None
-
-    def rounds_behind(self, last_round_number: int) -> list[str]:
-        """Unfinished rounds numbered <= a peer's last finished round (we missed how they ended)."""
-        return [r.round_id for r in self.rounds.values()
-                if r.phase not in (Phase.PUBLISHED, Phase.FAILED) and r.manifest.round_number <= last_round_number]
+        return self.book.open_round()
 
     def next_timer(self) -> float | None:
-        timers = [t for r in self.rounds.values() if (t := r.next_timer()) is not None]
-        if self.coordinator == self.me and self._coordinator_since + self._settle_seconds > self.clock():
-            timers.append(self._coordinator_since + self._settle_seconds)  # may open a round then
-        return min(timers) if timers else None
+        return self.book.next_timer(self.clock())
 
     def tick(self, now: float) -> None:
-        for state in list(self.rounds.values()):
-            if state.phase not in (Phase.PUBLISHED, Phase.FAILED) or state.role is Role.COORDINATOR:
-                self._feed(state, Tick(now))
-            self._maybe_close_early(state, now)
-
-    def _maybe_close_early(self, state: RoundState, now: float) -> None:
-        """Coordinator: once every live federated member has been accepted or refused (and at least
-        min_participants accepted), waiting for the deadline gains nothing (RoundState.close_early_due)."""
-        if state.close_early_due(self.live_members()):
-            self._feed(state, CloseSubmissions(now))
+        self._run(self.book.tick(now, self.live_members()))
 
     # -- messages from the network (already validated: signature, community, window) ----------
     def on_message(self, message: Message) -> Validation:
@@ -494,104 +480,47 @@ class RoundDriver:
             self.disk.note(exc, f"recording a submission to round {state.round_id}")
 
     def _on_manifest(self, manifest: RoundManifest, now: float) -> Validation:
-        if manifest.round_id in self.rounds:
-            return self._feed(self.rounds[manifest.round_id], ManifestSeen(now, manifest))
-        if self.db.get_round(manifest.round_id) is not None:
-            return Validation(Verdict.IGNORE, "round_finished", manifest.round_id)
-        if manifest.coordinator_node_id != self.coordinator or manifest.term < self.term:
-            if len(self.pending_manifests) < MAX_PENDING_MANIFESTS or manifest.round_id in self.pending_manifests:
-                self.pending_manifests[manifest.round_id] = manifest
-            return Validation(Verdict.IGNORE, "not_coordinator",
-                              f"{manifest.coordinator_node_id} term {manifest.term}; following {self.coordinator}")
-        # Compare what the manifests say: an open round's own term moves on at a failover, its
-        # manifest's does not. Round n opened in term t loses to round n opened in a later term.
-        current = self.open_round()
-        if current is not None and (current.manifest.round_number, current.manifest.term) >= (
-                manifest.round_number, manifest.term):
-            return Validation(Verdict.IGNORE, "superseded", manifest.round_id)
-        verdict = self._adopt(manifest, now)
-        if manifest.round_id in self.rounds:
-            self._retire_superseded(manifest, now)
-        return verdict
-
-    def _retire_superseded(self, manifest: RoundManifest, now: float) -> None:
-        """Two coordinators opened round n around a contested election (each published its manifest
-        before hearing the other's claim). The later term's round is the one the community
-        follows; ours from an earlier term can never finish, so close it here, publishing nothing."""
-        for state in list(self.rounds.values()):
-            if (state.round_id != manifest.round_id and state.manifest.round_number == manifest.round_number
-                    and state.manifest.term < manifest.term and state.phase not in (Phase.PUBLISHED, Phase.FAILED)):
-                logger.info("round %s superseded by %s (term %d > %d)", state.round_id, manifest.round_id,
-                            manifest.term, state.manifest.term)
-                self._feed(state, Superseded(manifest.round_id, now))
-                self._finish_failed(state)
-
-    def _adopt(self, manifest: RoundManifest, now: float) -> Validation:
-        if self.trainer is not None and manifest.base_model_hash and \
-                manifest.base_model_hash != self.trainer.base_model_hash:
-            reason = (f"base model hash {manifest.base_model_hash[:16]}... differs from ours "
-                      f"{self.trainer.base_model_hash[:16]}...; refusing round {manifest.round_id}")
-            logger.warning(reason)
+        finished = manifest.round_id not in self.rounds and self.db.get_round(manifest.round_id) is not None
+        verdict = self._run(self.book.manifest(manifest, now, finished=finished))
+        if verdict.reason == "base_model_mismatch":
+            logger.warning(verdict.detail)
             self.progress.refused["base_model_mismatch"] = self.progress.refused.get("base_model_mismatch", 0) + 1
-            return Validation(Verdict.IGNORE, "base_model_mismatch", reason)
-        state = RoundState(manifest, node_id=self.me, reannounce_seconds=self._reannounce_seconds)
-        if state.coordinator_node_id != self.coordinator and self.coordinator:
-            state.handle(CoordinatorChanged(self.term, self.coordinator, now))
-        self.rounds[manifest.round_id] = state
-        self._persist(state, new=True)
-        verdict = self._feed(state, ManifestSeen(now, manifest))
-        if state.role is Role.COORDINATOR:  # the coordinator holds data too: it trains like everyone
-            self._spawn(self._train_and_submit, manifest)
         return verdict
 
     def on_coordinator_changed(self, change: CoordinatorChanged) -> None:
-        if change.coordinator_node_id == self.me and self.coordinator != self.me:
-            self._coordinator_since = change.now
-        self.coordinator, self.term = change.coordinator_node_id, change.term
-        for state in list(self.rounds.values()):
-            if state.phase not in (Phase.PUBLISHED, Phase.FAILED):
-                self._feed(state, change)
-        for round_id, manifest in list(self.pending_manifests.items()):
-            if manifest.coordinator_node_id == self.coordinator:
-                del self.pending_manifests[round_id]
-                if self.enabled and round_id not in self.rounds:
-                    self._on_manifest(manifest, change.now)
+        self._run(self.book.coordinator_changed(change))
 
     # -- coordinator: start a round ---------------------------------------------------------
     def maybe_start_round(self, now: float, live_federated: int, *, force: bool = False) -> RoundManifest | None:
-        """The coordinator's decision to open the next round (None = not now). `force` skips the
-        round budget, the pause and the member quorum (an operator's `fednode start-round`)."""
+        """Open the next round if the round book says so (None = not now). `force` skips the round
+        budget, the pause and the member quorum (an operator's `fednode start-round`)."""
+        if not self.enabled or self.book.coordinator != self.me or self.book.open_round() is not None:
+            return None
+        busy = self.trainer is None or bool(self._installing or self._aggregating) or self.disk.paused
+        rows = self.db.rounds()
+        finished = [r for r in rows if r.state in ("published", "failed")]
+        history = History(
+            live_federated=live_federated, highest_round_number=max((r.round_number for r in rows), default=0),
+            published=sum(1 for r in finished if r.state == "published"),
+            last_finished_at=self._finished_at(finished[-1]) if finished else None,
+            unrecorded_published=any(r.state == "published" for r in self.db.unfinished_rounds()), busy=busy)
+        plan = self.book.next_round(now, history, force=force)
+        if plan is None or self.trainer is None:
+            return None
         cfg = self.config.round
-        if not self.enabled or self.coordinator != self.me or self.open_round() is not None or self.disk.paused:
-            return None
-        if self.trainer is None or self._installing or self._aggregating:
-            return None  # the next round must start from the adapter being installed now
-        if not force and now < self._coordinator_since + self._settle_seconds:
-            return None
-        if any(r.state == "published" for r in self.db.unfinished_rounds()):
-            return None
-        finished = self.db.rounds(states=("published", "failed"))
-        if not force:
-            if cfg.max_rounds and sum(1 for r in finished if r.state == "published") >= cfg.max_rounds:
-                return None
-            if finished and now - self._finished_at(finished[-1]) < cfg.pause_seconds:
-                return None
-            if live_federated < (cfg.wait_for_members or cfg.min_participants):
-                return None
         latest = self.db.latest_published()
-        number = max((r.round_number for r in self.db.rounds()), default=0) + 1
         manifest = RoundManifest(
-            round_id=f"r{number}-t{self.term}", base_model_id=self.trainer.base_model_id,
+            round_id=plan.round_id, base_model_id=self.trainer.base_model_id,
             coordinator_node_id=self.me, community_id=self.config.community.id, lora_rank=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha, learning_rate=cfg.learning_rate, min_participants=cfg.min_participants,
             max_participants=cfg.max_participants, round_timeout_seconds=cfg.round_timeout_seconds, created_at=now,
-            term=self.term, round_number=number, base_model_hash=self.trainer.base_model_hash,
+            term=plan.term, round_number=plan.round_number, base_model_hash=self.trainer.base_model_hash,
             start_adapter_sha256=latest.merged_sha256 if latest else "",
             start_adapter_size=self._merged_size(latest) if latest else 0,
             local_steps=cfg.local_steps, aggregation=cfg.aggregation,
         )
         manifest = codec.sign(manifest, self.identity)
-        self._adopt(manifest, now)
+        self._run(self.book.open(manifest, now))
         return manifest
 
     def _merged_size(self, row: Any) -> int:
@@ -884,9 +813,7 @@ class RoundDriver:
         self._feed(state, AggregationDone(sha, len(merged), self.clock()))
 
     def _aggregation_wanted(self, state: RoundState) -> bool:
-        """Still ours to conclude: an earlier coordinator's outcome may have arrived meanwhile (it
-        stands), or the election may have handed the round to another node."""
-        if state.phase is Phase.AGGREGATING and state.role is Role.COORDINATOR:
+        if self.book.concluding(state.round_id) and self.rounds.get(state.round_id) is state:
             return True
         logger.info("round %s: dropping our aggregation (round is %s, we are %s)", state.round_id,
                     state.phase.value, state.role.value)
@@ -1038,7 +965,7 @@ class RoundDriver:
 
     def status(self) -> dict[str, Any]:
         current = self.open_round()
-        last = max(self.rounds.values(), key=lambda r: (r.manifest.round_number, r.term), default=None)
+        last = self.book.latest()
         shown = current or last
         out: dict[str, Any] = {
             "rounds_completed": self.progress.rounds_completed,
