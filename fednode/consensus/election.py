@@ -101,12 +101,32 @@ def rank(term: int, node_id: str) -> bytes:
     return hashlib.sha256(term.to_bytes(8, "big") + node_id.encode("utf-8")).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """What a member's newest heartbeat said, and when it arrived (the node's one member table:
+    liveness, peers to sync from, holders of a merged adapter, `fednode status`)."""
+
+    at: float
+    federated_learning: bool
+    term: int
+    coordinator_node_id: str
+    open_round_id: str
+    last_round_number: int
+    latest_merged_sha256: str
+
+    @classmethod
+    def of(cls, hb: Heartbeat, now: float) -> Heard:
+        return cls(now, hb.federated_learning, hb.term, hb.coordinator_node_id, hb.open_round_id,
+                   hb.last_round_number, hb.latest_merged_sha256)
+
+
 @dataclass(slots=True)
 class _Member:
     last_seen: float
     federated: bool
     seq: int = -1  # the highest heartbeat seq heard (-1: none yet, e.g. known from a claim only)
     claim: tuple[int, float] = (0, -1.0)  # (term, claimed_at) of the newest CoordinatorClaim heard
+    heard: Heard | None = None  # its newest heartbeat (None: known from a claim only)
 
 
 class ElectionState:
@@ -144,6 +164,10 @@ class ElectionState:
         if self.federated and self.node_id not in out:
             out.append(self.node_id)
         return sorted(out)
+
+    def heard(self) -> dict[str, Heard]:
+        """Members whose heartbeat we heard, with what it said."""
+        return {n: m.heard for n, m in self.members.items() if m.heard is not None}
 
     def is_stale(self, hb: Heartbeat) -> bool:
         """Whether `hb` is no newer than a heartbeat already heard from its node (a replay)."""
@@ -203,6 +227,7 @@ class ElectionState:
         if not self._see(hb.node_id, now, hb.federated_learning):
             return Validation(Verdict.IGNORE, "member_table_full", f"max_members={self.config.max_members}")
         self.members[hb.node_id].seq = hb.seq
+        self.members[hb.node_id].heard = Heard.of(hb, now)
         if hb.term >= 1 and hb.coordinator_node_id == hb.node_id:
             return self._on_claim(hb.term, hb.node_id, now, effects)  # a coordinator's heartbeat renews its claim
         return ACCEPTED

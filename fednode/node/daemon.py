@@ -35,6 +35,7 @@ from fednode.consensus import (
     PublishClaim,
     Tick,
 )
+from fednode.consensus.election import DEFAULT_MAX_MEMBERS, Heard
 from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom
 from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
@@ -57,10 +58,9 @@ logger = logging.getLogger("fednode.node")
 
 TransportFactory = Callable[[Identity], AbstractAsyncContextManager[Transport]]
 MAX_TIMER_SLEEP_SECONDS = 0.5  # the timer loop looks around at least this often
-MAX_HOLDERS_TRACKED = 1024
+MAX_HOLDERS_TRACKED = DEFAULT_MAX_MEMBERS  # the member table's bound (the election's: one table)
 MAX_HEARTBEAT_SEQ_START = 2**52  # heartbeat seq is a uint <= 2^53; leave room to count up
 MAX_SYNCS_IN_FLIGHT = 4
-MEMBER_PERSIST_INTERVAL_SECONDS = 30.0
 
 
 def topic_for(community_id: str) -> str:
@@ -126,14 +126,11 @@ class Node:
                                   sync=self._round_messages, disk=self.disk)
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
-        self._holders: dict[str, str] = {}  # node id -> merged sha256 it announced holding
-        self._heard: dict[str, dict[str, Any]] = {}  # node id -> what its last heartbeat said
         # Heartbeat seq starts at the wall clock in microseconds, so it keeps growing across restarts:
         # peers ignore a heartbeat whose seq is not above the last they heard (replays, N8).
         self._seq = min(max(0, int(clock() * 1_000_000)), MAX_HEARTBEAT_SEQ_START)
         self._wake = trio.Event()
         self._syncing: set[str] = set()
-        self._members_persisted_at = 0.0
         self.started = trio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -154,6 +151,11 @@ class Node:
                 # (else it may claim a term that already has a live coordinator: split brain).
                 self.election.started_at = self.clock()
                 nursery.start_soon(self._read_gossip, subscription)
+                try:  # restarted on a full disk: come up paused (watch_disk resumes when there is room)
+                    self._probe_disk()
+                except (DiskFull, OSError) as exc:
+                    if not self.disk.note(exc, "starting"):
+                        logger.warning("disk probe at start failed: %s", exc)
                 if self.enabled:
                     self.driver.restore()
                     self.driver.resume_effects()
@@ -180,7 +182,6 @@ class Node:
                         with trio.CancelScope(shield=True):
                             await trio.to_thread.run_sync(metrics.close)
         finally:
-            self._persist_members(force=True)
             self.db.close()
 
     def _probe_disk(self) -> None:
@@ -188,7 +189,6 @@ class Node:
         probe_free_space(self.store.root)
 
     def _resume_after_disk_full(self) -> None:
-        self._persist_members(force=True)
         if self.enabled:
             self.driver.resume_after_disk_full()
         self._wake.set()
@@ -222,11 +222,13 @@ class Node:
         """Route a validated message. Returns what the consumer made of it."""
         now = self.clock()
         if isinstance(message, Heartbeat):
-            if self.election.is_stale(message):  # a replayed heartbeat says nothing about now (N8)
+            fresh = not self.election.is_stale(message)
+            if not fresh:  # a replayed heartbeat says nothing about now (N8)
                 self.counters["ignored"]["stale_seq"] += 1
-            else:
-                self._on_heartbeat(message, now)
-            return self._election_event(HeartbeatSeen(message, now))
+            validation = self._election_event(HeartbeatSeen(message, now))
+            if fresh and message.node_id != self.node_id and message.node_id in self.election.members:
+                self._on_heartbeat(message, now)  # the election recorded it (its table had room)
+            return validation
         if isinstance(message, CoordinatorClaim):
             return self._election_event(ClaimSeen(message, now))
         verdict = self.driver.on_message(message)
@@ -237,16 +239,6 @@ class Node:
         return verdict
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> None:
-        if hb.node_id == self.node_id:
-            return
-        if hb.node_id not in self._heard and len(self._heard) >= MAX_HOLDERS_TRACKED:
-            return
-        self._heard[hb.node_id] = {"seen": now, "federated_learning": hb.federated_learning, "term": hb.term,
-                                   "coordinator": hb.coordinator_node_id, "open_round_id": hb.open_round_id,
-                                   "last_round_number": hb.last_round_number}
-        if hb.latest_merged_sha256:
-            self._holders[hb.node_id] = hb.latest_merged_sha256
-        self._persist_members()
         if not self.enabled:
             return
         want = hb.open_round_id
@@ -266,8 +258,8 @@ class Node:
         connected = self.transport.peers() if self.transport is not None else frozenset()
         if sender in connected:
             return sender
-        ahead = sorted(n for n, h in self._heard.items()
-                       if n in connected and h["last_round_number"] >= last_round_number)
+        ahead = sorted(n for n, h in self.election.heard().items()
+                       if n in connected and h.last_round_number >= last_round_number)
         rotate = int(self.clock() / DEFAULT_SYNC_RETRY_SECONDS)  # a different one on each retry
         return ahead[rotate % len(ahead)] if ahead else sender
 
@@ -276,18 +268,6 @@ class Node:
                 and self.driver.nursery is not None):
             self._syncing.add(round_id)
             self.driver.nursery.start_soon(self._sync_round, peer, round_id)
-
-    def _persist_members(self, force: bool = False) -> None:
-        now = self.clock()
-        if not force and now - self._members_persisted_at < MEMBER_PERSIST_INTERVAL_SECONDS:
-            return
-        self._members_persisted_at = now
-        try:
-            for node_id, heard in self._heard.items():
-                self.db.touch_member(node_id, heard["seen"], federated_learning=heard["federated_learning"],
-                                     term=heard["term"])
-        except DiskFull as exc:  # the member view lives in memory; it is saved again once there is room
-            self.disk.note(exc, "saving members")
 
     async def _sync_round(self, peer: str, round_id: str) -> None:
         try:
@@ -406,15 +386,24 @@ class Node:
     def _live_federated(self) -> list[str]:
         return self.election.live_members(self.clock()) if self.enabled else []
 
+    @property
+    def _heard(self) -> dict[str, Heard]:
+        return self.election.heard()
+
+    @property
+    def _holders(self) -> dict[str, str]:
+        """Node id -> the merged adapter its last heartbeat says it holds."""
+        return {n: h.latest_merged_sha256 for n, h in self.election.heard().items() if h.latest_merged_sha256}
+
     def _holders_of(self, sha: str) -> list[str]:
-        return sorted(n for n, s in self._holders.items() if s == sha)
+        return sorted(n for n, h in self.election.heard().items() if h.latest_merged_sha256 == sha)
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
         liveness = self.election.config.liveness_timeout
-        members = [{"node_id": n, "federated_learning": h["federated_learning"], "last_seen_seconds_ago":
-                    round(now - h["seen"], 3), "alive": now - h["seen"] < liveness}
-                   for n, h in sorted(self._heard.items())]
+        members = [{"node_id": n, "federated_learning": h.federated_learning, "last_seen_seconds_ago":
+                    round(now - h.at, 3), "alive": now - h.at < liveness}
+                   for n, h in sorted(self.election.heard().items())]
         transport_stats = self.transport.statistics() if self.transport is not None else None
         out: dict[str, Any] = {
             "node_id": self.node_id,
