@@ -70,6 +70,16 @@ class RoundRow:
 
 
 @dataclass(frozen=True, slots=True)
+class RoundCounts:
+    """Totals over every recorded round, without reading each one (the next-round rule asks per tick)."""
+
+    highest_round_number: int  # 0: none
+    published: int
+    installed: int  # published and recorded
+    last_finished: RoundRow | None  # the latest published or failed round
+
+
+@dataclass(frozen=True, slots=True)
 class SubmissionRow:
     round_id: str
     node_id: str
@@ -210,6 +220,15 @@ class StateDB:
         rows = self._conn.execute("SELECT * FROM rounds ORDER BY round_number, term, round_id").fetchall()
         out = [_round_row(r) for r in rows]
         return [r for r in out if states is None or r.state in states]
+
+    def round_counts(self) -> RoundCounts:
+        c = self._conn
+        highest, published, installed = c.execute(
+            "SELECT coalesce(max(round_number), 0), coalesce(sum(state = 'published'), 0), "
+            "coalesce(sum(state = 'published' AND record IS NOT NULL), 0) FROM rounds").fetchone()
+        last = c.execute("SELECT * FROM rounds WHERE state IN ('published', 'failed') "
+                         "ORDER BY round_number DESC, term DESC, round_id DESC LIMIT 1").fetchone()
+        return RoundCounts(int(highest), int(published), int(installed), _round_row(last) if last else None)
 
     def set_outcome(self, round_id: str, outcome: bytes) -> None:
         """Remember the signed AggregateAnnounce / RoundFailed we published or received."""

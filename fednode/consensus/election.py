@@ -126,6 +126,25 @@ def rank(term: int, node_id: str) -> bytes:
     return hashlib.sha256(term.to_bytes(8, "big") + node_id.encode("utf-8")).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """What a member's newest heartbeat said, and when it arrived (the node's one member table:
+    liveness, peers to sync from, holders of a merged adapter, `fednode status`)."""
+
+    at: float
+    federated_learning: bool
+    term: int
+    coordinator_node_id: str
+    open_round_id: str
+    last_round_number: int
+    latest_merged_sha256: str
+
+    @classmethod
+    def of(cls, hb: Heartbeat, now: float) -> Heard:
+        return cls(now, hb.federated_learning, hb.term, hb.coordinator_node_id, hb.open_round_id,
+                   hb.last_round_number, hb.latest_merged_sha256)
+
+
 @dataclass(slots=True)
 class _Member:
     last_seen: float
@@ -134,6 +153,7 @@ class _Member:
     claim: tuple[int, float] = (0, -1.0)  # (term, claimed_at) of the newest CoordinatorClaim heard
     gap: float = 0.0  # recent heartbeat inter-arrival gap: the latest, or the decayed larger one before it
     heartbeat_at: float = -1.0  # reception time of the last fresh heartbeat (-1: none yet)
+    heard: Heard | None = None  # its newest heartbeat (None: known from a claim only)
 
 
 def stretched_timeout(liveness_timeout: float, heartbeat_interval: float, gap: float) -> float:
@@ -193,6 +213,10 @@ class ElectionState:
 
     def timeout_of(self, member: _Member) -> float:
         return stretched_timeout(self.config.liveness_timeout, self.config.heartbeat_interval, member.gap)
+
+    def heard(self) -> dict[str, Heard]:
+        """Members whose heartbeat we heard, with what it said."""
+        return {n: m.heard for n, m in self.members.items() if m.heard is not None}
 
     def is_stale(self, hb: Heartbeat) -> bool:
         """Whether `hb` is no newer than a heartbeat already heard from its node (a replay)."""
@@ -259,6 +283,7 @@ class ElectionState:
             return Validation(Verdict.IGNORE, "member_table_full", f"max_members={self.config.max_members}")
         member = self.members[hb.node_id]
         member.seq = hb.seq
+        member.heard = Heard.of(hb, now)  # receipt time: status shows when we heard it
         if member.heartbeat_at >= 0:
             member.gap = next_gap(member.gap, now - member.heartbeat_at)
         member.heartbeat_at = max(member.heartbeat_at, now)

@@ -15,7 +15,6 @@ import collections
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -36,6 +35,8 @@ from fednode.consensus import (
     PublishClaim,
     Tick,
 )
+from fednode.consensus.election import DEFAULT_MAX_MEMBERS, Heard
+from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom
 from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
 from fednode.node.control import serve_control
@@ -58,11 +59,9 @@ logger = logging.getLogger("fednode.node")
 
 TransportFactory = Callable[[Identity], AbstractAsyncContextManager[Transport]]
 MAX_TIMER_SLEEP_SECONDS = 0.5  # the timer loop looks around at least this often
-MAX_HOLDERS_TRACKED = 1024
+MAX_HOLDERS_TRACKED = DEFAULT_MAX_MEMBERS  # the member table's bound (the election's: one table)
 MAX_HEARTBEAT_SEQ_START = 2**52  # heartbeat seq is a uint <= 2^53; leave room to count up
 MAX_SYNCS_IN_FLIGHT = 4
-MEMBER_PERSIST_INTERVAL_SECONDS = 30.0
-SYNC_RETRY_SECONDS = 5.0  # ask again for the outcome of a round we are behind on at most this often
 
 
 def libp2p_factory(config: Config) -> TransportFactory:
@@ -119,24 +118,19 @@ class Node:
             startup_grace=liveness + config.network.gossip_heartbeat_seconds,
             max_tick_gap=MAX_TIMER_SLEEP_SECONDS), now=clock(),  # the timer loop's promise (rule 11)
             federated=self.enabled, known_term=self.db.highest_term())  # rule 12: a restart keeps the term
+        self._saved_term = self.election.term  # the highest term in state.sqlite (rule 12)
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
                                   live_members=self._live_federated, inline_training=inline_training,
                                   sync=self._round_messages, disk=self.disk)
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
-        self._holders: dict[str, str] = {}  # node id -> merged sha256 it announced holding
-        self._heard: dict[str, dict[str, Any]] = {}  # node id -> what its last heartbeat said
         # Heartbeat seq starts at the wall clock in microseconds, so it keeps growing across restarts:
         # peers ignore a heartbeat whose seq is not above the last they heard (replays, N8).
         self._seq = min(max(0, int(clock() * 1_000_000)), MAX_HEARTBEAT_SEQ_START)
         self._wake = trio.Event()
         self._syncing: set[str] = set()
-        self._synced_at: dict[str, float] = {}  # round id -> when we last asked a peer for its outcome
-        self._members_persisted_at = 0.0
         self.started = trio.Event()
-        if c.mode == "fixed":
-            self.driver.coordinator, self.driver.term = c.fixed_peer_id, 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
@@ -156,6 +150,11 @@ class Node:
                 # (else it may claim a term that already has a live coordinator: split brain).
                 self.election.started_at = self.clock()
                 nursery.start_soon(self._read_gossip, subscription)
+                try:  # restarted on a full disk: come up paused (watch_disk resumes when there is room)
+                    self._probe_disk()
+                except (DiskFull, OSError) as exc:
+                    if not self.disk.note(exc, "starting"):
+                        logger.warning("disk probe at start failed: %s", exc)
                 if self.enabled:
                     self.driver.restore()
                     self.driver.resume_effects()
@@ -182,7 +181,6 @@ class Node:
                         with trio.CancelScope(shield=True):
                             await trio.to_thread.run_sync(metrics.close)
         finally:
-            self._persist_members(force=True)
             self.db.close()
 
     def _probe_disk(self) -> None:
@@ -190,7 +188,6 @@ class Node:
         probe_free_space(self.store.root)
 
     def _resume_after_disk_full(self) -> None:
-        self._persist_members(force=True)
         if self.enabled:
             self.driver.resume_after_disk_full()
         self._wake.set()
@@ -224,11 +221,13 @@ class Node:
         """Route a validated message. Returns what the consumer made of it."""
         now = self.clock()
         if isinstance(message, Heartbeat):
-            if self.election.is_stale(message):  # a replayed heartbeat says nothing about now (N8)
+            fresh = not self.election.is_stale(message)
+            if not fresh:  # a replayed heartbeat says nothing about now (N8)
                 self.counters["ignored"]["stale_seq"] += 1
-            else:
-                self._on_heartbeat(message, now)
-            return self._election_event(HeartbeatSeen(message, now))
+            validation = self._election_event(HeartbeatSeen(message, now))
+            if fresh and message.node_id != self.node_id and message.node_id in self.election.members:
+                self._on_heartbeat(message, now)  # the election recorded it (its table had room)
+            return validation
         if isinstance(message, CoordinatorClaim):
             return self._election_event(ClaimSeen(message, now))
         verdict = self.driver.on_message(message)
@@ -239,26 +238,17 @@ class Node:
         return verdict
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> None:
-        if hb.node_id == self.node_id:
+        self._save_term(hb.term)  # rule 12: a member's reported term survives our restart
+        if not self.enabled:
             return
-        if hb.node_id not in self._heard and len(self._heard) >= MAX_HOLDERS_TRACKED:
-            return
-        self._heard[hb.node_id] = {"seen": now, "federated_learning": hb.federated_learning, "term": hb.term,
-                                   "coordinator": hb.coordinator_node_id, "open_round_id": hb.open_round_id,
-                                   "last_round_number": hb.last_round_number}
-        if hb.latest_merged_sha256:
-            self._holders[hb.node_id] = hb.latest_merged_sha256
-        self._persist_members()
         want = hb.open_round_id
-        if self.enabled and want and want not in self.driver.rounds and self.db.get_round(want) is None:
-            self._maybe_sync(hb.node_id, want)
-        if self.enabled and hb.last_round_number:
-            # Our round that this peer is already past: we missed its outcome (down, partitioned).
-            # The peer holds the signed AggregateAnnounce / RoundFailed; without it we would wait forever.
-            for round_id in self.driver.rounds_behind(hb.last_round_number):
-                if now - self._synced_at.get(round_id, -math.inf) >= SYNC_RETRY_SECONDS:
-                    self._synced_at[round_id] = now
-                    self._maybe_sync(self._sync_peer(hb.node_id, hb.last_round_number), round_id)
+        finished = bool(want) and want not in self.driver.rounds and self.db.get_round(want) is not None
+        asked = self.driver.book.heartbeat(open_round_id=want, open_round_finished=finished,
+                                           last_round_number=hb.last_round_number, now=now)
+        for round_id, effect in asked.steps:
+            if isinstance(effect, SyncFrom):
+                peer = self._sync_peer(hb.node_id, hb.last_round_number) if effect.past else hb.node_id
+                self._maybe_sync(peer, round_id)
 
     def _sync_peer(self, sender: str, last_round_number: int) -> str:
         """Whom to ask for a round we are behind on: the heartbeat's sender if we are connected to it,
@@ -268,27 +258,16 @@ class Node:
         connected = self.transport.peers() if self.transport is not None else frozenset()
         if sender in connected:
             return sender
-        ahead = sorted(n for n, h in self._heard.items()
-                       if n in connected and h["last_round_number"] >= last_round_number)
-        return ahead[int(self.clock() / SYNC_RETRY_SECONDS) % len(ahead)] if ahead else sender  # rotate on retries
+        ahead = sorted(n for n, h in self.election.heard().items()
+                       if n in connected and h.last_round_number >= last_round_number)
+        rotate = int(self.clock() / DEFAULT_SYNC_RETRY_SECONDS)  # a different one on each retry
+        return ahead[rotate % len(ahead)] if ahead else sender
 
     def _maybe_sync(self, peer: str, round_id: str) -> None:
         if (round_id not in self._syncing and len(self._syncing) < MAX_SYNCS_IN_FLIGHT
                 and self.driver.nursery is not None):
             self._syncing.add(round_id)
             self.driver.nursery.start_soon(self._sync_round, peer, round_id)
-
-    def _persist_members(self, force: bool = False) -> None:
-        now = self.clock()
-        if not force and now - self._members_persisted_at < MEMBER_PERSIST_INTERVAL_SECONDS:
-            return
-        self._members_persisted_at = now
-        try:
-            for node_id, heard in self._heard.items():
-                self.db.touch_member(node_id, heard["seen"], federated_learning=heard["federated_learning"],
-                                     term=heard["term"])
-        except DiskFull as exc:  # the member view lives in memory; it is saved again once there is room
-            self.disk.note(exc, "saving members")
 
     async def _sync_round(self, peer: str, round_id: str) -> None:
         try:
@@ -323,6 +302,17 @@ class Node:
             out.append(row.outcome)
         return out
 
+    def _save_term(self, term: int) -> None:
+        """election-v1 rule 12: store a term higher than any stored (one small write per new term;
+        the member table is no longer written to state.sqlite, so members' terms are stored here)."""
+        if term <= self._saved_term:
+            return
+        try:
+            self.db.save_term(term)
+            self._saved_term = term
+        except DiskFull as exc:  # tried again with the next heartbeat; rounds carry terms too
+            self.disk.note(exc, "saving the term")
+
     def _election_event(self, event: HeartbeatSeen | ClaimSeen | Tick) -> Validation:
         outcome = self.election.handle(event)
         for effect in outcome.effects:
@@ -333,10 +323,7 @@ class Node:
                 self._publish_soon(claim)
             elif isinstance(effect, CoordinatorChanged):
                 logger.info("coordinator is now %s (term %d)", effect.coordinator_node_id[-8:], effect.term)
-                try:
-                    self.db.save_term(effect.term)  # election-v1 rule 12
-                except DiskFull as exc:  # kept in memory; members and rounds carry terms too
-                    self.disk.note(exc, "saving the term")
+                self._save_term(effect.term)
                 self.driver.on_coordinator_changed(effect)
                 self._wake.set()
         return outcome.validation
@@ -399,8 +386,8 @@ class Node:
     def _start_round_now(self) -> dict[str, Any]:
         if not self.enabled:
             return {"error": "[research] federated_learning = false: this node starts no round"}
-        if self.election.coordinator != self.node_id:
-            return {"error": f"not the coordinator; ask {self.election.coordinator or 'nobody (none elected yet)'}"}
+        if self.driver.coordinator != self.node_id:
+            return {"error": f"not the coordinator; ask {self.driver.coordinator or 'nobody (none elected yet)'}"}
         manifest = self.driver.maybe_start_round(self.clock(), len(self._live_federated()), force=True)
         if manifest is None:
             return {"error": "a round is already open"}
@@ -411,15 +398,24 @@ class Node:
     def _live_federated(self) -> list[str]:
         return self.election.live_members(self.clock()) if self.enabled else []
 
+    @property
+    def _heard(self) -> dict[str, Heard]:
+        return self.election.heard()
+
+    @property
+    def _holders(self) -> dict[str, str]:
+        """Node id -> the merged adapter its last heartbeat says it holds."""
+        return {n: h.latest_merged_sha256 for n, h in self.election.heard().items() if h.latest_merged_sha256}
+
     def _holders_of(self, sha: str) -> list[str]:
-        return sorted(n for n, s in self._holders.items() if s == sha)
+        return sorted(n for n, h in self.election.heard().items() if h.latest_merged_sha256 == sha)
 
     def status(self) -> NodeStatus:
         now = self.clock()
         liveness = self.election.config.liveness_timeout
-        members = [MemberStatus(node_id=n, federated_learning=h["federated_learning"],
-                                last_seen_seconds_ago=round(now - h["seen"], 3), alive=now - h["seen"] < liveness)
-                   for n, h in sorted(self._heard.items())]
+        members = [MemberStatus(node_id=n, federated_learning=h.federated_learning,
+                                last_seen_seconds_ago=round(now - h.at, 3), alive=now - h.at < liveness)
+                   for n, h in sorted(self.election.heard().items())]
         transport_stats = self.transport.statistics() if self.transport is not None else None
         blob_stats = self.blob_server.statistics() if hasattr(self, "blob_server") else None
         sync_stats = self.sync_server.statistics() if hasattr(self, "sync_server") else None
@@ -435,8 +431,8 @@ class Node:
             community_id=self.config.community.id,
             federated_learning=self.enabled,
             members=members,
-            coordinator=self.election.coordinator or "",
-            term=self.election.term,
+            coordinator=self.driver.coordinator,  # the round book's (it follows the election)
+            term=self.driver.term,
             counters={k: dict(v) for k, v in self.counters.items()},
             peers=sorted(self.transport.peers()) if self.transport is not None else [],
             paused=self.disk.status(),  # None while participating; else why (e.g. disk_full) and since when

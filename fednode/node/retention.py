@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Set
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from fednode.blobs.store import BlobStore
 from fednode.state import OPEN_STATES, StateDB
@@ -30,6 +31,13 @@ from fednode.state import OPEN_STATES, StateDB
 logger = logging.getLogger("fednode.node")
 
 COLLECTED_META_KEY = "collected_published_rounds"
+
+
+class ForgetsRounds(Protocol):
+    """The round driver's side of retention: drop collected rounds from memory (the round book's
+    rounds and pending manifests, and each round's RoundJob: fednode/node/driver_base.py)."""
+
+    def forget_rounds(self, round_ids: Set[str]) -> None: ...
 
 
 def collected_published(db: StateDB) -> int:
@@ -41,7 +49,7 @@ def collected_published(db: StateDB) -> int:
 
 
 def collect_old_rounds(*, data_dir: Path, db: StateDB, store: BlobStore, keep_rounds: int,
-                       driver: Any = None) -> int:
+                       driver: ForgetsRounds | None = None) -> int:
     """Collect every finished round numbered more than `keep_rounds` below the newest finished
     round. Returns the number of rounds collected. Safe to call at any time (idempotent)."""
     if keep_rounds <= 0:
@@ -79,7 +87,7 @@ def collect_old_rounds(*, data_dir: Path, db: StateDB, store: BlobStore, keep_ro
         with contextlib.suppress(OSError):
             store.delete(sha)
     if driver is not None:
-        _forget(driver, old_ids)
+        driver.forget_rounds(old_ids)
     logger.info("retention: collected %d round(s) numbered <= %d (keep_rounds = %d)", len(old), cutoff, keep_rounds)
     return len(old)
 
@@ -110,22 +118,3 @@ def _latest_name(adapters: Path) -> str:
         return str((adapters / "latest").readlink())
     except OSError:
         return ""
-
-
-# The round driver's per-round state (fednode/node/rounds.py), keyed by round id or (round id, node id).
-_DRIVER_MAPS = ("rounds", "pending_manifests", "_metrics", "_discarded", "_replans", "_unsaved_outcomes")
-_DRIVER_PAIR_MAPS = ("_prefetched", "_update_errors")
-
-
-def _forget(driver: Any, round_ids: set[str]) -> None:
-    """Drop collected rounds from the driver's in-memory maps (those that exist on this driver)."""
-    for name in _DRIVER_MAPS:
-        table = getattr(driver, name, None)
-        if isinstance(table, dict):
-            for rid in round_ids & set(table):
-                table.pop(rid, None)
-    for name in _DRIVER_PAIR_MAPS:
-        table = getattr(driver, name, None)
-        if isinstance(table, dict):
-            for key in [k for k in table if isinstance(k, tuple) and k and k[0] in round_ids]:
-                table.pop(key, None)

@@ -418,3 +418,20 @@ def test_a_restarted_node_keeps_its_term_and_ignores_an_older_terms_claim() -> N
     fresh = ElectionState(me, cfg, now=EPOCH)  # without rule 12 the same node follows term 1
     fresh.handle(ClaimSeen(claim(other, 1, EPOCH + 1), EPOCH + 1))
     assert fresh.coordinator == other and fresh.term == 1
+
+
+def test_the_member_table_keeps_what_each_members_newest_heartbeat_said() -> None:
+    """One member table (issue 11): the daemon's view of its peers (status, sync peers, adapter
+    holders) is the election's, filled from fresh heartbeats only."""
+    a, b, me = (i.node_id for i in IDS[:3])
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    first = Heartbeat(community_id=COMMUNITY, node_id=a, term=0, seq=10, sent_at=EPOCH, federated_learning=True,
+                      last_round_number=4, latest_merged_sha256="ab" * 32, open_round_id="r5-t1")
+    state.handle(HeartbeatSeen(first, EPOCH + 1))
+    state.handle(ClaimSeen(claim(b, 1, EPOCH + 1), EPOCH + 1))  # known from a claim only: not heard
+    heard = state.heard()
+    assert set(heard) == {a}
+    assert (heard[a].at, heard[a].last_round_number, heard[a].open_round_id) == (EPOCH + 1, 4, "r5-t1")
+    assert heard[a].latest_merged_sha256 == "ab" * 32
+    state.handle(HeartbeatSeen(first, EPOCH + 2))  # a replay changes nothing
+    assert state.heard()[a].at == EPOCH + 1

@@ -9,6 +9,7 @@ CHECK = """
 import sys
 import fednode.wire, fednode.consensus
 import fednode.consensus.round_state, fednode.consensus.election, fednode.consensus.round_events
+import fednode.consensus.round_book
 import fednode
 fednode.RoundManifest, fednode.RoundID  # lazy exports that must not drag the coordinator in
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'libp2p', 'torch'))

@@ -185,7 +185,7 @@ async def test_coordinator_killed_for_good_fails_over(tmp_path: Path, clock: tri
         await switch.fired.wait()
         dead = c.nodes[switch.victim].node_id
         survivors = [c.nodes[i] for i in range(N) if i != switch.victim]
-        last_heartbeat = max(s._heard[dead]["seen"] for s in survivors) - EPOCH
+        last_heartbeat = max(s._heard[dead].at for s in survivors) - EPOCH
         await wait_until(lambda: len({s.election.coordinator for s in survivors}) == 1
                          and survivors[0].election.coordinator not in (None, dead), step=0.01)
         elected_after = trio.current_time() - last_heartbeat

@@ -46,6 +46,8 @@ async def test_old_rounds_are_collected_and_disk_stays_bounded(tmp_path: Path, a
             latest = json.loads((data / "rounds" / f"round-{ROUNDS}.json").read_text())
             assert node.store.has(latest["merged_sha256"])
             assert len(node.driver.rounds) <= KEEP + 2  # in-memory round states are dropped too
+            assert set(node.driver.jobs) <= set(node.driver.rounds)  # ... with their RoundJobs
+            assert not set(node.driver.book.pending) & {r.round_id for r in node.db.rounds()}
         assert max(sizes[len(sizes) // 2:]) <= (KEEP + 1) * (n + 1)  # flat in the second half of the run
 
 

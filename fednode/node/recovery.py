@@ -1,0 +1,134 @@
+"""Picking up after a restart or a full disk, and settling the outcome of a round taken over
+(fednode/consensus/outcome.py)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from fednode.consensus import InstallAdapter, Phase, Resumed, Role, RoundState, SyncAnswered, Tick
+from fednode.errors import DiskFull, FednodeError
+from fednode.node.aggregating import Aggregating
+from fednode.wire import codec
+from fednode.wire.messages import AggregateAnnounce, RoundFailed, RoundManifest
+
+if TYPE_CHECKING:
+    pass
+
+logger = logging.getLogger("fednode.rounds")  # one logger for the round driver's modules (fault_check reads it)
+
+DEFAULT_SETTLE_RETRY_SECONDS = 1.0  # a taken-over round's outcome: first wait before asking everyone again
+DEFAULT_SETTLE_RETRY_MAX_SECONDS = 10.0  # the wait doubles up to this; it never gives up
+
+class Recovery(Aggregating):
+    def restore(self) -> None:
+        """Reload unfinished rounds from state.sqlite after a restart."""
+        for row in self.db.unfinished_rounds():
+            snap = self.db.load_snapshot(row.round_id)
+            if snap is None:
+                manifest = codec.decode(row.manifest)
+                assert isinstance(manifest, RoundManifest)
+                state = RoundState(manifest, node_id=self.me, reannounce_seconds=self._reannounce_seconds)
+            else:
+                state = RoundState.restore(snap, reannounce_seconds=self._reannounce_seconds)
+            self.book.add(state)
+            self.progress.outcome_conflicts += len(state.conflicts)
+            logger.info("restored round %s (%s, %s, %d accepted)", row.round_id, state.phase.value,
+                        state.role.value, len(state.accepted))
+        self.progress.rounds_completed = self._count_installed()
+        latest = self.db.latest_published()
+        if latest is not None:
+            self.progress.last_merged = {"round_number": latest.round_number, "sha256": latest.merged_sha256,
+                                         "path": str(self.adapter_dir(latest.round_number)), "metrics": {}}
+
+    def resume_effects(self) -> None:
+        """After restore: re-issue the work that died with the old process."""
+        now = self.clock()
+        for state in list(self.rounds.values()):
+            self._feed(state, Resumed(now))  # a coordinator first settles what happened while it was down
+            if state.phase is Phase.COLLECTING and state.own_submission is None:
+                self._spawn(self._train_and_submit, state.manifest)
+            elif state.own_submission is not None and state.is_open:
+                self._spawn(self._publish_message, state.own_submission)
+                state.schedule_reannounce(now)
+            elif state.phase is Phase.PUBLISHED and state.merged_sha256:
+                if state.role is Role.COORDINATOR:
+                    self._spawn(self._republish_and_install, state)
+                else:
+                    self._spawn(self._install, InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))
+            elif state.phase is Phase.FAILED:
+                self._finish_failed(state)
+            self._feed(state, Tick(now))
+
+    def resume_after_disk_full(self) -> None:
+        """The disk has room again: save what could not be saved, and redo the work a full disk
+        stopped (training for rounds still open, aggregating, installing, recording)."""
+        now = self.clock()
+        try:
+            for job in list(self.jobs.values()):
+                if job.unsaved_outcome is not None:
+                    self._save_outcome(job.round_id, job.unsaved_outcome)
+            for state in list(self.rounds.values()):
+                job = self.job(state.round_id)
+                if job.unsaved:
+                    self._persist(state)
+                row = self.db.get_round(state.round_id)
+                recorded = row is not None and row.record is not None
+                if state.is_open and job.deferred_training:
+                    job.deferred_training = False
+                    self._spawn(self._train_and_submit, state.manifest)
+                elif (state.phase is Phase.AGGREGATING and state.role is Role.COORDINATOR
+                      and not job.aggregating):
+                    state.aggregation_started = False  # the aggregation that hit the full disk is re-planned
+                elif state.phase is Phase.PUBLISHED and state.merged_sha256 and not recorded:
+                    self._spawn(self._install, InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))
+                elif state.phase is Phase.FAILED and not recorded:
+                    self._finish_failed(state)
+                self._feed(state, Tick(now))
+        except DiskFull as exc:
+            self.disk.note(exc, "resuming")
+        for state in self.rounds.values():
+            if not state.is_open:
+                self.job(state.round_id).deferred_training = False
+
+    async def _republish_and_install(self, state: RoundState) -> None:
+        """A coordinator restarted after aggregating: announce again (same merged blob) and install."""
+        row = self.db.get_round(state.round_id)
+        if row is not None and row.outcome:
+            await self.publish(codec.decode(row.outcome))
+        else:
+            await self._publish_aggregate(state)
+        await self._install(InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))
+
+    async def _settle(self, state: RoundState) -> None:
+        """A round this node took over: ask every live member for the round's signed outcome until
+        the state machine calls it settled (an outcome adopted, or every live member answered
+        without one). A failed request proves nothing: ask again, with backoff, forever."""
+        delay = DEFAULT_SETTLE_RETRY_SECONDS
+        try:
+            while self.sync is not None and self._unsettled(state):
+                connected = self.transport.peers() if self.transport is not None else frozenset()
+                # connected members first: one of them may hold the outcome, and we can reach them now
+                for peer in sorted((n for n in self.live_members() if n != self.me), key=lambda n: n not in connected):
+                    if not self._unsettled(state):
+                        return
+                    try:
+                        messages = await self.sync(peer, state.round_id)
+                    except (FednodeError, trio.TooSlowError, OSError) as exc:
+                        logger.info("round %s: outcome query to %s failed: %s", state.round_id, peer[-8:], exc)
+                        continue
+                    for message in messages:
+                        self.on_message(message)
+                    if not any(isinstance(m, AggregateAnnounce | RoundFailed) and m.round_id == state.round_id
+                               for m in messages):
+                        self._feed(state, SyncAnswered(peer, frozenset(self.live_members()), self.clock()))
+                if self._unsettled(state):
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, DEFAULT_SETTLE_RETRY_MAX_SECONDS)
+        finally:
+            self.job(state.round_id).settling = False
+
+    def _unsettled(self, state: RoundState) -> bool:
+        return self.book.unsettled(state.round_id) and self.rounds.get(state.round_id) is state

@@ -1,0 +1,163 @@
+"""The round book's rules as pure functions: supersede, close early, next round, sync-from.
+No sqlite, no network, no trio: events in, effects out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fednode.consensus import CoordinatorChanged, Phase, RoundState, SubmissionReceived, TrainAndSubmit
+from fednode.consensus.round_book import (
+    History,
+    OpenRound,
+    RecordFailure,
+    RoundBook,
+    RoundPolicy,
+    SaveRound,
+    SyncFrom,
+    next_round_due,
+    supersedes,
+)
+from tests.consensus.helpers import EPOCH, announce, identity, manifest
+
+X, Y, ME = identity(0), identity(1), identity(2)
+
+
+def effects(outcome: object) -> list[tuple[str, type]]:
+    return [(rid, type(e)) for rid, e in outcome.steps]  # type: ignore[attr-defined]
+
+
+def test_contested_round_from_an_earlier_term_is_superseded() -> None:
+    book = RoundBook(ME.node_id)
+    book.coordinator_changed(CoordinatorChanged(1, X.node_id, EPOCH))
+    early = manifest(X, round_id="r1-t1", term=1, round_number=1)
+    assert book.manifest(early, EPOCH).accepted
+    assert book.open_round() is book.rounds["r1-t1"]
+    # y won term 2 (it had opened round 1 too): x's round continues under y...
+    book.coordinator_changed(CoordinatorChanged(2, Y.node_id, EPOCH + 1))
+    assert book.rounds["r1-t1"].term == 2 and book.rounds["r1-t1"].is_open
+    # ...until y's own manifest for round 1 arrives: the later term's round wins
+    out = book.manifest(manifest(Y, round_id="r1-t2", term=2, round_number=1), EPOCH + 2)
+    assert out.accepted
+    assert ("r1-t2", SaveRound) in effects(out) and ("r1-t1", RecordFailure) in effects(out)
+    assert book.rounds["r1-t1"].phase is Phase.FAILED
+    assert book.rounds["r1-t1"].failure_reason.startswith("superseded by r1-t2")
+    assert book.open_round() is book.rounds["r1-t2"]
+    # the older manifest, seen again, changes nothing
+    book.manifest(early, EPOCH + 3)
+    assert book.rounds["r1-t1"].phase is Phase.FAILED and book.open_round() is book.rounds["r1-t2"]
+    # and a round n from an earlier term arriving late is ignored outright
+    late = manifest(Y, round_id="r1-t0", term=1, round_number=1)
+    assert book.manifest(late, EPOCH + 4).validation.reason == "not_coordinator"
+
+
+def test_supersedes_compares_the_manifests_terms() -> None:
+    a = manifest(X, round_id="a", term=1, round_number=3)
+    assert supersedes(manifest(Y, round_id="b", term=2, round_number=3), a)
+    assert not supersedes(manifest(Y, round_id="b", term=2, round_number=4), a)
+    assert not supersedes(manifest(Y, round_id="b", term=1, round_number=3), a)
+
+
+def test_manifest_of_an_unelected_coordinator_waits_until_it_is_elected() -> None:
+    book = RoundBook(ME.node_id, max_pending=2)
+    m = manifest(X, round_id="r1-t1", term=1, round_number=1)
+    assert book.manifest(m, EPOCH).validation.reason == "not_coordinator"
+    for i in range(5):  # the held manifests are bounded
+        book.manifest(manifest(Y, round_id=f"junk-{i}", term=1, round_number=1), EPOCH)
+    assert len(book.pending) == 2 and "r1-t1" in book.pending
+    out = book.coordinator_changed(CoordinatorChanged(1, X.node_id, EPOCH + 1))
+    assert "r1-t1" in book.rounds and "r1-t1" not in book.pending
+    assert ("r1-t1", TrainAndSubmit) in effects(out)  # a participant trains for the adopted round
+
+
+def test_finished_or_foreign_base_model_rounds_are_not_adopted() -> None:
+    book = RoundBook(ME.node_id, coordinator=X.node_id, term=1, base_model_hash="a" * 64)
+    m = manifest(X, round_id="r1-t1", term=1, round_number=1)
+    assert book.manifest(m, EPOCH, finished=True).validation.reason == "round_finished"
+    other = manifest(X, round_id="r2-t1", term=1, round_number=2, base_model_hash="b" * 64)
+    assert book.manifest(other, EPOCH).validation.reason == "base_model_mismatch"
+    assert book.rounds == {}
+
+
+def test_coordinator_closes_early_once_every_live_member_is_accepted() -> None:
+    book = RoundBook(X.node_id, coordinator=X.node_id, term=1)
+    m = manifest(X, round_id="r1-t1", term=1, round_number=1, min_participants=2, max_participants=5,
+                 round_timeout_seconds=60.0)
+    book.open(m, EPOCH)
+    for who in (X, Y):
+        assert book.feed("r1-t1", SubmissionReceived(announce(who, round_id="r1-t1"), EPOCH + 1)).accepted
+    book.tick(EPOCH + 2, [X.node_id, Y.node_id, ME.node_id])  # ME is live and has not submitted
+    assert book.rounds["r1-t1"].is_open
+    book.tick(EPOCH + 3, [X.node_id, Y.node_id])  # every live member accepted: close now
+    assert book.rounds["r1-t1"].phase is Phase.AGGREGATING
+
+
+def test_participant_never_closes_early() -> None:
+    book = RoundBook(ME.node_id, coordinator=X.node_id, term=1)
+    book.manifest(manifest(X, round_id="r1-t1", term=1, round_number=1, min_participants=1), EPOCH)
+    book.feed("r1-t1", SubmissionReceived(announce(ME, round_id="r1-t1"), EPOCH + 1))
+    book.tick(EPOCH + 2, [ME.node_id])
+    assert book.rounds["r1-t1"].is_open
+
+
+def test_next_round_rule() -> None:
+    policy = RoundPolicy(max_rounds=3, pause_seconds=10.0, quorum=2, settle_seconds=1.0)
+    ready = History(live_federated=2, highest_round_number=1, published=1, last_finished_at=100.0)
+
+    def due(now: float = 200.0, since: float = 150.0, force: bool = False, **changes: object) -> bool:
+        history = dataclasses.replace(ready, **changes)  # type: ignore[arg-type]
+        return next_round_due(now=now, policy=policy, history=history, coordinator_since=since, force=force)
+
+    assert due()
+    assert not due(now=150.5)  # settling after winning the term
+    assert not due(now=109.0, since=0.0) and due(now=110.0, since=0.0)  # the pause after the last round
+    assert not due(live_federated=1)  # quorum
+    assert not due(published=3)  # budget spent
+    assert due(published=3, live_federated=0, force=True)  # an operator's start-round
+    assert not due(busy=True, force=True)  # installing, aggregating, paused: the start adapter is not ready
+    assert not due(unrecorded_published=True, force=True)
+
+
+def test_book_opens_the_next_round_only_as_coordinator_with_none_open() -> None:
+    book = RoundBook(X.node_id, policy=RoundPolicy(settle_seconds=1.0))
+    history = History(live_federated=1, highest_round_number=4, published=4, last_finished_at=None)
+    assert book.next_round(EPOCH, history) is None  # nobody elected
+    book.coordinator_changed(CoordinatorChanged(7, X.node_id, EPOCH))
+    assert book.next_round(EPOCH + 0.5, history) is None  # the settle delay
+    assert book.next_timer(EPOCH + 0.5) == EPOCH + 1.0
+    plan = book.next_round(EPOCH + 1.0, history)
+    assert plan == OpenRound("r5-t7", 5, 7)
+    book.open(manifest(X, round_id=plan.round_id, term=7, round_number=5), EPOCH + 1.0)
+    assert book.next_round(EPOCH + 2.0, history) is None  # one is open
+
+
+def test_heartbeats_ask_for_unknown_and_missed_rounds_with_backoff() -> None:
+    book = RoundBook(ME.node_id, coordinator=X.node_id, term=1, sync_retry_seconds=5.0)
+    book.manifest(manifest(X, round_id="r1-t1", term=1, round_number=1), EPOCH)
+    out = book.heartbeat(open_round_id="r2-t1", open_round_finished=False, last_round_number=1, now=EPOCH)
+    assert [(rid, e) for rid, e in out.steps] == [("r2-t1", SyncFrom()), ("r1-t1", SyncFrom(past=True))]
+    again = book.heartbeat(open_round_id="", open_round_finished=False, last_round_number=1, now=EPOCH + 1)
+    assert again.steps == ()  # asked a moment ago
+    later = book.heartbeat(open_round_id="", open_round_finished=False, last_round_number=1, now=EPOCH + 5)
+    assert later.steps == (("r1-t1", SyncFrom(past=True)),)
+    done = book.heartbeat(open_round_id="r0", open_round_finished=True, last_round_number=0, now=EPOCH + 9)
+    assert done.steps == ()
+
+
+def test_finished_rounds_beyond_the_bound_are_forgotten() -> None:
+    book = RoundBook(ME.node_id, coordinator=X.node_id, term=1, max_in_memory=3)
+    for n in range(1, 11):
+        rid = f"r{n}-t1"
+        book.add(RoundState(manifest(X, round_id=rid, term=1, round_number=n), node_id=ME.node_id))
+        book.rounds[rid].phase = Phase.FAILED
+        book.forget_old(pinned={"r1-t1"})
+    assert sorted(book.rounds) == ["r1-t1", "r10-t1", "r8-t1", "r9-t1"]
+
+
+def test_rounds_collected_by_retention_are_forgotten_with_their_pending_manifests_and_sync_times() -> None:
+    book = RoundBook(ME.node_id, coordinator=X.node_id, term=1)
+    book.manifest(manifest(X, round_id="r1-t1", term=1, round_number=1), EPOCH)
+    book.manifest(manifest(Y, round_id="r2-t2", term=2, round_number=2), EPOCH)  # held: Y is not elected
+    book.heartbeat(open_round_id="", open_round_finished=False, last_round_number=1, now=EPOCH)
+    assert "r1-t1" in book.rounds and "r2-t2" in book.pending and "r1-t1" in book.synced_at
+    assert book.forget({"r1-t1", "r2-t2", "r9-t9"}) == ["r1-t1", "r2-t2"]  # r9-t9: never held
+    assert (book.rounds, book.pending, book.synced_at) == ({}, {}, {})
