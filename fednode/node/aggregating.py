@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import trio
 
-from fednode.config import Config
 from fednode.consensus import (
     AggregationDone,
     AggregationFailed,
@@ -24,27 +22,11 @@ from fednode.node.training import Training
 from fednode.wire import codec
 from fednode.wire.messages import SubmissionAnnounce
 
-if TYPE_CHECKING:
-    from fednode.aggregation import AggregationOptions
-
 logger = logging.getLogger("fednode.rounds")  # one logger for the round driver's modules (fault_check reads it)
 
 DEFAULT_PREFETCH_RETRY_SECONDS = 0.5  # first wait before fetching a live participant's update again
 DEFAULT_PREFETCH_RETRY_MAX_SECONDS = 4.0  # the wait doubles up to this
 DEFAULT_PREFETCH_PATIENCE_SECONDS = 30.0  # then its update is rejected as unavailable, live or not
-
-def aggregation_options(config: Config) -> AggregationOptions:
-    """The [aggregation] section as the aggregation layer's options. With DP noise on, every
-    update is clipped to dp_clip_norm (the noise is calibrated to that bound)."""
-    a = config.aggregation
-    from fednode.aggregation import AggregationOptions
-
-    dp = a.dp_noise_multiplier > 0
-    return AggregationOptions(trim_beta=a.trim_beta, clip_norm=a.dp_clip_norm if dp else (a.clip_norm or None),
-                              dp_noise_multiplier=a.dp_noise_multiplier, exact_max_batch_bytes=a.exact_max_batch_bytes)
-
-
-
 
 class Aggregating(Training):
     def _start_prefetch(self, state: RoundState, a: SubmissionAnnounce) -> None:
@@ -132,17 +114,8 @@ class Aggregating(Training):
             await trio.sleep(learning.fake_aggregate_delay_seconds)
         datas = [await self._read_blob(a.delta_sha256, self._fetch_delta(a)) for a in effect.announces]
         weights = [float(a.num_samples) for a in effect.announces]
-        from fednode.node.fake_task import FakeTrainer, merge_updates  # fake task + fedavg: numpy, no torch
-
-        config, fake = self.config, isinstance(self.trainer, FakeTrainer)
-
-        def work() -> tuple[bytes, float | None]:
-            return merge_updates(datas, weights, effect.method, rank=state.manifest.lora_rank,
-                                 alpha=state.manifest.lora_alpha, options=lambda: aggregation_options(config),
-                                 fake=fake)
-
         try:
-            merged, discarded = await self.blocking(work)
+            merged, discarded = await self._merge(state, effect.method, datas, weights)
         except FednodeError as exc:
             if self._aggregation_wanted(state):
                 self._feed(state, AggregationFailed(f"aggregation failed: {exc}"[:200], self.clock()))

@@ -53,6 +53,9 @@ class Progress:
     bytes_fetched: int = 0
     pending_evaluations: int = 0
     outcome_conflicts: int = 0  # two different signed outcomes met for one round (round-v1.md)
+    merged_recovery: dict[str, str] = field(default_factory=dict)  # round id -> why its merged blob is missing
+    merged_rebuilt: int = 0  # merged adapters recomputed from the updates (round-v1, "A merged adapter no holder has")
+    merged_rebuild_failed: dict[str, int] = field(default_factory=dict)  # RebuildProblem value -> count
 
 
 class DriverBase:

@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from fednode.config import Config
 from fednode.consensus import InstallAdapter, Role, RoundState
-from fednode.errors import DiskFull, TransportError
+from fednode.consensus.merged_recovery import MergedRecovery, RebuildProblem, RecoveryStep
+from fednode.errors import BlobIntegrityError, DiskFull, FednodeError, TransportError
 from fednode.node.blobio import BlobIO
 from fednode.node.records import round_record, write_record
 from fednode.node.reports import RecordState, RoundRecord
@@ -19,12 +23,42 @@ from fednode.node.retention import collect_old_rounds, collected_published
 from fednode.wire import codec
 from fednode.wire.messages import AggregateAnnounce, Contribution, RoundFailed
 
+if TYPE_CHECKING:
+    from fednode.aggregation import AggregationOptions
+
 logger = logging.getLogger("fednode.rounds")  # one logger for the round driver's modules (fault_check reads it)
 
 DEFAULT_INSTALL_RETRY_SECONDS = 1.0  # first wait before fetching a merged adapter again
 DEFAULT_INSTALL_RETRY_MAX_SECONDS = 30.0  # the wait doubles up to this
 
+
+def aggregation_options(config: Config) -> AggregationOptions:
+    """The [aggregation] section as the aggregation layer's options. With DP noise on, every
+    update is clipped to dp_clip_norm (the noise is calibrated to that bound)."""
+    a = config.aggregation
+    from fednode.aggregation import AggregationOptions
+
+    dp = a.dp_noise_multiplier > 0
+    return AggregationOptions(trim_beta=a.trim_beta, clip_norm=a.dp_clip_norm if dp else (a.clip_norm or None),
+                              dp_noise_multiplier=a.dp_noise_multiplier, exact_max_batch_bytes=a.exact_max_batch_bytes)
+
+
 class Installing(BlobIO):
+    async def _merge(self, state: RoundState, method: str, datas: Sequence[bytes],
+                     weights: Sequence[float]) -> tuple[bytes, float | None]:
+        """The round's merge of `datas` (in contribution order: node id), off the event loop. The
+        coordinator aggregates with it; a node rebuilding a lost merged adapter calls it again."""
+        from fednode.node.fake_task import FakeTrainer, merge_updates  # fake task + fedavg: numpy, no torch
+
+        config, fake = self.config, isinstance(self.trainer, FakeTrainer)
+        manifest = state.manifest
+
+        def work() -> tuple[bytes, float | None]:
+            return merge_updates(datas, weights, method, rank=manifest.lora_rank, alpha=manifest.lora_alpha,
+                                 options=lambda: aggregation_options(config), fake=fake)
+
+        return await self.blocking(work)
+
     async def _publish_aggregate(self, state: RoundState) -> AggregateAnnounce:
         announce = codec.sign(AggregateAnnounce(
             community_id=state.manifest.community_id, round_id=state.round_id,
@@ -125,21 +159,88 @@ class Installing(BlobIO):
                 self.progress.last_merged["metrics"] = dict(result)
 
     async def _fetch_merged(self, state: RoundState, effect: InstallAdapter) -> None:
-        """Fetch a round's merged adapter, retrying with backoff: its holders (the coordinator, the
+        """Get a round's merged adapter, retrying with backoff: its holders (the coordinator, the
         members that installed it) may be down now and back later, and without it this node can
-        neither record the round nor train the next one. Ends when the node stops."""
-        delay = DEFAULT_INSTALL_RETRY_SECONDS
-        while True:
-            holders = [state.coordinator_node_id, *self.holders(effect.sha256),
-                       *(a.participant_node_id for a in state.accepted.values())]
+        neither record the round nor train the next one. When no holder serves it (the only copy
+        lost with its coordinator), rebuild it from the contributed updates, kept only if it hashes
+        to the announced sha256 (round-v1, "A merged adapter no holder has";
+        fednode/consensus/merged_recovery.py decides when). Ends when the blob is here, or when the node stops."""
+        recovery = MergedRecovery(retry_seconds=DEFAULT_INSTALL_RETRY_SECONDS,
+                                  retry_max_seconds=DEFAULT_INSTALL_RETRY_MAX_SECONDS)
+        try:
+            while True:
+                if recovery.next_step() is RecoveryStep.REBUILD:
+                    if await self._rebuild_merged(state, effect, recovery):
+                        return
+                    delay = recovery.delay
+                else:
+                    holders = [state.coordinator_node_id, *self.holders(effect.sha256),
+                               *(a.participant_node_id for a in state.accepted.values())]
+                    try:
+                        await self._fetch(effect.sha256, effect.size, holders)
+                        return
+                    except (TransportError, trio.TooSlowError) as exc:
+                        delay = recovery.fetch_failed(str(exc)[:200])
+                        logger.warning("round %s: merged adapter %s not fetched (%s); retrying in %.0f s",
+                                       state.round_id, effect.sha256[:16], str(exc)[:200], delay)
+                self.progress.merged_recovery[state.round_id] = recovery.last_problem
+                await trio.sleep(delay)
+        finally:
+            self.progress.merged_recovery.pop(state.round_id, None)
+
+    async def _rebuild_merged(self, state: RoundState, effect: InstallAdapter, recovery: MergedRecovery) -> bool:
+        """Merge the announced contributions again; store the result only if it is the announced
+        blob. False (counted, logged, `recovery` told why) when it cannot be done now."""
+        announce = self._announce_of(state, effect.sha256)
+        contributions = announce.contributions if announce is not None else state.contributions()
+        method = announce.aggregation if announce is not None else state.manifest.aggregation
+
+        def failed(problem: RebuildProblem, detail: str) -> bool:
+            recovery.rebuild_failed(problem, detail)
+            self.progress.merged_rebuild_failed[problem.value] = \
+                self.progress.merged_rebuild_failed.get(problem.value, 0) + 1
+            logger.warning("round %s: merged adapter %s not rebuilt: %s", state.round_id, effect.sha256[:16],
+                           recovery.last_problem)
+            return False
+
+        if not contributions:
+            return failed(RebuildProblem.NO_CONTRIBUTIONS, "no signed AggregateAnnounce naming the updates")
+        logger.info("round %s: no holder served merged adapter %s; rebuilding it from %d updates",
+                    state.round_id, effect.sha256[:16], len(contributions))
+        datas: list[bytes] = []
+        for c in contributions:
             try:
-                await self._fetch(effect.sha256, effect.size, holders)
-                return
-            except (TransportError, trio.TooSlowError) as exc:
-                logger.warning("round %s: merged adapter %s not fetched (%s); retrying in %.0f s",
-                               state.round_id, effect.sha256[:16], str(exc)[:200], delay)
-            await trio.sleep(delay)
-            delay = min(2 * delay, DEFAULT_INSTALL_RETRY_MAX_SECONDS)
+                datas.append(await self._read_blob(c.delta_sha256, self._update_fetcher(state, c)))
+            except (TransportError, BlobIntegrityError, trio.TooSlowError) as exc:
+                return failed(RebuildProblem.MISSING_UPDATE, f"{c.node_id[-8:]}'s update {c.delta_sha256[:16]}: "
+                                                             f"{exc}"[:200])
+        try:
+            merged, _ = await self._merge(state, method, datas, [float(c.num_samples) for c in contributions])
+        except FednodeError as exc:
+            return failed(RebuildProblem.MERGE_FAILED, str(exc)[:200])
+        if not recovery.rebuilt(effect.sha256, hashlib.sha256(merged).hexdigest()):
+            self.progress.merged_rebuild_failed[RebuildProblem.DIGEST_MISMATCH.value] = \
+                self.progress.merged_rebuild_failed.get(RebuildProblem.DIGEST_MISMATCH.value, 0) + 1
+            logger.error("round %s: %s", state.round_id, recovery.last_problem)
+            return False
+        self.store.put_bytes(merged)  # content-addressed: exactly the announced blob
+        self.progress.merged_rebuilt += 1
+        logger.info("round %s: merged adapter %s rebuilt from the updates", state.round_id, effect.sha256[:16])
+        return True
+
+    def _update_fetcher(self, state: RoundState, c: Contribution) -> Callable[[], Awaitable[None]]:
+        """Fetch a contributed update from its submitter, the coordinator, or anyone said to hold it."""
+        holders = [c.node_id, state.coordinator_node_id, *self.holders(c.delta_sha256)]
+        return lambda: self._fetch(c.delta_sha256, None, holders)
+
+    def _announce_of(self, state: RoundState, sha: str) -> AggregateAnnounce | None:
+        """The signed AggregateAnnounce we hold for the round naming `sha`, if any."""
+        row = self.db.get_round(state.round_id)
+        if row is not None and row.outcome:
+            announce = codec.decode(row.outcome)
+            if isinstance(announce, AggregateAnnounce) and announce.merged_sha256 == sha:
+                return announce
+        return None
 
     def _count_installed(self) -> int:
         return self.db.round_counts().installed + collected_published(self.db)  # retention's count too
@@ -158,12 +259,8 @@ class Installing(BlobIO):
 
     def _aggregated(self, state: RoundState, sha: str) -> tuple[Contribution, ...]:
         """The contributions the coordinator's signed AggregateAnnounce names, else our own view."""
-        row = self.db.get_round(state.round_id)
-        if row is not None and row.outcome:
-            announce = codec.decode(row.outcome)
-            if isinstance(announce, AggregateAnnounce) and announce.merged_sha256 == sha:
-                return announce.contributions
-        return state.contributions()
+        announce = self._announce_of(state, sha)
+        return announce.contributions if announce is not None else state.contributions()
 
     def _record(self, state: RoundState, outcome: RecordState, sha: str, size: int,
                 metrics: dict[str, dict[str, Any]] | None = None) -> RoundRecord:

@@ -277,6 +277,10 @@ class RoundProgress(JsonForm):
     pending_evaluations: int = 0
     outcome_conflicts: int = 0
     unsettled_rounds: list[str] = _opt(factory=list)
+    # published rounds whose merged adapter no holder served yet -> why; rebuilt: how many merged adapters
+    # this node recomputed from the contributed updates (round-v1, "A merged adapter no holder has")
+    merged_recovery: dict[str, str] = _opt(factory=dict, omit_default=True)
+    merged_rebuilt: int = _opt(0, omit_default=True)
     current_round: CurrentRound | None = None
     disabled_reason: str = _opt("", key="rounds", omit_default=True)
 

@@ -44,8 +44,8 @@ from fednode.consensus.round_book import (
     SaveRound,
 )
 from fednode.errors import DiskFull
-from fednode.node.aggregating import aggregation_options
 from fednode.node.driver_base import Progress, Publish, SyncRound
+from fednode.node.installing import aggregation_options
 from fednode.node.recovery import Recovery
 from fednode.node.reports import (
     CurrentRound,
@@ -235,6 +235,7 @@ class RoundDriver(Recovery):
             refused=dict(p.refused), pending_evaluations=p.pending_evaluations,
             outcome_conflicts=p.outcome_conflicts,
             unsettled_rounds=sorted(r.round_id for r in self.rounds.values() if self._unsettled(r)),
+            merged_recovery=dict(p.merged_recovery), merged_rebuilt=p.merged_rebuilt,
             current_round=None if shown is None else CurrentRound(
                 round_id=shown.round_id, round_number=shown.manifest.round_number, state=shown.phase,
                 role=shown.role, term=shown.term, coordinator_node_id=shown.coordinator_node_id,
