@@ -122,6 +122,7 @@ class Node:
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
                                   live_members=self._live_federated, inline_training=inline_training,
+                                  answering_members=self._live_any,
                                   sync=self._round_messages, disk=self.disk)
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
@@ -345,6 +346,11 @@ class Node:
         except FednodeError as exc:
             logger.warning("publishing %s failed: %s", message.TYPE, exc)
 
+    def _participating(self, coordinator: str) -> bool:
+        """Heartbeat `federated_learning`: false while paused for a full disk (we take no part in
+        rounds, so no coordinator waits for us), unless we coordinate (election-v1 r3)."""
+        return self.enabled and not (self.disk.paused and coordinator != self.node_id)
+
     def _last_round_number(self) -> int:
         latest = self.db.latest_published()
         return latest.round_number if latest else 0
@@ -358,7 +364,8 @@ class Node:
             self._seq += 1
             hb = codec.sign(Heartbeat(
                 community_id=self.config.community.id, node_id=self.node_id, term=term, seq=self._seq,
-                sent_at=self.clock(), federated_learning=self.enabled, coordinator_node_id=coordinator,
+                sent_at=self.clock(), federated_learning=self._participating(coordinator),
+                coordinator_node_id=coordinator,
                 last_round_number=latest.round_number if latest else 0,
                 latest_merged_sha256=latest.merged_sha256 if latest else "",
                 open_round_id=open_round.round_id if open_round else ""), self.identity)
@@ -397,6 +404,12 @@ class Node:
     # -- queries -----------------------------------------------------------------------------
     def _live_federated(self) -> list[str]:
         return self.election.live_members(self.clock()) if self.enabled else []
+
+    def _live_any(self) -> list[str]:
+        """Members heard within liveness_timeout, federated or not (a paused one may hold an outcome)."""
+        now, heard = self.clock(), self.election.heard()
+        return sorted({*self._live_federated(),
+                       *(n for n, h in heard.items() if now - h.at < self.election.config.liveness_timeout)})
 
     @property
     def _heard(self) -> dict[str, Heard]:

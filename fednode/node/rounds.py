@@ -129,7 +129,7 @@ class RoundDriver(Recovery):
         return self.book.next_timer(self.clock())
 
     def tick(self, now: float) -> None:
-        self._run(self.book.tick(now, self.live_members()))
+        self._run(self.book.tick(now, self.live_members(), paused=self.disk.paused))
 
     def on_message(self, message: Message) -> Validation:
         if not self.enabled:

@@ -91,6 +91,21 @@ def test_coordinator_closes_early_once_every_live_member_is_accepted() -> None:
     assert book.rounds["r1-t1"].phase is Phase.AGGREGATING
 
 
+def test_a_paused_coordinator_does_not_wait_for_its_own_update() -> None:
+    """Issue 13: a coordinator paused for a full disk trains nothing; once the other live members
+    are accepted it closes early (a paused participant drops out of the live set by its heartbeat)."""
+    book = RoundBook(ME.node_id, coordinator=ME.node_id, term=1)
+    m = manifest(ME, round_id="r1-t1", term=1, round_number=1, min_participants=2, max_participants=5,
+                 round_timeout_seconds=60.0)
+    book.open(m, EPOCH)
+    for who in (X, Y):
+        assert book.feed("r1-t1", SubmissionReceived(announce(who, round_id="r1-t1"), EPOCH + 1)).accepted
+    book.tick(EPOCH + 2, [X.node_id, Y.node_id, ME.node_id])  # not paused: it waits for its own update
+    assert book.rounds["r1-t1"].is_open
+    book.tick(EPOCH + 3, [X.node_id, Y.node_id, ME.node_id], paused=True)
+    assert book.rounds["r1-t1"].phase is Phase.AGGREGATING
+
+
 def test_participant_never_closes_early() -> None:
     book = RoundBook(ME.node_id, coordinator=X.node_id, term=1)
     book.manifest(manifest(X, round_id="r1-t1", term=1, round_number=1, min_participants=1), EPOCH)

@@ -185,6 +185,31 @@ async def test_disk_full_pauses_participation_then_resumes(tmp_path: Path, clock
         assert row is not None and row.state == "published" and row.merged_sha256 == record["merged_sha256"]
 
 
+async def test_a_paused_participant_is_not_waited_for(tmp_path: Path, clock: trio.testing.MockClock,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13: the coordinator closes a round early without a member paused for a full disk (its
+    heartbeats say it takes no part in rounds); before, it waited for the round's deadline."""
+    timeout = 600.0  # a round that waits for its deadline is obvious on the virtual clock
+    sections = {"round": {"max_rounds": 2, "pause_seconds": PAUSE_BETWEEN_ROUNDS, "round_timeout_seconds": timeout}}
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **sections) for i in range(N)]
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+        coordinator = read_record(nodes[0], 1)["final_coordinator_node_id"]
+        victim = _participants(nodes, coordinator)[0]
+        others = [n for n in nodes if n is not victim]
+        disk = FullDisk(victim, monkeypatch)
+        disk.full = True  # before round 2 opens (PAUSE_BETWEEN_ROUNDS)
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in others), 2 * timeout)
+        record = read_record(others[0], 2)
+        assert victim.status().paused is not None
+        assert victim.node_id not in {a["node_id"] for a in record["accepted"]}
+        took = record["finished_at"] - record["manifest"]["created_at"]
+        assert took < timeout / 10, f"round 2 took {took:.1f} s: it waited for the paused member"
+        disk.full = False
+        await wait_until(lambda: victim.driver.progress.rounds_completed >= 2, WAIT)
+        check_round_agreement(nodes, 2)
+
+
 def _mount_tmpfs(path: Path, size: str) -> bool:
     if os.geteuid() != 0:
         return False
