@@ -30,13 +30,15 @@ from typing import Any
 from fednode.consensus.common import CoordinatorChanged, Effect, Tick
 from fednode.consensus.round_events import (
     CloseSubmissions,
+    InstallAdapter,
     ManifestSeen,
+    Resumed,
     RoundEvent,
     Superseded,
     TrainAndSubmit,
 )
 from fednode.consensus.round_state import DEFAULT_REANNOUNCE_SECONDS, TERMINAL, Phase, Role, RoundState
-from fednode.wire.messages import RoundManifest
+from fednode.wire.messages import RoundManifest, SubmissionAnnounce
 from fednode.wire.verdict import ACCEPTED, Validation, Verdict
 
 MAX_ROUNDS_IN_MEMORY = 16  # finished rounds kept in memory (all of them stay in state.sqlite)
@@ -63,7 +65,24 @@ class ConflictsFound(Effect):
 
 @dataclass(frozen=True, slots=True)
 class RecordFailure(Effect):
-    """The round was superseded: record it as failed (nothing is published)."""
+    """Record the round as failed (nothing is published): it was superseded, or (`resumed`) it
+    had failed before a restart that came before the record was written."""
+
+    resumed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResubmitOwn(Effect):
+    """After a restart: publish our own submission again (it may have died with the old process
+    before it left); the round's re-announce timer is already set."""
+
+    announce: SubmissionAnnounce
+
+
+@dataclass(frozen=True, slots=True)
+class RepublishAndInstall(Effect):
+    """After a restart, as the coordinator of a round it published: announce the outcome again
+    (the signed one it saved, else sign it anew from the round) and install the merged adapter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +152,29 @@ def next_round_due(*, now: float, policy: RoundPolicy, history: History, coordin
     if history.last_finished_at is not None and now - history.last_finished_at < policy.pause_seconds:
         return False
     return history.live_federated >= policy.quorum
+
+
+def resume_effects(state: RoundState, now: float) -> list[Effect]:
+    """The work a restart re-issues for one restored round (after `Resumed` was fed):
+
+    * collecting, and we have not submitted: train and submit;
+    * we submitted and the round is still open: publish our submission again (and re-announce later);
+    * published (not yet recorded, or it would not be restored): the coordinator announces again
+      and installs, a participant installs;
+    * failed (not yet recorded): record the failure.
+    """
+    if state.phase is Phase.COLLECTING and state.own_submission is None:
+        return [TrainAndSubmit(state.manifest)]
+    if state.own_submission is not None and state.is_open:
+        state.schedule_reannounce(now)
+        return [ResubmitOwn(state.own_submission)]
+    if state.phase is Phase.PUBLISHED and state.merged_sha256:
+        if state.role is Role.COORDINATOR:
+            return [RepublishAndInstall()]
+        return [InstallAdapter(state.round_id, state.merged_sha256, state.merged_size)]
+    if state.phase is Phase.FAILED:
+        return [RecordFailure(resumed=True)]
+    return []
 
 
 def supersedes(new: RoundManifest, old: RoundManifest) -> bool:
@@ -301,6 +343,17 @@ class RoundBook:
                 steps.extend(self.feed(state.round_id, Tick(now)).steps)
             if state.close_early_due(live):
                 steps.extend(self.feed(state.round_id, CloseSubmissions(now)).steps)
+        return BookOutcome(ACCEPTED, tuple(steps))
+
+    def resume(self, now: float) -> BookOutcome:
+        """After a restart (every round restored from state.sqlite): what the old process left
+        undone, round by round: `Resumed` (a coordinator first settles what happened while it was
+        down), then the work to re-issue (`resume_effects`), then the round's clock."""
+        steps: list[Step] = []
+        for state in list(self.rounds.values()):
+            steps.extend(self.feed(state.round_id, Resumed(now)).steps)
+            steps.extend((state.round_id, e) for e in resume_effects(state, now))
+            steps.extend(self.feed(state.round_id, Tick(now)).steps)
         return BookOutcome(ACCEPTED, tuple(steps))
 
     def next_round(self, now: float, history: History, *, force: bool = False) -> OpenRound | None:

@@ -16,7 +16,7 @@ import trio
 from fednode.blobs.store import BlobStore
 from fednode.config import Config
 from fednode.consensus import Effect, RoundState
-from fednode.consensus.round_book import RoundBook, RoundPolicy
+from fednode.consensus.round_book import BookOutcome, RoundBook, RoundPolicy
 from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
 from fednode.node.diskfull import DiskPause
@@ -190,6 +190,9 @@ class DriverBase:
 
     # -- provided by RoundDriver (fednode/node/rounds.py) --------------------------------------
     def _feed(self, state: RoundState, event: RoundEvent) -> Validation:
+        raise NotImplementedError
+
+    def _run(self, outcome: BookOutcome) -> Validation:
         raise NotImplementedError
 
     def _perform(self, state: RoundState, effect: Effect) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from fednode.consensus import InstallAdapter, Phase, Resumed, Role, RoundState, SyncAnswered, Tick
+from fednode.consensus import InstallAdapter, Phase, Role, RoundState, SyncAnswered, Tick
 from fednode.errors import DiskFull, FednodeError
 from fednode.node.aggregating import Aggregating
 from fednode.wire import codec
@@ -44,23 +44,9 @@ class Recovery(Aggregating):
                                          "path": str(self.adapter_dir(latest.round_number)), "metrics": {}}
 
     def resume_effects(self) -> None:
-        """After restore: re-issue the work that died with the old process."""
-        now = self.clock()
-        for state in list(self.rounds.values()):
-            self._feed(state, Resumed(now))  # a coordinator first settles what happened while it was down
-            if state.phase is Phase.COLLECTING and state.own_submission is None:
-                self._spawn(self._train_and_submit, state.manifest)
-            elif state.own_submission is not None and state.is_open:
-                self._spawn(self._publish_message, state.own_submission)
-                state.schedule_reannounce(now)
-            elif state.phase is Phase.PUBLISHED and state.merged_sha256:
-                if state.role is Role.COORDINATOR:
-                    self._spawn(self._republish_and_install, state)
-                else:
-                    self._spawn(self._install, InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))
-            elif state.phase is Phase.FAILED:
-                self._finish_failed(state)
-            self._feed(state, Tick(now))
+        """After restore: re-issue the work that died with the old process (the round book
+        decides what, fednode/consensus/round_book.py `resume_effects`; this only performs it)."""
+        self._run(self.book.resume(self.clock()))
 
     def resume_after_disk_full(self) -> None:
         """The disk has room again: save what could not be saved, and redo the work a full disk

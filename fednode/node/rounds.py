@@ -41,6 +41,8 @@ from fednode.consensus.round_book import (
     ConflictsFound,
     History,
     RecordFailure,
+    RepublishAndInstall,
+    ResubmitOwn,
     SaveRound,
 )
 from fednode.errors import DiskFull
@@ -99,8 +101,13 @@ class RoundDriver(Recovery):
         elif isinstance(effect, ConflictsFound):
             self._on_conflict(state, effect.count)
         elif isinstance(effect, RecordFailure):
-            logger.info("round %s superseded (%s)", state.round_id, state.failure_reason)
+            if not effect.resumed:
+                logger.info("round %s superseded (%s)", state.round_id, state.failure_reason)
             self._finish_failed(state)
+        elif isinstance(effect, ResubmitOwn):
+            self._spawn(self._publish_message, effect.announce)
+        elif isinstance(effect, RepublishAndInstall):
+            self._spawn(self._republish_and_install, state)
         elif isinstance(effect, TrainAndSubmit):
             self._spawn(self._train_and_submit, effect.manifest)
         elif isinstance(effect, StartAggregation):

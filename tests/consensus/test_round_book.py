@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import dataclasses
 
-from fednode.consensus import CoordinatorChanged, Phase, RoundState, SubmissionReceived, TrainAndSubmit
+from fednode.consensus import (
+    CoordinatorChanged,
+    InstallAdapter,
+    ManifestSeen,
+    Phase,
+    RoundState,
+    SubmissionReceived,
+    TrainAndSubmit,
+)
 from fednode.consensus.round_book import (
     History,
     OpenRound,
     RecordFailure,
+    RepublishAndInstall,
+    ResubmitOwn,
     RoundBook,
     RoundPolicy,
     SaveRound,
     SyncFrom,
     next_round_due,
+    resume_effects,
     supersedes,
 )
 from tests.consensus.helpers import EPOCH, announce, identity, manifest
@@ -176,3 +187,52 @@ def test_rounds_collected_by_retention_are_forgotten_with_their_pending_manifest
     assert "r1-t1" in book.rounds and "r2-t2" in book.pending and "r1-t1" in book.synced_at
     assert book.forget({"r1-t1", "r2-t2", "r9-t9"}) == ["r1-t1", "r2-t2"]  # r9-t9: never held
     assert (book.rounds, book.pending, book.synced_at) == ({}, {}, {})
+
+
+# -- after a restart: what to re-issue (issue 11: the decision is here, node/recovery.py performs it) --
+def _restored(me: object, coordinator: object, **kw: object) -> RoundState:
+    m = manifest(coordinator, round_id="r1-t1", term=1, round_number=1, min_participants=2,  # type: ignore[arg-type]
+                 round_timeout_seconds=60.0)
+    state = RoundState(m, node_id=me.node_id, **kw)  # type: ignore[attr-defined]
+    state.handle(ManifestSeen(EPOCH, m))
+    return state
+
+
+def test_resume_trains_when_collecting_without_our_submission() -> None:
+    state = _restored(ME, X)
+    assert resume_effects(state, EPOCH + 1) == [TrainAndSubmit(state.manifest)]
+
+
+def test_resume_publishes_our_submission_again_and_sets_the_reannounce_timer() -> None:
+    state = _restored(ME, X)
+    mine = announce(ME, round_id="r1-t1")
+    state.handle(SubmissionReceived(mine, EPOCH + 1))
+    assert state.own_submission == mine
+    state.reannounce_at = None
+    assert resume_effects(state, EPOCH + 2) == [ResubmitOwn(mine)]
+    assert state.reannounce_at is not None and state.reannounce_at > EPOCH + 2
+
+
+def test_resume_of_a_published_round_installs_and_a_coordinator_announces_again() -> None:
+    for me, want in ((ME, InstallAdapter("r1-t1", "a" * 64, 7)), (X, RepublishAndInstall())):
+        state = _restored(me, X)
+        state.phase, state.merged_sha256, state.merged_size = Phase.PUBLISHED, "a" * 64, 7
+        assert resume_effects(state, EPOCH + 1) == [want], me
+
+
+def test_resume_records_an_unrecorded_failure_and_leaves_other_rounds_alone() -> None:
+    state = _restored(ME, X)
+    state.phase = Phase.FAILED
+    assert resume_effects(state, EPOCH + 1) == [RecordFailure(resumed=True)]
+    state = _restored(ME, X)
+    state.phase = Phase.AGGREGATING
+    assert resume_effects(state, EPOCH + 1) == []
+
+
+def test_book_resume_feeds_resumed_then_the_work_then_the_clock() -> None:
+    book = RoundBook(ME.node_id, coordinator=X.node_id, term=1)
+    state = _restored(ME, X)
+    book.add(state)
+    out = book.resume(EPOCH + 1)
+    assert ("r1-t1", TrainAndSubmit) in effects(out)
+    assert [e for _, e in out.steps if isinstance(e, TrainAndSubmit)] == [TrainAndSubmit(state.manifest)]
