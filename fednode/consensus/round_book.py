@@ -130,7 +130,7 @@ class History:
     """What state.sqlite and the node's work say, for the next-round rule."""
 
     live_federated: int
-    highest_round_number: int  # of every round ever recorded (0: none)
+    highest_round_number: int  # of every round ever recorded, or that a live member says it finished (0: none)
     published: int  # rounds finished with a merged adapter
     last_finished_at: float | None  # when the latest finished round was recorded
     unrecorded_published: bool = False  # a published round whose adapter is not installed yet
@@ -275,12 +275,21 @@ class RoundBook:
         return held
 
     # -- inputs ----------------------------------------------------------------------------------
-    def manifest(self, manifest: RoundManifest, now: float, *, finished: bool = False) -> BookOutcome:
-        """A validated manifest from the network. `finished`: state.sqlite records the round."""
+    def manifest(self, manifest: RoundManifest, now: float, *, finished: bool = False,
+                 highest_published: int = 0) -> BookOutcome:
+        """A validated manifest from the network. `finished`: state.sqlite records the round;
+        `highest_published`: the highest round number we installed a merged adapter for. A new
+        round numbered at or below it is IGNOREd (`stale_round_number`): that number already has
+        its one merged adapter (a coordinator that missed it, e.g. restarted and re-elected, would
+        otherwise publish a second one under another round id)."""
         if manifest.round_id in self.rounds:
             return self.feed(manifest.round_id, ManifestSeen(now, manifest))
         if finished:
             return BookOutcome(Validation(Verdict.IGNORE, "round_finished", manifest.round_id))
+        if manifest.round_number <= highest_published:
+            return BookOutcome(Validation(Verdict.IGNORE, "stale_round_number",
+                                          f"round {manifest.round_number} ({manifest.round_id}): round "
+                                          f"{highest_published} is published already"))
         if manifest.coordinator_node_id != self.coordinator or manifest.term < self.term:
             if len(self.pending) < self.max_pending or manifest.round_id in self.pending:
                 self.pending[manifest.round_id] = manifest

@@ -381,7 +381,7 @@ class Node:
             if self.enabled:
                 self.driver.tick(now)
                 live = len(self._live_federated())
-                manifest = self.driver.maybe_start_round(now, live)
+                manifest = self.driver.maybe_start_round(now, live, heard_round_number=self._heard_round_number())
                 if manifest is not None:
                     await self._publish_logged(manifest)
             timers = [t for t in (self.election.next_timer(), self.driver.next_timer()) if t is not None]
@@ -395,7 +395,8 @@ class Node:
             return {"error": "[research] federated_learning = false: this node starts no round"}
         if self.driver.coordinator != self.node_id:
             return {"error": f"not the coordinator; ask {self.driver.coordinator or 'nobody (none elected yet)'}"}
-        manifest = self.driver.maybe_start_round(self.clock(), len(self._live_federated()), force=True)
+        manifest = self.driver.maybe_start_round(self.clock(), len(self._live_federated()), force=True,
+                                                 heard_round_number=self._heard_round_number())
         if manifest is None:
             return {"error": "a round is already open"}
         self._publish_soon(manifest)
@@ -404,6 +405,11 @@ class Node:
     # -- queries -----------------------------------------------------------------------------
     def _live_federated(self) -> list[str]:
         return self.election.live_members(self.clock()) if self.enabled else []
+
+    def _heard_round_number(self) -> int:
+        """The highest round a live member's heartbeat says it finished (published)."""
+        live = set(self._live_any())
+        return max((h.last_round_number for n, h in self.election.heard().items() if n in live), default=0)
 
     def _live_any(self) -> list[str]:
         """Members heard within liveness_timeout, federated or not (a paused one may hold an outcome)."""

@@ -178,7 +178,9 @@ class RoundDriver(Recovery):
 
     def _on_manifest(self, manifest: RoundManifest, now: float) -> Validation:
         finished = manifest.round_id not in self.rounds and self.db.get_round(manifest.round_id) is not None
-        verdict = self._run(self.book.manifest(manifest, now, finished=finished))
+        latest = self.db.latest_published()
+        verdict = self._run(self.book.manifest(manifest, now, finished=finished,
+                                               highest_published=latest.round_number if latest else 0))
         if verdict.reason == "base_model_mismatch":
             logger.warning(verdict.detail)
             self.progress.refused["base_model_mismatch"] = self.progress.refused.get("base_model_mismatch", 0) + 1
@@ -187,16 +189,19 @@ class RoundDriver(Recovery):
     def on_coordinator_changed(self, change: CoordinatorChanged) -> None:
         self._run(self.book.coordinator_changed(change))
 
-    def maybe_start_round(self, now: float, live_federated: int, *, force: bool = False) -> RoundManifest | None:
+    def maybe_start_round(self, now: float, live_federated: int, *, force: bool = False,
+                          heard_round_number: int = 0) -> RoundManifest | None:
         """Open the next round if the round book says so (None = not now). `force` skips the round
-        budget, the pause and the member quorum (an operator's `fednode start-round`)."""
+        budget, the pause and the member quorum (an operator's `fednode start-round`).
+        `heard_round_number`: the highest round a live member's heartbeat says it finished; the
+        next round is numbered above it too (a round published while we were down is not run again)."""
         if not self.enabled or self.book.coordinator != self.me or self.book.open_round() is not None:
             return None
         busy = (self.trainer is None or self.disk.paused
                 or any(job.installing or job.aggregating for job in self.jobs.values()))
         counts = self.db.round_counts()
         history = History(
-            live_federated=live_federated, highest_round_number=counts.highest_round_number,
+            live_federated=live_federated, highest_round_number=max(counts.highest_round_number, heard_round_number),
             published=counts.published + collected_published(self.db),  # retention's collected rounds count
             last_finished_at=self._finished_at(counts.last_finished) if counts.last_finished else None,
             unrecorded_published=any(r.state == "published" for r in self.db.unfinished_rounds()), busy=busy)

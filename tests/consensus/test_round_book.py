@@ -236,3 +236,16 @@ def test_book_resume_feeds_resumed_then_the_work_then_the_clock() -> None:
     out = book.resume(EPOCH + 1)
     assert ("r1-t1", TrainAndSubmit) in effects(out)
     assert [e for _, e in out.steps if isinstance(e, TrainAndSubmit)] == [TrainAndSubmit(state.manifest)]
+
+
+def test_a_round_number_already_published_is_not_run_again() -> None:
+    """Fault seed 2026 s22: the term-3 coordinator was killed, term 4 published round 56, the old
+    coordinator came back, won term 5 without having seen round 56 and opened r56-t5; members that
+    had installed r56-t4 ran it too: two merged adapters for round 56. Now they IGNORE it."""
+    book = RoundBook(ME.node_id, coordinator=X.node_id, term=5)
+    late = manifest(X, round_id="r56-t5", term=5, round_number=56)
+    out = book.manifest(late, EPOCH, highest_published=56)
+    assert out.validation.reason == "stale_round_number" and "r56-t5" not in book.rounds
+    nxt = manifest(X, round_id="r57-t5", term=5, round_number=57)
+    assert book.manifest(nxt, EPOCH, highest_published=56).accepted and "r57-t5" in book.rounds
+
