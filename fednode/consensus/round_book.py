@@ -9,7 +9,7 @@ outside the election that knows who coordinates and in which term:
   opened round n around a contested election: the community follows the later term's);
 * a coordinator change is passed to every open round, and re-offers the manifests held for it;
 * a coordinator closes a round early once every live member has been accepted or refused (a
-  member paused for a full disk, the coordinator included, is not waited for);
+  coordinator paused for a full disk does not wait for its own update);
 * a coordinator opens the next round when none is open, the settle delay after winning its term
   has passed, and the round policy (budget, pause, quorum) allows it;
 * a peer's heartbeat naming a round we do not know, or saying it is past one of our open rounds,
@@ -342,9 +342,8 @@ class RoundBook:
 
     def tick(self, now: float, live_members: Iterable[str], *, paused: bool = False) -> BookOutcome:
         """Time passed: every round's clock, and the close-early rule for the rounds we coordinate.
-        `live_members`: the live federated members (a member paused for a full disk says it takes
-        no part in rounds in its heartbeats, election-v1, so it is not among them); `paused`: we
-        are, so we wait for no update of our own either."""
+        `live_members`: the live federated members; `paused`: we are paused for a full disk, so we
+        wait for no update of our own."""
         live = frozenset(live_members) - ({self.me} if paused else frozenset())
         steps: list[Step] = []
         for state in list(self.rounds.values()):

@@ -346,11 +346,6 @@ class Node:
         except FednodeError as exc:
             logger.warning("publishing %s failed: %s", message.TYPE, exc)
 
-    def _participating(self, coordinator: str) -> bool:
-        """Heartbeat `federated_learning`: false while paused for a full disk (we take no part in
-        rounds, so no coordinator waits for us), unless we coordinate (election-v1 r3)."""
-        return self.enabled and not (self.disk.paused and coordinator != self.node_id)
-
     def _last_round_number(self) -> int:
         latest = self.db.latest_published()
         return latest.round_number if latest else 0
@@ -364,8 +359,7 @@ class Node:
             self._seq += 1
             hb = codec.sign(Heartbeat(
                 community_id=self.config.community.id, node_id=self.node_id, term=term, seq=self._seq,
-                sent_at=self.clock(), federated_learning=self._participating(coordinator),
-                coordinator_node_id=coordinator,
+                sent_at=self.clock(), federated_learning=self.enabled, coordinator_node_id=coordinator,
                 last_round_number=latest.round_number if latest else 0,
                 latest_merged_sha256=latest.merged_sha256 if latest else "",
                 open_round_id=open_round.round_id if open_round else ""), self.identity)
