@@ -122,7 +122,6 @@ class Node:
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
                                   live_members=self._live_federated, inline_training=inline_training,
-                                  answering_members=self._live_any,
                                   sync=self._round_messages, disk=self.disk)
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
@@ -402,14 +401,8 @@ class Node:
 
     def _heard_round_number(self) -> int:
         """The highest round a live member's heartbeat says it finished (published)."""
-        live = set(self._live_any())
-        return max((h.last_round_number for n, h in self.election.heard().items() if n in live), default=0)
-
-    def _live_any(self) -> list[str]:
-        """Members heard within liveness_timeout, federated or not (a paused one may hold an outcome)."""
-        now, heard = self.clock(), self.election.heard()
-        return sorted({*self._live_federated(),
-                       *(n for n, h in heard.items() if now - h.at < self.election.config.liveness_timeout)})
+        now, liveness = self.clock(), self.election.config.liveness_timeout
+        return max((h.last_round_number for h in self.election.heard().values() if now - h.at < liveness), default=0)
 
     @property
     def _heard(self) -> dict[str, Heard]:

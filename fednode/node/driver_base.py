@@ -62,8 +62,7 @@ class DriverBase:
     def __init__(self, *, config: Config, identity: Identity, store: BlobStore, db: StateDB, trainer: Trainer | None,
                  publish: Publish, clock: Callable[[], float], holders: Callable[[str], list[str]],
                  live_members: Callable[[], list[str]], inline_training: bool = False,
-                 sync: SyncRound | None = None, disk: DiskPause | None = None,
-                 answering_members: Callable[[], list[str]] | None = None) -> None:
+                 sync: SyncRound | None = None, disk: DiskPause | None = None) -> None:
         self.config = config
         self.identity = identity
         self.me = identity.node_id
@@ -74,8 +73,6 @@ class DriverBase:
         self.clock = clock
         self.holders = holders
         self.live_members = live_members
-        # whom a new coordinator asks for a round's outcome: every live member, a paused one too
-        self.answering_members = answering_members or live_members
         self.inline_training = inline_training
         self.sync = sync
         self.transport: Transport | None = None

@@ -97,8 +97,7 @@ class Recovery(Aggregating):
             while self.sync is not None and self._unsettled(state):
                 connected = self.transport.peers() if self.transport is not None else frozenset()
                 # connected members first: one of them may hold the outcome, and we can reach them now
-                for peer in sorted((n for n in self.answering_members() if n != self.me),
-                                   key=lambda n: n not in connected):
+                for peer in sorted((n for n in self.live_members() if n != self.me), key=lambda n: n not in connected):
                     if not self._unsettled(state):
                         return
                     try:
@@ -110,7 +109,7 @@ class Recovery(Aggregating):
                         self.on_message(message)
                     if not any(isinstance(m, AggregateAnnounce | RoundFailed) and m.round_id == state.round_id
                                for m in messages):
-                        self._feed(state, SyncAnswered(peer, frozenset(self.answering_members()), self.clock()))
+                        self._feed(state, SyncAnswered(peer, frozenset(self.live_members()), self.clock()))
                 if self._unsettled(state):
                     await trio.sleep(delay)
                     delay = min(2 * delay, DEFAULT_SETTLE_RETRY_MAX_SECONDS)
