@@ -183,7 +183,7 @@ class RoundDriver(Recovery):
     def maybe_start_round(self, now: float, live_federated: int, *, force: bool = False) -> RoundManifest | None:
         """Open the next round if the round book says so (None = not now). `force` skips the round
         budget, the pause and the member quorum (an operator's `fednode start-round`)."""
-        if not self.enabled or self.book.coordinator != self.me or self.book.open_round() is not None:
+        if not self.enabled or not self.book.may_open_next():  # the book's rule; spares the sqlite reads below
             return None
         busy = (self.trainer is None or self.disk.paused
                 or any(job.installing or job.aggregating for job in self.jobs.values()))
