@@ -62,6 +62,7 @@ class RouterLog:
     put: dict[bytes, tuple[int, float]] = field(default_factory=dict)  # data -> (shifts, time) at put
     replays: list[tuple[int, float]] = field(default_factory=list)  # (shifts, time) when a replay ran
     sent: dict[bytes, tuple[int, float]] = field(default_factory=dict)  # data -> (shifts, time) first sent to B
+    replays_done: int = 0  # replays whose every write returned (on a loaded machine that takes a while)
 
     def window_seconds(self, now: float) -> float:
         """gossip_window heartbeats at the slowest pace A's heartbeat actually ran."""
@@ -87,6 +88,7 @@ def observe(router: GossipSub, pubsub: Pubsub, log: RouterLog) -> None:
     async def logged_send_recent(peer_id, topic):  # type: ignore[no-untyped-def]
         log.replays.append((log.shifts, trio.current_time()))
         await send_recent(peer_id, topic)
+        log.replays_done += 1
 
     write_msg = pubsub.write_msg
 
@@ -153,8 +155,13 @@ async def late_subscriber_run(*, control: str = "") -> tuple[RouterLog, list[Rec
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
-            await wait_until(lambda: bool(log.replays) and bool(received), timeout=20.0)
-            await trio.sleep(SETTLE)
+
+            def replay_delivered() -> bool:
+                got = {codec.encode(r.heartbeat) for r in received}
+                return log.replays_done >= 1 and bool(received) and set(log.sent) <= got
+
+            await wait_until(replay_delivered, timeout=20.0)
+            await trio.sleep(SETTLE)  # anything else (IHAVE/IWANT) would come now
             nursery.cancel_scope.cancel()
         return log, received, published
 
