@@ -206,10 +206,19 @@ class ElectionState:
 
     def live_members(self, now: float) -> list[str]:
         """Federated members heard within liveness_timeout, this node included when federated."""
-        out = [n for n, m in self.members.items() if m.federated and now - m.last_seen < self.timeout_of(m)]
+        out = [n for n, m in self.members.items() if m.federated and self._is_live(m, now)]
         if self.federated and self.node_id not in out:
             out.append(self.node_id)
         return sorted(out)
+
+    def is_live(self, node_id: str, now: float) -> bool:
+        """Whether `node_id` counts as alive now: the one liveness decision (rules 10 and A5's
+        min(receipt, timestamp + skew)), for the election and for `fednode status` alike."""
+        member = self.members.get(node_id)
+        return member is not None and self._is_live(member, now)
+
+    def _is_live(self, member: _Member, now: float) -> bool:
+        return now - member.last_seen < self.timeout_of(member)
 
     def timeout_of(self, member: _Member) -> float:
         return stretched_timeout(self.config.liveness_timeout, self.config.heartbeat_interval, member.gap)
@@ -344,8 +353,7 @@ class ElectionState:
         coord = self.coordinator
         if coord == self.node_id:
             return
-        if coord is not None and coord in self.members and \
-                now - self.members[coord].last_seen < self.timeout_of(self.members[coord]):
+        if coord is not None and self.is_live(coord, now):
             self._pending = None
             return
         if now - self._resumed_at < self.config.heartbeat_interval:

@@ -364,9 +364,14 @@ class RoundBook:
             steps.extend(self.feed(state.round_id, Tick(now)).steps)
         return BookOutcome(ACCEPTED, tuple(steps))
 
+    def may_open_next(self) -> bool:
+        """The next-round rule's first condition (cheap, no history needed): we coordinate and no
+        round is open."""
+        return self.coordinator == self.me and self.open_round() is None
+
     def next_round(self, now: float, history: History, *, force: bool = False) -> OpenRound | None:
         """The next round to open, if we coordinate and the rules allow it now."""
-        if self.coordinator != self.me or self.open_round() is not None:
+        if not self.may_open_next():
             return None
         if not next_round_due(now=now, policy=self.policy, history=history,
                               coordinator_since=self.coordinator_since, force=force):

@@ -418,9 +418,8 @@ class Node:
 
     def status(self) -> NodeStatus:
         now = self.clock()
-        liveness = self.election.config.liveness_timeout
         members = [MemberStatus(node_id=n, federated_learning=h.federated_learning,
-                                last_seen_seconds_ago=round(now - h.at, 3), alive=now - h.at < liveness)
+                                last_seen_seconds_ago=round(now - h.at, 3), alive=self.election.is_live(n, now))
                    for n, h in sorted(self.election.heard().items())]
         transport_stats = self.transport.statistics() if self.transport is not None else None
         blob_stats = self.blob_server.statistics() if hasattr(self, "blob_server") else None

@@ -192,8 +192,8 @@ class TrainingState(enum.Enum):
 class MemberStatus(JsonForm):
     node_id: str
     federated_learning: bool
-    last_seen_seconds_ago: float
-    alive: bool
+    last_seen_seconds_ago: float  # since its last heartbeat arrived
+    alive: bool  # the election's own decision (ElectionState.is_live: stretched timeout, late-heartbeat rule)
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,7 +195,7 @@ class RoundDriver(Recovery):
         budget, the pause and the member quorum (an operator's `fednode start-round`).
         `heard_round_number`: the highest round a live member's heartbeat says it finished; the
         next round is numbered above it too (a round published while we were down is not run again)."""
-        if not self.enabled or self.book.coordinator != self.me or self.book.open_round() is not None:
+        if not self.enabled or not self.book.may_open_next():  # the book's rule; spares the sqlite reads below
             return None
         busy = (self.trainer is None or self.disk.paused
                 or any(job.installing or job.aggregating for job in self.jobs.values()))

@@ -10,6 +10,10 @@ py-libp2p's defaults, each measured on 0.8.1:
 - a newly subscribed peer is replayed only messages younger than `max_age` seconds
   (`BoundedMessageCache`), on top of py-libp2p's count of heartbeats: with a slow heartbeat the
   count alone let a new subscriber be sent minutes of old messages.
+- messages published while a connected peer is not (yet) subscribed are queued for it only as
+  long as a replay would offer them (`pending_ttl`): py-libp2p queues every publish for every
+  connected, unsubscribed peer (100 per peer, 30 s) and sends the lot when it subscribes, a second
+  path by which a late subscriber was sent old messages (found by tests/transport/test_late_subscriber).
 - the gossipsub message id stays libp2p's default, from || seqno (envelope-v1.md says why).
 - drops are counted, never silent: the per-peer outbound RPC queue (32 by default, drops logged
   at DEBUG on a non-propagating logger) is raised and its rejects are counted; the spam filter
@@ -56,6 +60,13 @@ logger = logging.getLogger("fednode.transport.libp2p")
 DEFAULT_GOSSIP_WINDOW = 3  # heartbeats of history offered in IHAVE and replayed to a new subscriber
 DEFAULT_GOSSIP_HISTORY = 5  # heartbeats a message stays answerable by IWANT
 DEFAULT_GOSSIP_MAX_AGE_SECONDS = 5.0  # and never older than this, whatever the heartbeat
+
+
+def pending_ttl(gossip_window: int, heartbeat_interval: float, gossip_max_age: float) -> float:
+    """How long a message published before a peer subscribed may still be sent to it when it does:
+    no longer than the replay to a new subscriber would offer it (the gossip window in seconds,
+    never over the max age)."""
+    return min(gossip_max_age, gossip_window * heartbeat_interval)
 
 
 class BoundedMessageCache(MessageCache):
@@ -194,6 +205,8 @@ def make_gossipsub(
         do_px=False,
         # Loopback tests run every peer from one IP: IP-diversity checks would starve the mesh.
         eclipse_protection_enabled=False,
+        # The "identify-pending" queue: what a connected peer is sent when its subscription arrives.
+        pending_messages_ttl=pending_ttl(gossip_window, heartbeat_interval, gossip_max_age),
     )
     bound_replays(router, BoundedMessageCache(gossip_window, gossip_history, gossip_max_age, clock))
     return router
