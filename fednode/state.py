@@ -1,6 +1,6 @@
 """Durable node state in `state.sqlite` (stdlib sqlite3, WAL, synchronous=FULL).
 
-What a node must not lose across a crash: the members it has seen, every round it took part
+What a node must not lose across a crash: the highest election term it has seen, every round it took part
 in (the signed manifest, state, outcome), every submission it accepted or rejected (with the
 signed announce, so a restarted coordinator re-validates nothing and counts nothing twice),
 and the deltas it trained itself (so a restarted participant re-announces instead of
@@ -29,10 +29,6 @@ MIN_FREE_BYTES_TO_OPEN = 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS members (
-    node_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
-    federated_learning INTEGER NOT NULL, term INTEGER NOT NULL DEFAULT 0
-);
 CREATE TABLE IF NOT EXISTS rounds (
     round_id TEXT PRIMARY KEY, round_number INTEGER NOT NULL, term INTEGER NOT NULL,
     coordinator TEXT NOT NULL, manifest BLOB NOT NULL, state TEXT NOT NULL,
@@ -115,6 +111,7 @@ class StateDB:
             self._conn.executescript(_SCHEMA)  # idempotent; executescript commits on its own
             with self._tx() as c:
                 c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                _fold_old_members_table(c)
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             if _is_full(exc) or _nearly_full(path.parent):
@@ -154,22 +151,6 @@ class StateDB:
     def probe_write(self, now: float) -> None:
         """One small committed write (raises DiskFull while the disk is still full)."""
         self.set_meta("disk_probe_at", repr(now))
-
-    # -- members ---------------------------------------------------------------------------
-    def touch_member(self, node_id: str, now: float, *, federated_learning: bool, term: int) -> None:
-        with self._tx() as c:
-            c.execute(
-                "INSERT INTO members VALUES (?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
-                "last_seen = excluded.last_seen, federated_learning = excluded.federated_learning, "
-                "term = max(members.term, excluded.term)",
-                (node_id, now, now, int(federated_learning), term),
-            )
-
-    def members(self) -> list[dict[str, Any]]:
-        rows = self._conn.execute(
-            "SELECT node_id, first_seen, last_seen, federated_learning, term FROM members ORDER BY node_id")
-        return [dict(node_id=r[0], first_seen=r[1], last_seen=r[2], federated_learning=bool(r[3]), term=r[4])
-                for r in rows]
 
     # -- meta ------------------------------------------------------------------------------
     def get_meta(self, key: str, default: str = "") -> str:
@@ -241,18 +222,18 @@ class StateDB:
         return [_round_row(r) for r in rows]
 
     def highest_term(self) -> int:
-        """The highest term this node has seen (election-v1 rule 12): stored, reported by a member,
-        or of a round. A node restarted from this database starts its election there."""
+        """The highest term this node has seen (election-v1 rule 12): the stored one (meta election_term,
+        which save_term raises for our own and members' reported terms) or a round's. A node restarted
+        from this database starts its election there."""
         row = self._conn.execute(
             "SELECT max(coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'election_term'), 0), "
-            "coalesce((SELECT max(term) FROM members), 0), coalesce((SELECT max(term) FROM rounds), 0))").fetchone()
+            "coalesce((SELECT max(term) FROM rounds), 0))").fetchone()
         return int(row[0] or 0)
 
     def save_term(self, term: int) -> None:
         """Remember `term` if it is higher than the stored one (one small write per term change)."""
         with self._tx() as c:
-            c.execute("INSERT INTO meta VALUES ('election_term', ?) ON CONFLICT(key) DO UPDATE SET value = "
-                      "CAST(max(CAST(meta.value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)", (str(term),))
+            c.execute(_SAVE_TERM_SQL, (str(term),))
 
     def latest_published(self) -> RoundRow | None:
         row = self._conn.execute("SELECT * FROM rounds WHERE state = 'published' AND record IS NOT NULL "
@@ -294,6 +275,20 @@ class StateDB:
         if row is None:
             return None
         return OwnUpdate(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+
+
+_SAVE_TERM_SQL = ("INSERT INTO meta VALUES ('election_term', ?) ON CONFLICT(key) DO UPDATE SET value = "
+                  "CAST(max(CAST(meta.value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)")
+
+
+def _fold_old_members_table(c: sqlite3.Connection) -> None:
+    """A state.sqlite written before the daemon stopped keeping a members table: its highest member
+    term moves into meta election_term (rule 12 keeps it) and the table goes."""
+    if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'members'").fetchone() is None:
+        return
+    (term,) = c.execute("SELECT coalesce(max(term), 0) FROM members").fetchone()
+    c.execute(_SAVE_TERM_SQL, (str(int(term)),))
+    c.execute("DROP TABLE members")
 
 
 def _is_full(exc: sqlite3.Error) -> bool:

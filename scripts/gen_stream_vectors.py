@@ -12,14 +12,17 @@ protocols/vectors/valid.json (round r-0001's manifest and aggregate).
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
+
+from fednode.wire.vector_files import generator_main
 
 VECTOR_DIR = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
 ALICE = "12D3KooWK99VoVxNE7XzyBwXEzW7xhK7Gpv85r9F3V3fyKSUKPH5"  # seed 01 x 32
@@ -151,24 +154,13 @@ def peer_exchange_file() -> dict[str, Any]:
 FILES = {"sync-v1.json": sync_file, "peer-exchange-v1.json": peer_exchange_file}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--check", action="store_true", help="compare with the files on disk; write nothing")
-    args = parser.parse_args(argv)
-    stale = []
-    for name, build in FILES.items():
-        text = json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
-        path = VECTOR_DIR / name
-        if args.check:
-            if not path.exists() or path.read_text(encoding="utf-8") != text:
-                stale.append(name)
-        else:
-            path.write_text(text, encoding="utf-8")
-    if stale:
-        print(f"out of date: {', '.join(stale)}; run scripts/gen_stream_vectors.py", file=sys.stderr)
-        return 1
-    return 0
+def render(build: Callable[[], dict[str, Any]]) -> str:
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
 
+
+def main(argv: list[str] | None = None) -> int:
+    return generator_main(argv, doc=__doc__, generator="scripts/gen_stream_vectors.py", vector_dir=VECTOR_DIR,
+                          renders={name: functools.partial(render, build) for name, build in FILES.items()})
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,8 +14,8 @@ signature of the intended (canonical) message, so only the recorded defect can c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import struct
@@ -38,6 +38,7 @@ from fednode.wire.messages import (
     SubmissionAnnounce,
 )
 from fednode.wire.validate import ValidationPolicy
+from fednode.wire.vector_files import generator_main
 
 VECTOR_DIR = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
 KEYS = {name: Identity.from_seed(bytes([i]) * 32) for i, name in enumerate(("alice", "bob", "carol", "mallory"), 1)}
@@ -505,24 +506,8 @@ def render(build: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--check", action="store_true", help="compare with the files on disk; write nothing")
-    args = parser.parse_args(argv)
-    stale = []
-    for name, build in FILES.items():
-        path = VECTOR_DIR / name
-        text = render(build)
-        if args.check:
-            if not path.exists() or path.read_text(encoding="utf-8") != text:
-                stale.append(name)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-    if stale:
-        print(f"out of date: {', '.join(stale)}; run scripts/gen_vectors.py", file=sys.stderr)
-        return 1
-    return 0
-
+    return generator_main(argv, doc=__doc__, generator="scripts/gen_vectors.py", vector_dir=VECTOR_DIR,
+                          renders={name: functools.partial(render, build) for name, build in FILES.items()})
 
 if __name__ == "__main__":
     sys.exit(main())

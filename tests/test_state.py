@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from fednode.state import StateDB
@@ -12,10 +13,37 @@ def test_highest_term_survives_a_reopen_and_never_goes_down(tmp_path: Path) -> N
     assert db.highest_term() == 0
     db.save_term(4)
     db.save_term(2)  # an older term heard late does not lower it
-    db.touch_member("x" * 52, 1.0, federated_learning=True, term=3)
     db.close()
     again = StateDB(tmp_path / "state.sqlite")
     assert again.highest_term() == 4
-    again.touch_member("y" * 52, 2.0, federated_learning=True, term=7)  # a member reported a newer term
+    again.save_term(7)  # a member reported a newer term (the daemon stores it with save_term)
     assert again.highest_term() == 7
     again.close()
+
+
+def test_a_rounds_term_counts(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "state.sqlite")
+    db.save_term(3)
+    db.put_round(round_id="r9", round_number=9, term=9, coordinator="c" * 52, manifest=b"m", state="collecting",
+                 now=1.0)
+    assert db.highest_term() == 9
+    db.close()
+
+
+def test_an_old_members_table_is_folded_into_the_stored_term(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    StateDB(path).close()
+    with sqlite3.connect(path) as old:  # what a daemon before the one-member-table change left behind
+        old.execute("CREATE TABLE members (node_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT "
+                    "NULL, federated_learning INTEGER NOT NULL, term INTEGER NOT NULL DEFAULT 0)")
+        old.execute("INSERT INTO members VALUES (?, 1.0, 2.0, 1, 6)", ("x" * 52,))
+    old.close()
+    db = StateDB(path)
+    assert db.highest_term() == 6
+    db.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("SELECT name FROM sqlite_master WHERE name = 'members'").fetchone() is None
+    check.close()
+    reopened = StateDB(path)
+    assert reopened.highest_term() == 6  # the fold kept it in meta
+    reopened.close()

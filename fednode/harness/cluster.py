@@ -125,8 +125,8 @@ class LocalCluster:
             node.process.wait()
         node.killed = True
 
-    def stop(self) -> dict[int, int | None]:
-        """SIGTERM every node, wait, SIGKILL stragglers; return exit codes."""
+    def stop(self, grace_seconds: float = STOP_GRACE_SECONDS) -> dict[int, int | None]:
+        """SIGTERM every node, wait up to `grace_seconds` each, SIGKILL stragglers; return exit codes."""
         for node in self.nodes:
             if node.alive and node.process is not None:
                 node.process.send_signal(signal.SIGTERM)
@@ -135,7 +135,7 @@ class LocalCluster:
             if node.process is None:
                 continue
             try:
-                codes[node.index] = node.process.wait(timeout=STOP_GRACE_SECONDS)
+                codes[node.index] = node.process.wait(timeout=grace_seconds)
             except subprocess.TimeoutExpired:
                 node.process.kill()
                 codes[node.index] = node.process.wait()

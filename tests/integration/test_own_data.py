@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT_DATA = REPO / "examples" / "chat_data" / "make_chat_data.py"
+PLAIN_PEFT = REPO / "tests" / "learning" / "plain_peft.py"  # transformers + PEFT only, run in a fresh process
 TOPICS = ("cooking", "gardening", "astronomy")
 CANARY = "CANARY-9d41c7e2-never-leaves-bob"
 CANARY_NODE = 1
@@ -84,34 +84,25 @@ def _wait_rounds(cluster: LocalCluster, rounds: int) -> None:
 STOP_GRACE_SECONDS = 180.0  # a daemon stops after its in-flight training/evaluation thread returns
 
 
-def _stop(cluster: LocalCluster) -> dict[int, int | None]:
-    """SIGTERM every daemon and wait for each (the harness's 10 s grace is too short for a SmolLM2
-    daemon mid-evaluation on this loaded 2-core machine); SIGKILL only after STOP_GRACE_SECONDS."""
-    for n in cluster.nodes:
-        if n.alive and n.process is not None:
-            n.process.send_signal(signal.SIGTERM)
-    codes: dict[int, int | None] = {}
-    for n in cluster.nodes:
-        if n.process is None:
-            continue
-        try:
-            codes[n.index] = n.process.wait(timeout=STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            n.process.kill()
-            codes[n.index] = n.process.wait()
-        if n.log is not None:
-            n.log.close()
-    return codes
+def _run(tmp_path: Path, template: dict[str, dict[str, Any]], rounds: int,
+         per_node: dict[int, dict[str, dict[str, Any]]]) -> LocalCluster:
+    """Three daemons for `rounds` rounds, stopped; every one stopped cleanly and holds the same merged adapter.
 
-
-def _assert_stopped_cleanly(cluster: LocalCluster, codes: dict[int, int | None]) -> None:
-    """Every daemon shut down on SIGTERM ("stopped cleanly" logged). On this 2-core machine under
-    load, a SmolLM2 daemon's interpreter teardown after that line can outlast the harness's 10 s grace
-    and be SIGKILLed (seen: exit -9 a second after "stopped cleanly in 0.65 s"); that is tolerated."""
+    The stop waits STOP_GRACE_SECONDS per daemon (the harness's default grace is too short for a SmolLM2
+    daemon mid-evaluation on this loaded 2-core machine). Every daemon shut down on SIGTERM ("stopped
+    cleanly" logged); its interpreter teardown after that line may still be SIGKILLed (seen: exit -9 a
+    second after "stopped cleanly in 0.65 s"), which is tolerated."""
+    cluster = _start(tmp_path, template, rounds, per_node)
+    try:
+        _wait_rounds(cluster, rounds)
+    finally:
+        codes = cluster.stop(grace_seconds=STOP_GRACE_SECONDS)
     for n in cluster.nodes:
         log = (n.folder / "log.txt").read_text()
         assert "Traceback" not in log, log[-3000:]
         assert codes.get(n.index) == 0 or "stopped cleanly" in log, (n.index, codes, log[-2000:])
+    assert len(_merged_shas(cluster, rounds)) == 1
+    return cluster
 
 
 def _merged_shas(cluster: LocalCluster, rounds: int) -> set[str]:
@@ -123,31 +114,9 @@ def _files(folder: Path) -> Iterator[Path]:
     return (p for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and p.name != "control.sock")
 
 
-FRESH_PROCESS = r"""
-import json, sys
-import torch
-from peft import AutoPeftModelForCausalLM, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-adapter = sys.argv[1]
-base_dir = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
-tok = AutoTokenizer.from_pretrained(base_dir)
-plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
-auto = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
-chat = [{"role": "user", "content": "How should I care for roses?"}]
-enc = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-with torch.no_grad():
-    same = float((plain(**enc).logits - auto(**enc).logits).abs().max())
-    out = plain.generate(**enc, max_new_tokens=12, do_sample=False)
-new = out[0][enc["input_ids"].shape[1]:]
-print(json.dumps({"same": same, "new_tokens": int(new.numel()), "text": tok.decode(new, skip_special_tokens=True),
-                  "fednode_imported": any(m.startswith("fednode") for m in sys.modules)}))
-"""
-
-
 def _fresh_process_generate(adapter: Path) -> dict[str, Any]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(adapter)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(PLAIN_PEFT), str(adapter)], capture_output=True, text=True,
                           env=env, timeout=600, check=False, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -174,13 +143,7 @@ def test_three_nodes_own_chat_data_smollm2(tmp_path: Path) -> None:
         _write_chat(data[i], topic, CANARY if i == CANARY_NODE else "")
     assert CANARY.encode() in data[CANARY_NODE].read_bytes()
     per_node = {i: {"data": {"path": str(p), "format": "chat", "eval_fraction": 0.25}} for i, p in data.items()}
-    cluster = _start(tmp_path, SMOL_TEMPLATE, 2, per_node)
-    try:
-        _wait_rounds(cluster, 2)
-    finally:
-        codes = _stop(cluster)
-    _assert_stopped_cleanly(cluster, codes)
-    assert len(_merged_shas(cluster, 2)) == 1
+    cluster = _run(tmp_path, SMOL_TEMPLATE, 2, per_node)
     record = json.loads((cluster.nodes[0].folder / "rounds" / "round-2.json").read_text())
     assert len(record["accepted"]) == 3
 
@@ -234,13 +197,7 @@ def test_three_nodes_own_chat_data_tiny_qwen2(tmp_path: Path, tiny_qwen2_dir: Pa
         path = tmp_path / "private" / f"node-{i}.jsonl"
         _write_chat(path, topic)
         per_node[i] = {"data": {"path": str(path), "format": "chat", "eval_fraction": 0.25}}
-    cluster = _start(tmp_path, template, 1, per_node)
-    try:
-        _wait_rounds(cluster, 1)
-    finally:
-        codes = _stop(cluster)
-    _assert_stopped_cleanly(cluster, codes)
-    assert len(_merged_shas(cluster, 1)) == 1
+    cluster = _run(tmp_path, template, 1, per_node)
     adapter = cluster.nodes[0].folder / "adapters" / "round-1"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(tiny_qwen2_dir.resolve())
@@ -258,13 +215,7 @@ def test_three_nodes_with_the_example_custom_trainer(tmp_path: Path) -> None:
         "learning": {"trainer": "my_trainer:make_trainer", "trainer_path": str(REPO / "examples" / "custom_trainer"),
                      "batch_size": 16},
     }
-    cluster = _start(tmp_path, template, 2, {})
-    try:
-        _wait_rounds(cluster, 2)
-    finally:
-        codes = _stop(cluster)
-    _assert_stopped_cleanly(cluster, codes)
-    assert len(_merged_shas(cluster, 2)) == 1
+    cluster = _run(tmp_path, template, 2, {})
     sys.path.insert(0, str(REPO / "examples" / "custom_trainer"))
     import my_trainer
 

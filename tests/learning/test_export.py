@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -27,6 +27,7 @@ from fednode.learning import adapter_to_bytes, get_task, save_adapter_dir
 from fednode.learning.export import export_merged
 from fednode.learning.model import load_base_model, resolve_model_dir, wrap_with_lora
 from fednode.learning.task import TaskSpec
+from tests.learning.plain_peft import load_both
 
 TOLERANCE = 1e-4  # relative to the largest logit (SmolLM2's reach ~30; fp32 merge rounding is ~1e-4 there)
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -88,11 +89,8 @@ def _check_causal_lm(task: TaskSpec, tmp_path: Path) -> None:
     assert written["base_model_name_or_path"] == str(model_dir.resolve())
     assert written["task_type"] == "CAUSAL_LM"
 
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(written["base_model_name_or_path"]),
-                                      str(round_dir))
-    assert (_logits(plain.eval(), model_dir) - reference).abs().max() < TOLERANCE
-    auto = AutoPeftModelForCausalLM.from_pretrained(str(round_dir))
-    assert (_logits(auto.eval(), model_dir) - reference).abs().max() < TOLERANCE
+    for loaded in load_both(round_dir):  # PeftModel on the named base, and AutoPeft
+        assert (_logits(loaded, model_dir) - reference).abs().max() < TOLERANCE
 
     out = tmp_path / "merged"
     assert cli_main(["export", "--config", str(_node_config(tmp_path)), "--round", "2", "--merge", str(out)]) == 0
