@@ -87,3 +87,23 @@ def test_chat_goals_and_topic_skew() -> None:
     own = sum(" plus " in r["messages"][0]["content"] for r in rows)  # node 1's topic: arithmetic
     assert 0.72 * 400 < own < 0.88 * 400
     assert {m["role"] for r in rows for m in r["messages"]} == {"user", "assistant"}
+
+
+def test_lora_toy_shows_why_exact_can_trail_fedavg() -> None:
+    """From the same client factors: small AdamW steps -> the mean of the products (and exact, its
+    best rank-r approximation) beat fedavg's mean(B) mean(A); large steps -> the order turns over
+    (each client's own dB_i dA_i overshoots; fedavg damps it). scripts/bench_quality_lora_toy.py."""
+    spec = importlib.util.spec_from_file_location("bench_quality_lora_toy",
+                                                  SCRIPT.parent / "bench_quality_lora_toy.py")
+    assert spec is not None and spec.loader is not None
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+
+    def first_round(lr: float) -> dict[str, float]:
+        runs = [toy.toy_round_losses(seed, lr, upto=1)[0] for seed in range(3)]
+        return {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+
+    small, large = first_round(0.1), first_round(0.3)
+    assert small["mean_products"] <= small["exact"] < small["fedavg"]
+    assert large["fedavg"] < large["exact"] < large["mean_products"]
+    assert 0 < small["discarded_energy"] < large["discarded_energy"] < 1
