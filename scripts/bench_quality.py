@@ -65,14 +65,17 @@ DEFAULT_THREADS = 2
 SUITES = ("classification", "chat")
 # --suite chat: per-suite defaults of the shared flags (a flag given on the command line wins).
 # chat: 8 rounds x 2 local steps under one decay over the run (see bench_quality_chat's docstring).
-CHAT_DEFAULTS = {"rounds": 8, "local_steps": 2, "lr": 1e-3, "central_lr": 5e-4, "batch": 4, "max_len": 96,
-                 "round_schedule": "run"}
+# Learning rates: every arm is tuned over CHAT_LR_GRID by the same rule (lowest pooled validation
+# perplexity; bench_quality_chat.run_chat) unless --lr / --central-lr fix one.
+CHAT_DEFAULTS = {"rounds": 8, "local_steps": 2, "batch": 4, "max_len": 96, "round_schedule": "run"}
+CHAT_LR_GRID = (3e-4, 1e-3, 3e-3)
 CLASSIFICATION_DEFAULTS = {"rounds": DEFAULT_ROUNDS, "local_steps": DEFAULT_LOCAL_STEPS, "lr": DEFAULT_LR,
                            "central_lr": DEFAULT_CENTRAL_LR, "batch": DEFAULT_BATCH, "max_len": DEFAULT_MAX_LEN,
                            "round_schedule": "call"}
 ROUND_SCHEDULES = ("call", "run")
 DEFAULT_CHAT_TRAIN_ROWS = 48  # per node
 DEFAULT_CHAT_EVAL_ROWS = 16  # per node; the pooled held-out set is all nodes' together
+DEFAULT_CHAT_VAL_ROWS = 16  # per node: the validation set that picks each arm's learning rate
 DEFAULT_CHAT_SKEW = 0.8  # fraction of a node's rows from its own topic
 CHAT_PPL_TOLERANCE = 0.05  # federated perplexity within 5% of centralized
 
@@ -243,9 +246,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-steps", type=int, default=None,
                    help=f"default {DEFAULT_LOCAL_STEPS}; chat {CHAT_DEFAULTS['local_steps']}")
     p.add_argument("--lr", type=float, default=None, help="node peak LR (local-only, fedavg, exact); "
-                   f"default {DEFAULT_LR}, chat {CHAT_DEFAULTS['lr']}")
+                   f"default {DEFAULT_LR}; chat: chosen from --lr-grid unless given")
     p.add_argument("--central-lr", type=float, default=None, help="centralized arm's peak LR; "
-                   f"default {DEFAULT_CENTRAL_LR}, chat {CHAT_DEFAULTS['central_lr']}")
+                   f"default {DEFAULT_CENTRAL_LR}; chat: chosen from --lr-grid unless given")
+    p.add_argument("--lr-grid", type=float, nargs="+", default=list(CHAT_LR_GRID),
+                   help="chat: the peak rates every arm is tuned over on the validation split")
     p.add_argument("--schedule", choices=LR_SCHEDULE_KINDS, default=DEFAULT_SCHEDULE, help="LR within each call")
     p.add_argument("--round-schedule", choices=ROUND_SCHEDULES, default=None,
                    help="federated arms: 'call' restarts the decay every round, 'run' runs one decay over all "
@@ -259,6 +264,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="", help="chat: a local HF causal LM dir (default: embedded SmolLM2)")
     p.add_argument("--chat-train-rows", type=int, default=DEFAULT_CHAT_TRAIN_ROWS, help="chat: rows per node")
     p.add_argument("--chat-eval-rows", type=int, default=DEFAULT_CHAT_EVAL_ROWS, help="chat: held-out rows per node")
+    p.add_argument("--chat-val-rows", type=int, default=DEFAULT_CHAT_VAL_ROWS,
+                   help="chat: validation rows per node (they choose each arm's rate; never scored)")
     p.add_argument("--skew", type=float, default=DEFAULT_CHAT_SKEW, help="chat: share of a node's rows from its topic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS)

@@ -15,6 +15,11 @@ Modules of equal shapes and ranks (e.g. q_proj in every layer) are processed as 
 The split of each kept direction between B' and A' keeps A' at the clients' scale (`_client_gauge`;
 protocols/round-v1.md, "exact factors"), since the next round trains from these factors.
 
+Exact is exact for the mean of the products, which is not always the better next start: clients that
+begin a round at the same factors differ from fedavg's mean(B) mean(A) only in the second-order term
+(each client's own dB_i dA_i, which exact keeps and fedavg damps), and with large AdamW steps that
+term overshoots, so exact can trail fedavg (scripts/bench_quality_lora_toy.py measures both orders).
+
 `stacked` concatenates the factors instead: rank R, exact to floating-point rounding.
 Tensors that are not LoRA factors (e.g. a classifier head) are averaged linearly, which is exact.
 """
