@@ -44,6 +44,7 @@ async def test_five_hundred_nodes_ten_rounds_with_churn(tmp_path: Path, autojump
     autojump_clock.autojump_threshold = 0.05
     rng = random.Random(12)
     churn = max(1, round(N_NODES * CHURN_FRACTION))
+    ever = N_NODES + churn * N_ROUNDS  # learning.num_nodes: every node's index is below it
     sections: dict[str, dict[str, Any]] = {
         "coordinator": {"heartbeat_interval_seconds": HEARTBEAT_SECONDS},
         "round": {"max_rounds": N_ROUNDS, "min_participants": 2, "max_participants": 2 * N_NODES,
@@ -51,7 +52,7 @@ async def test_five_hundred_nodes_ten_rounds_with_churn(tmp_path: Path, autojump
         "learning": {"evaluate": False}}
     async with cluster(tmp_path, auto_link_degree=LINK_DEGREE) as c:
         for i in range(N_NODES):
-            await c.start(i, N_NODES, **sections)
+            await c.start(i, ever, **sections)
         index_of = {node.node_id: i for i, node in c.nodes.items()}
         live: set[int] = set(range(N_NODES))
         joined_at: dict[int, int] = dict.fromkeys(live, 0)  # node index -> rounds finished when it joined
@@ -68,7 +69,7 @@ async def test_five_hundred_nodes_ten_rounds_with_churn(tmp_path: Path, autojump
                 live.discard(i)
                 left.add(i)
             for _ in range(churn):
-                await c.start(next_index, N_NODES, **sections)
+                await c.start(next_index, ever, **sections)
                 index_of[c.nodes[next_index].node_id] = next_index
                 live.add(next_index)
                 joined_at[next_index] = number
