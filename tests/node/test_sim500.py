@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from fednode.node.daemon import Node
 from tests.node.checks import check_fedavg, check_round_agreement, read_record, sha256

@@ -10,6 +10,7 @@ Set FEDNODE_DAEMON_SOAK_ROUNDS to soak longer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -66,10 +67,8 @@ def sample(pid: int, data_dir: Path, rounds: int) -> Sample:
     blobs = [p for p in (data_dir / "blobs").iterdir() if p.is_file()] if (data_dir / "blobs").is_dir() else []
     blob_bytes = 0
     for p in blobs:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # collected between listing and stat
             blob_bytes += p.stat().st_size
-        except FileNotFoundError:
-            pass  # collected between listing and stat
     db = data_dir / "state.sqlite"
     sqlite_bytes = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
     with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)) as conn:
