@@ -36,6 +36,7 @@ import trio
 
 from fednode.harness.cluster import LocalCluster, NodeProcess
 from fednode.harness.run import HarnessOptions, collect_rounds, default_overrides, poll
+from fednode.node.reports import NodeStatus
 
 GOAL_OVERHEAD_32_SECONDS = 3.0
 GOAL_OVERHEAD_4_SECONDS = 0.5
@@ -100,7 +101,7 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
         out["up_seconds"] = [round(up[i][0], 2) for i in sorted(up)]
         out["up_cpu_seconds"] = [round(up[i][1], 2) for i in sorted(up)]
         t0 = time.monotonic()
-        statuses: dict[int, dict[str, Any]] = {}
+        statuses: dict[int, NodeStatus] = {}
         with trio.move_on_after(round_timeout):
             while True:
                 statuses = await poll(cluster, timeout=10.0)
