@@ -36,6 +36,7 @@ import trio
 
 from fednode.harness.cluster import LocalCluster, NodeProcess
 from fednode.harness.run import HarnessOptions, collect_rounds, default_overrides, poll
+from fednode.node.reports import NodeStatus
 
 GOAL_OVERHEAD_32_SECONDS = 3.0
 GOAL_OVERHEAD_4_SECONDS = 0.5
@@ -100,19 +101,19 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
         out["up_seconds"] = [round(up[i][0], 2) for i in sorted(up)]
         out["up_cpu_seconds"] = [round(up[i][1], 2) for i in sorted(up)]
         t0 = time.monotonic()
-        statuses: dict[int, dict[str, Any]] = {}
+        statuses: dict[int, NodeStatus] = {}
         with trio.move_on_after(round_timeout):
             while True:
                 statuses = await poll(cluster, timeout=10.0)
                 if any(not nd.alive for nd in cluster.nodes):
                     out["problems"].append("a daemon exited")
                     break
-                if len(statuses) == n and all(s.get("rounds_completed", 0) >= rounds for s in statuses.values()):
+                if len(statuses) == n and all(s.progress.rounds_completed >= rounds for s in statuses.values()):
                     break
                 await trio.sleep(0.5)
         out["rounds_seconds"] = round(time.monotonic() - t0, 1)
         records = collect_rounds(cluster, rounds)
-        out["rounds_completed"] = min((s.get("rounds_completed", 0) for s in statuses.values()), default=0) \
+        out["rounds_completed"] = min((s.progress.rounds_completed for s in statuses.values()), default=0) \
             if len(statuses) == n else 0
         overheads = []
         for r in records:
@@ -126,7 +127,7 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
             if created is not None and len(finished) == n:
                 overheads.append(round(max(finished) - created, 3))
         out["overhead_seconds"] = overheads
-        out["terms"] = max((s.get("term", 0) for s in statuses.values()), default=0)
+        out["terms"] = max((s.term for s in statuses.values()), default=0)
         # idle: every round done (max_rounds reached), nothing left to do but heartbeats
         before = {nd.index: cpu_seconds(nd.process.pid) for nd in cluster.nodes if nd.process is not None}
         t_idle = time.monotonic()
@@ -140,7 +141,7 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
         out["idle_cpu_pct"] = idle
         out["rss_mib"] = [round(rss_mib(nd.process.pid) or 0.0, 1) for nd in cluster.nodes if nd.process is not None]
         statuses = await poll(cluster, timeout=10.0)
-        out["terms"] = max([out["terms"], *(s.get("term", 0) for s in statuses.values())])
+        out["terms"] = max([out["terms"], *(s.term for s in statuses.values())])
         out["passed"] = (out["rounds_completed"] >= rounds and not out["problems"] and len(records) >= rounds
                          and all(nd.alive for nd in cluster.nodes))
     finally:

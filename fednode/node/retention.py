@@ -12,8 +12,11 @@ the round driver's in-memory entries for them. `keep_rounds = 0` keeps everythin
 The number of collected published rounds is kept in the `meta` table (`collected_published_rounds`),
 so `rounds_completed` still counts every round this node installed.
 
-Bound: with K = keep_rounds, a node holds at most K finished rounds (plus any open one), each
-with one record, one adapter dir, its merged blob and up to max_participants delta blobs.
+Bound (`retention_bound`): with K = keep_rounds and P = max_participants, a node holds at most K + 2
+rounds: K finished ones, the newest one installed before this pass runs, and the open one. Each has
+one sqlite row, up to P submission rows, one record, one adapter dir, its merged blob and up to P
+delta blobs: at most (K + 2) * (P + 1) complete blobs in blobs/. Deleted rows' pages are reused by
+sqlite, so state.sqlite plateaus once the first rounds are collected.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import logging
 import shutil
 from collections.abc import Set
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +35,24 @@ from fednode.state import OPEN_STATES, StateDB
 logger = logging.getLogger("fednode.node")
 
 COLLECTED_META_KEY = "collected_published_rounds"
+ROUNDS_BEYOND_KEPT = 2  # the newest round before its retention pass, and the open one
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionBound:
+    """The most a node holds at any moment under node.keep_rounds (the module docstring's bound)."""
+
+    round_rows: int
+    submission_rows: int
+    blobs: int  # complete blobs in blobs/ (not manifests/, partial/, quarantine/)
+
+
+def retention_bound(keep_rounds: int, max_participants: int) -> RetentionBound:
+    if keep_rounds <= 0:
+        raise ValueError("keep_rounds = 0 keeps every round: there is no bound")
+    rounds = keep_rounds + ROUNDS_BEYOND_KEPT
+    return RetentionBound(round_rows=rounds, submission_rows=rounds * max_participants,
+                          blobs=rounds * (max_participants + 1))
 
 
 class ForgetsRounds(Protocol):
