@@ -37,6 +37,7 @@ ROUND_TIMEOUT_SECONDS = 600.0
 WALL_BUDGET_SECONDS = 120.0  # the limit on 2 cores
 
 
+@pytest.mark.scale_open
 @pytest.mark.timeout(900)
 async def test_five_hundred_nodes_ten_rounds_with_churn(tmp_path: Path, autojump_clock, no_fsync) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     wall = time.monotonic()
