@@ -1,11 +1,12 @@
 """Issue 10 end to end: real `fednode run` daemons over libp2p, each fine-tuning on its own private
 data, and the result used with nothing but transformers + PEFT in a fresh process.
 
-- three nodes, each with its own generated chat JSONL of a different topic, SmolLM2 (embedded),
-  2 rounds: one merged adapter everywhere; it loads in a fresh process with plain PEFT and
-  generates text; every node's held-out loss on its own data after round 2 is below the base
-  model's; a canary planted in one node's data appears in no file (gossip messages in
-  state.sqlite, blobs, round records, logs, adapters) of any other node, nor in its own blobs;
+The SmolLM2 case (three nodes, each with its own generated chat JSONL of a different topic, 2 rounds;
+one merged adapter everywhere that loads in a fresh process with plain PEFT and generates text;
+every node's held-out loss on its own data after round 2 below the base model's; a canary planted
+in one node's data in no file of any other node, nor in its own blobs) is the README's "Fine-tune on
+your own data" walked literally: tests/integration/test_readme_walkthrough.py. One three-daemon
+SmolLM2 run shows both (it was two, 150 s each). Here:
 - the same path with a tiny random Qwen2 (not SmolLM2's architecture), 1 round;
 - the same path with the example custom trainer (examples/custom_trainer), 2 rounds.
 """
@@ -13,11 +14,9 @@ data, and the result used with nothing but transformers + PEFT in a fresh proces
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,13 @@ import pytest
 
 from fednode.config import load_config
 from fednode.harness.cluster import LocalCluster
+from tests.integration.own_data_checks import fresh_process_generate, own_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT_DATA = REPO / "examples" / "chat_data" / "make_chat_data.py"
-PLAIN_PEFT = REPO / "tests" / "learning" / "plain_peft.py"  # transformers + PEFT only, run in a fresh process
 TOPICS = ("cooking", "gardening", "astronomy")
-CANARY = "CANARY-9d41c7e2-never-leaves-bob"
-CANARY_NODE = 1
 ROUND_WAIT_SECONDS = 1200.0
 
 SMOL_TEMPLATE: dict[str, dict[str, Any]] = {
@@ -45,9 +42,9 @@ SMOL_TEMPLATE: dict[str, dict[str, Any]] = {
 }
 
 
-def _write_chat(path: Path, topic: str, canary: str = "") -> None:
-    args = [sys.executable, str(CHAT_DATA), "--topic", topic, "--rows", "32", str(path)]
-    subprocess.run([*args, *(["--canary", canary] if canary else [])], check=True, capture_output=True)
+def _write_chat(path: Path, topic: str) -> None:
+    subprocess.run([sys.executable, str(CHAT_DATA), "--topic", topic, "--rows", "32", str(path)], check=True,
+                   capture_output=True)
 
 
 def _start(tmp_path: Path, template: dict[str, dict[str, Any]], rounds: int,
@@ -110,66 +107,6 @@ def _merged_shas(cluster: LocalCluster, rounds: int) -> set[str]:
             for n in cluster.nodes}
 
 
-def _files(folder: Path) -> Iterator[Path]:
-    return (p for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and p.name != "control.sock")
-
-
-def _fresh_process_generate(adapter: Path) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(PLAIN_PEFT), str(adapter)], capture_output=True, text=True,
-                          env=env, timeout=600, check=False, cwd="/")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
-
-
-def _own_losses(cluster: LocalCluster, rounds: int) -> dict[int, tuple[float, float]]:
-    """(base model's held-out loss, merged adapter's) on each node's own held-out rows, scored by
-    the node's own trainer (its config, its data)."""
-    from fednode.node.trainers import make_trainer
-
-    out = {}
-    for n in cluster.nodes:
-        trainer = make_trainer(load_config(n.config_path))
-        merged = (n.folder / "adapters" / f"round-{rounds}" / "adapter_model.safetensors").read_bytes()
-        out[n.index] = (trainer.evaluate(None)["loss"], trainer.evaluate(merged)["loss"])
-    return out
-
-
-def test_three_nodes_own_chat_data_smollm2(tmp_path: Path) -> None:
-    data = {}
-    for i, topic in enumerate(TOPICS):
-        data[i] = tmp_path / "private" / f"node-{i}.jsonl"
-        _write_chat(data[i], topic, CANARY if i == CANARY_NODE else "")
-    assert CANARY.encode() in data[CANARY_NODE].read_bytes()
-    per_node = {i: {"data": {"path": str(p), "format": "chat", "eval_fraction": 0.25}} for i, p in data.items()}
-    cluster = _run(tmp_path, SMOL_TEMPLATE, 2, per_node)
-    record = json.loads((cluster.nodes[0].folder / "rounds" / "round-2.json").read_text())
-    assert len(record["accepted"]) == 3
-
-    # The canary: in no file of the other nodes (the gossip messages they accepted are in state.sqlite),
-    # nor in the canary node's own blobs, round records, adapters or state.sqlite (only tensors leave it).
-    # The scan can fail: it finds the canary in the node's own data file.
-    checked = 0
-    for n in cluster.nodes:
-        own = n.index == CANARY_NODE
-        for path in _files(n.folder):
-            if own and path.name == "log.txt":
-                continue  # its own log may speak of its own data; what it sent is in blobs and state.sqlite
-            assert CANARY.encode() not in path.read_bytes(), f"the canary leaked into {path}"
-            checked += 1
-    assert checked > 20
-    assert any(CANARY.encode() in p.read_bytes() for p in [data[CANARY_NODE]])
-
-    adapter = cluster.nodes[2].folder / "adapters" / "round-2"
-    fresh = _fresh_process_generate(adapter)
-    assert not fresh["fednode_imported"]
-    assert fresh["same"] < 1e-4 and fresh["new_tokens"] > 0 and fresh["text"].strip(), fresh
-
-    for index, (base, merged) in _own_losses(cluster, 2).items():
-        assert merged < base, f"node {index}: held-out loss {merged:.4f} after round 2, base {base:.4f}"
-
-
 @pytest.fixture(scope="module")
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Qwen2 with random weights and SmolLM2's tokenizer (it has a chat template)."""
@@ -201,10 +138,10 @@ def test_three_nodes_own_chat_data_tiny_qwen2(tmp_path: Path, tiny_qwen2_dir: Pa
     adapter = cluster.nodes[0].folder / "adapters" / "round-1"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(tiny_qwen2_dir.resolve())
-    fresh = _fresh_process_generate(adapter)
+    fresh = fresh_process_generate(adapter)
     assert fresh["same"] < 1e-4 and fresh["new_tokens"] > 0, fresh
-    for index, (base, merged) in _own_losses(cluster, 1).items():
-        assert merged < base, f"node {index}: held-out loss {merged:.4f} after round 1, base {base:.4f}"
+    for node, (base, merged) in own_losses([n.config_path for n in cluster.nodes], 1).items():
+        assert merged < base, f"{node}: held-out loss {merged:.4f} after round 1, base {base:.4f}"
 
 
 def test_three_nodes_with_the_example_custom_trainer(tmp_path: Path) -> None:

@@ -1,6 +1,12 @@
 """README's "Fine-tune on your own data", walked literally on a fresh checkout: the section's bash
 blocks run in order as one script in a copy of the tracked tree (nothing built, no runs/), with
-`fednode` and `python` from the venv; only the ports are substituted (free ones for 4101-4103)."""
+`fednode` and `python` from the venv; only the ports are substituted (free ones for 4101-4103).
+
+The same run is issue 10's own-data check with SmolLM2: three daemons, each on its own chat file of
+another topic, 2 rounds; then (own_data_checks) bob's canary is in no file of alice's or carol's nor
+in bob's own blobs, records, adapters or state.sqlite; the merged adapter loads in a fresh process
+with plain PEFT + transformers and generates; every node's held-out loss on its own data after
+round 2 is below the base model's."""
 
 from __future__ import annotations
 
@@ -17,12 +23,15 @@ from pathlib import Path
 import pytest
 
 from fednode.harness.cluster import free_port
+from tests.integration.own_data_checks import canary_leaks, fresh_process_generate, own_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[2]
 SECTION = "## Fine-tune on your own data"
 README_PORTS = ("4101", "4102", "4103")
+CANARY = "bob-canary-7f3a"  # the README plants it in bob's data
+NODES = ("alice", "bob", "carol")
 WALK_SECONDS = 2100
 
 
@@ -48,7 +57,8 @@ def test_the_section_has_the_steps_a_user_needs() -> None:
     blocks = section_bash_blocks((REPO / "README.md").read_text())
     script = "\n".join(blocks)
     for needed in ("make_chat_data.py", "fednode keygen", "fednode run --config", "fednode status",
-                   "fednode rounds", "fednode export", "AutoModelForCausalLM.from_pretrained", "kill"):
+                   "fednode rounds", "fednode export", "AutoModelForCausalLM.from_pretrained", "kill",
+                   f"--canary {CANARY} fed/bob/chat.jsonl", f"grep -rl {CANARY} fed/alice fed/carol"):
         assert needed in script, needed
     assert all(port in script for port in README_PORTS)
 
@@ -89,6 +99,19 @@ def test_readme_walkthrough_runs_literally(tmp_path: Path) -> None:
     assert (checkout / "fed" / "chat-model" / "config.json").is_file()
     generated = out.rstrip().splitlines()[-1]  # the python block prints the model's answer last
     assert generated.strip() and "Traceback" not in out, out[-3000:]
-    for name in ("alice", "bob", "carol"):
+    for name in NODES:
         log = (checkout / "fed" / name / "log.txt").read_text()
         assert "Traceback" not in log and "stopped cleanly" in log, log[-2000:]
+
+    # Issue 10's own-data checks on the same run.
+    fed = checkout / "fed"
+    assert "bob's canary is on no other node" in out, out[-3000:]
+    leaks, scanned = canary_leaks([fed / n for n in NODES], CANARY, owner=fed / "bob",
+                                  owner_data=fed / "bob" / "chat.jsonl")
+    assert not leaks, f"the canary leaked into {leaks}"
+    assert scanned > 30 and any((fed / "bob" / "blobs").rglob("*")), scanned
+    fresh = fresh_process_generate(fed / "carol" / "adapters" / "round-2")
+    assert not fresh["fednode_imported"]
+    assert fresh["same"] < 1e-4 and fresh["new_tokens"] > 0 and fresh["text"].strip(), fresh
+    for node, (base, merged) in own_losses([fed / n / "node.toml" for n in NODES], 2).items():
+        assert merged < base, f"{node}: held-out loss {merged:.4f} after round 2, base {base:.4f}"

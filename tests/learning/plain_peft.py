@@ -1,6 +1,6 @@
 """A merged adapter dir used the way a user would, with nothing but transformers + PEFT (this file
 imports no fednode): tests/learning/test_export.py loads it in process, and
-tests/integration/test_own_data.py runs this file in a fresh process (which then also shows that
+tests/integration/own_data_checks.py runs this file in a fresh process (which then also shows that
 fednode is not needed) to load it and generate:
 
     python tests/learning/plain_peft.py ADAPTER_DIR   -> one JSON line on stdout
