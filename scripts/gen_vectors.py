@@ -214,6 +214,11 @@ def valid_file() -> dict[str, Any]:
                                            coordinator_node_id=A.node_id, last_round_number=3,
                                            latest_merged_sha256=SHA_MERGED, open_round_id="r-0004"),
                "Heartbeat of a learning member that follows alice in term 2 and works on round r-0004."),
+        accept("heartbeat-paused", heartbeat(C, term=2, seq=1235, federated_learning=True,
+                                             coordinator_node_id=A.node_id, last_round_number=3,
+                                             open_round_id="r-0004", paused=True),
+               "Heartbeat of a learning member that has paused participation (its disk is full): `paused` is "
+               "true, the only value for which its key is present (round-v1.md r4, envelope-v1.md r3)."),
         accept("coordinator-claim", codec.sign(CoordinatorClaim(community_id=COMMUNITY, node_id=A.node_id, term=2,
                                                                 claimed_at=NOW - 8.0, last_round_number=3), A),
                "alice claims term 2."),
@@ -320,6 +325,11 @@ def invalid_file() -> dict[str, Any]:
          "heartbeat-minimal with community_id sent as str8 instead of fixstr."),
         ("non-canonical-duplicate-key", pack_map([*entries_of(hb_map), (p("seq"), p(hb.seq))]), "reject",
          "non_canonical", "heartbeat-minimal with the key 'seq' (same value) a second time at the end."),
+        ("non-canonical-paused-false", sorted_packed(resign({**hb_map, "paused": False}, "sig", A)), "reject",
+         "non_canonical", "heartbeat-minimal with the key 'paused' present and false (signed as sent): a false "
+         "`paused` is spelled by leaving the key out."),
+        ("malformed-paused-not-bool", sorted_packed(resign({**hb_map, "paused": 1}, "sig", A)), "reject",
+         "malformed", "A heartbeat whose 'paused' is the integer 1 instead of a bool (signed)."),
     ]
     bad += strictness_cases(hb, hb_map, man, man_map, sub)
     vectors = [refuse(*args) for args in bad]

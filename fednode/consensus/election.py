@@ -138,11 +138,12 @@ class Heard:
     open_round_id: str
     last_round_number: int
     latest_merged_sha256: str
+    paused: bool = False  # for the close-early rule only (round-v1 r4); the election never reads it
 
     @classmethod
     def of(cls, hb: Heartbeat, now: float) -> Heard:
         return cls(now, hb.federated_learning, hb.term, hb.coordinator_node_id, hb.open_round_id,
-                   hb.last_round_number, hb.latest_merged_sha256)
+                   hb.last_round_number, hb.latest_merged_sha256, hb.paused)
 
 
 @dataclass(slots=True)

@@ -8,8 +8,9 @@ outside the election that knows who coordinates and in which term:
 * adopting round n from term t supersedes our open round n from an earlier term (two coordinators
   opened round n around a contested election: the community follows the later term's);
 * a coordinator change is passed to every open round, and re-offers the manifests held for it;
-* a coordinator closes a round early once every live member has been accepted or refused (a
-  coordinator paused for a full disk does not wait for its own update);
+* a coordinator closes a round early once every member it waits for has been accepted or refused
+  (`awaited_members`: not a member whose heartbeat says it paused participation, nor itself while
+  paused for a full disk; a pause changes nothing else, least of all the election);
 * a coordinator opens the next round when none is open, the settle delay after winning its term
   has passed, and the round policy (budget, pause, quorum) allows it;
 * a peer's heartbeat naming a round we do not know, or saying it is past one of our open rounds,
@@ -23,11 +24,12 @@ for. The driver performs them in order: `SaveRound` (snapshot changed), `Conflic
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 from fednode.consensus.common import CoordinatorChanged, Effect, Tick
+from fednode.consensus.election import Heard
 from fednode.consensus.round_events import (
     CloseSubmissions,
     InstallAdapter,
@@ -152,6 +154,22 @@ def next_round_due(*, now: float, policy: RoundPolicy, history: History, coordin
     if history.last_finished_at is not None and now - history.last_finished_at < policy.pause_seconds:
         return False
     return history.live_federated >= policy.quorum
+
+
+def paused_members(heard: Mapping[str, Heard]) -> frozenset[str]:
+    """Members whose latest heartbeat (the election's member table) says they paused participation."""
+    return frozenset(node_id for node_id, h in heard.items() if h.paused)
+
+
+def awaited_members(live_members: Iterable[str], paused_members: Iterable[str], me: str, *,
+                    paused: bool = False) -> frozenset[str]:
+    """The members whose update a coordinator waits for before it closes a round early (round-v1
+    r4): the live federated members, less every member whose latest heartbeat says `paused`, and
+    less itself while it is paused for a full disk (`paused`). A paused member sends no update, so
+    waiting for it would hold the round until its deadline. Only this rule reads a pause: liveness,
+    candidates, the quorum and outcome settling count a paused member like any other."""
+    awaited = frozenset(live_members) - frozenset(paused_members)
+    return awaited - {me} if paused else awaited
 
 
 def resume_effects(state: RoundState, now: float) -> list[Effect]:
@@ -340,11 +358,13 @@ class RoundBook:
                     steps.extend(self.manifest(manifest, change.now).steps)
         return BookOutcome(ACCEPTED, tuple(steps))
 
-    def tick(self, now: float, live_members: Iterable[str], *, paused: bool = False) -> BookOutcome:
+    def tick(self, now: float, live_members: Iterable[str], *, paused: bool = False,
+             paused_members: Iterable[str] = ()) -> BookOutcome:
         """Time passed: every round's clock, and the close-early rule for the rounds we coordinate.
-        `live_members`: the live federated members; `paused`: we are paused for a full disk, so we
-        wait for no update of our own."""
-        live = frozenset(live_members) - ({self.me} if paused else frozenset())
+        `live_members`: the live federated members; `paused_members`: those whose latest heartbeat
+        says they paused participation; `paused`: we are paused for a full disk. Neither kind of
+        pause is waited for (`awaited_members`)."""
+        live = awaited_members(live_members, paused_members, self.me, paused=paused)
         steps: list[Step] = []
         for state in list(self.rounds.values()):
             if state.phase not in TERMINAL or state.role is Role.COORDINATOR:

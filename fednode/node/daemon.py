@@ -36,7 +36,7 @@ from fednode.consensus import (
     Tick,
 )
 from fednode.consensus.election import DEFAULT_MAX_MEMBERS, Heard
-from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom
+from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom, paused_members
 from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
 from fednode.node.control import serve_control
@@ -122,7 +122,7 @@ class Node:
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
                                   live_members=self._live_federated, inline_training=inline_training,
-                                  sync=self._round_messages, disk=self.disk)
+                                  sync=self._round_messages, disk=self.disk, paused_members=self._paused_members)
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
         # Heartbeat seq starts at the wall clock in microseconds, so it keeps growing across restarts:
@@ -361,7 +361,7 @@ class Node:
                 sent_at=self.clock(), federated_learning=self.enabled, coordinator_node_id=coordinator,
                 last_round_number=latest.round_number if latest else 0,
                 latest_merged_sha256=latest.merged_sha256 if latest else "",
-                open_round_id=open_round.round_id if open_round else ""), self.identity)
+                open_round_id=open_round.round_id if open_round else "", paused=self.disk.paused), self.identity)
             with contextlib.suppress(Exception):
                 await self.publish(hb)
             await trio.sleep(interval)
@@ -398,6 +398,9 @@ class Node:
     # -- queries -----------------------------------------------------------------------------
     def _live_federated(self) -> list[str]:
         return self.election.live_members(self.clock()) if self.enabled else []
+
+    def _paused_members(self) -> frozenset[str]:
+        return paused_members(self.election.heard())  # round-v1 r4: not waited for by close-early
 
     def _heard_round_number(self) -> int:
         """The highest round a live member's heartbeat says it finished (published)."""

@@ -2,7 +2,10 @@
 
 When a write fails because the disk (or the user's quota) is full (ENOSPC / EDQUOT, or sqlite's
 SQLITE_FULL), the node *pauses participation*: it keeps heartbeating, following the election and
-tracking rounds in memory, but trains, submits, aggregates, installs and opens nothing new.
+tracking rounds in memory, but trains, submits, aggregates, installs and opens nothing new. Its
+heartbeats say `paused` (round-v1 r4), so a coordinator does not wait for its update; for the
+election it stays a live member and a candidate like any other (a pause must never change who is
+elected: election-v1 r3).
 `fednode status` shows `paused` (why and since when) and `disk_full_events`; Prometheus counts
 the pauses (`fednode_disk_full_pauses_total`). Every DISK_FULL_RETRY_SECONDS the node tries a
 probe: a committed state.sqlite write and a DISK_PROBE_BYTES file written, fsynced and removed

@@ -7,7 +7,7 @@ recovery -> rounds); each part is a class in that chain, so each reads only what
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Set
+from collections.abc import Awaitable, Callable, Iterable, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -62,7 +62,8 @@ class DriverBase:
     def __init__(self, *, config: Config, identity: Identity, store: BlobStore, db: StateDB, trainer: Trainer | None,
                  publish: Publish, clock: Callable[[], float], holders: Callable[[str], list[str]],
                  live_members: Callable[[], list[str]], inline_training: bool = False,
-                 sync: SyncRound | None = None, disk: DiskPause | None = None) -> None:
+                 sync: SyncRound | None = None, disk: DiskPause | None = None,
+                 paused_members: Callable[[], Iterable[str]] = frozenset) -> None:
         self.config = config
         self.identity = identity
         self.me = identity.node_id
@@ -73,6 +74,7 @@ class DriverBase:
         self.clock = clock
         self.holders = holders
         self.live_members = live_members
+        self.paused_members = paused_members  # whose heartbeat says paused: not waited for (round-v1 r4)
         self.inline_training = inline_training
         self.sync = sync
         self.transport: Transport | None = None

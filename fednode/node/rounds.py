@@ -136,7 +136,8 @@ class RoundDriver(Recovery):
         return self.book.next_timer(self.clock())
 
     def tick(self, now: float) -> None:
-        self._run(self.book.tick(now, self.live_members(), paused=self.disk.paused))
+        self._run(self.book.tick(now, self.live_members(), paused=self.disk.paused,
+                                 paused_members=self.paused_members()))
 
     def on_message(self, message: Message) -> Validation:
         if not self.enabled:

@@ -1,9 +1,10 @@
 """Canonical msgpack encoding and Ed25519 signing of wire messages (protocols/envelope-v1.md).
 
-Canonical form: one msgpack map whose keys are the message's field names plus "type", sorted
-by their UTF-8 bytes; nested maps likewise; integers in their shortest encoding, floats always
-float64, text as str, signatures as bin. A decoder re-encodes what it parsed and rejects input
-that is not byte-identical, so every message has exactly one encoding.
+Canonical form: one msgpack map whose keys are the message's field names plus "type" (a field
+declared `omit_default` only while it differs from its default), sorted by their UTF-8 bytes;
+nested maps likewise; integers in their shortest encoding, floats always float64, text as str,
+signatures as bin. A decoder re-encodes what it parsed and rejects input that is not
+byte-identical, so every message has exactly one encoding.
 
 Signed bytes: SIGNING_DOMAIN || canonical(message without its signature field).
 Message id: sha256(encoded message), lowercase hex.
@@ -19,6 +20,7 @@ import msgpack
 
 from fednode.errors import DecodeError, InvalidMessage, LimitExceeded
 from fednode.identity import Identity
+from fednode.wire.fields import omitted_when_default
 from fednode.wire.messages import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -65,7 +67,9 @@ def _field_value(value: Any) -> Any:
 
 
 def to_map(message: Message, *, include_sig: bool = True) -> dict[str, Any]:
-    fields = {f.name: _field_value(getattr(message, f.name)) for f in dataclasses.fields(message)}  # type: ignore[arg-type]
+    omitted = omitted_when_default(type(message))  # absent while at their default (rule 1)
+    fields = {f.name: _field_value(getattr(message, f.name)) for f in dataclasses.fields(message)  # type: ignore[arg-type]
+              if f.name not in omitted or getattr(message, f.name) != omitted[f.name]}
     if not include_sig:
         del fields[message.SIG_FIELD]
     fields["type"] = message.TYPE
@@ -179,8 +183,9 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
         raise MessageDecodeError("unknown_type", f"unknown message type {str(type_name)[:40]!r}")
     cls = MESSAGE_TYPES[type_name]
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    if set(raw) != names:
-        missing, extra = sorted(names - set(raw)), sorted(str(k) for k in set(raw) - names)
+    required = names - omitted_when_default(cls).keys()  # the others may be absent: their default
+    if not required <= set(raw) <= names:
+        missing, extra = sorted(required - set(raw)), sorted(str(k) for k in set(raw) - names)
         raise MessageDecodeError("malformed", f"{type_name}: missing fields {missing}, unknown fields {extra[:8]}")
     if cls is AggregateAnnounce:
         raw["contributions"] = _decode_contributions(raw["contributions"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from fednode.errors import InvalidMessage
@@ -122,7 +124,9 @@ class WireField:
     """How one message field is typed and checked. `lo`/`hi` bound a number, or the length in
     code points of a `text`; `display` replaces the generated constraint text, `note` is appended
     to it (cross-field rules, which the message class checks itself); `default_doc` says what a
-    default that is computed means."""
+    default that is computed means. `omit_default`: the key is left out of the encoded map while
+    the field holds its default (envelope-v1.md, canonical encoding rule 1), so a field added to a
+    message type later leaves the encoding of the messages that do not use it unchanged."""
 
     kind: str
     doc: str
@@ -134,6 +138,7 @@ class WireField:
     display: str = ""
     note: str = ""
     default_doc: str = ""
+    omit_default: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -152,6 +157,19 @@ def wire(kind: str, default: Any = dataclasses.MISSING, *, doc: str, default_fac
 def declared(cls_or_obj: Any) -> list[tuple[str, WireField]]:
     """(name, declaration) of every declared field, in declaration order."""
     return [(f.name, f.metadata["wire"]) for f in dataclasses.fields(cls_or_obj) if "wire" in f.metadata]
+
+
+_OMITTED: dict[type, Mapping[str, Any]] = {}  # per message class, computed once (the codec asks per message)
+
+
+def omitted_when_default(cls: type) -> Mapping[str, Any]:
+    """name -> default of the fields of `cls` whose key is absent from the encoding while they hold it."""
+    found = _OMITTED.get(cls)
+    if found is None:
+        found = _OMITTED[cls] = MappingProxyType({
+            fld.name: fld.default for fld in dataclasses.fields(cls)
+            if "wire" in fld.metadata and fld.metadata["wire"].omit_default})
+    return found
 
 
 def _int_bound(value: float | None, default: int) -> int:

@@ -102,6 +102,11 @@ class Heartbeat(Message):
                                        "(`\"\"`: none)")
     open_round_id: str = f.wire("id?", "", doc="round the sender is working on (`\"\"`: none); lets a peer that "
                                 "missed a manifest ask for it (sync-v1.md)")
+    paused: bool = f.wire("bool", False, omit_default=True,
+                          note="the key is absent when `false` (envelope-v1.md rule 1)",
+                          doc="the sender has paused participation (e.g. its disk is full): a coordinator "
+                          "does not wait for its update ([close early](#round-lifecycle)); it is still a live "
+                          "member and a candidate (election-v1.md)")
     version: int = _version()
     sig: bytes = f.wire("sig", b"", doc="Ed25519 signature of `node_id`")
 

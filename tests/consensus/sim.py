@@ -24,6 +24,7 @@ class Simulation:
     delay: Callable[[int, float], float]  # (message index, send time) -> delay
     phases: list[float]
     crash_at: dict[str, float] = field(default_factory=dict)
+    paused: Callable[[str, float], bool] | None = None  # (node, time) -> its heartbeat says `paused`
     now: float = 0.0
     queue: list[tuple[float, int, str, str, object]] = field(default_factory=list)
     seq: itertools.count = field(default_factory=itertools.count)
@@ -71,7 +72,8 @@ class Simulation:
                 term, coordinator = state.heartbeat_fields()
                 self.hb_seq[n] += 1
                 self._broadcast(n, Heartbeat(community_id=COMMUNITY, node_id=n, term=term, seq=self.hb_seq[n],
-                                             sent_at=now, federated_learning=True, coordinator_node_id=coordinator))
+                                             sent_at=now, federated_learning=True, coordinator_node_id=coordinator,
+                                             paused=bool(self.paused and self.paused(n, when))))
                 self._push(when + self.config.heartbeat_interval, "heartbeat", n, None)
                 self._apply(n, state.handle(Tick(now)).effects)
             elif kind == "deliver":

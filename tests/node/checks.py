@@ -31,6 +31,13 @@ def read_record(node: Node, number: int) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+def flip_first_byte(path: Path) -> None:
+    """Bit rot: the file's first byte inverted (its sha256 no longer matches)."""
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def fedavg_float64(blobs: list[bytes], weights: list[int]) -> dict[str, torch.Tensor]:
     tensors = [load_delta(b) for b in blobs]
     total = float(sum(weights))

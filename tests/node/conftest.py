@@ -8,7 +8,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
+import trio.testing
 
 from fednode.config import Config, parse_config
 from fednode.identity import Identity
@@ -17,6 +19,17 @@ from fednode.node.trainers import FakeTrainer
 from fednode.transport.memory import MemoryNetwork, open_memory_transport
 
 EPOCH = 1_800_000_000.0  # virtual wall clock = EPOCH + trio.current_time()
+# Real seconds of idleness before the virtual clock jumps: worker threads (sqlite, blob writes)
+# must not let it run away (see test_crash.py).
+AUTOJUMP_THRESHOLD = 0.01
+
+
+@pytest.fixture(name="clock")
+def autojump_clock_for_daemons(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
+    """trio's virtual clock, jumping only after AUTOJUMP_THRESHOLD real seconds of idleness. (Named
+    `clock` for the tests; the module's `clock()` below is the nodes' wall clock.)"""
+    autojump_clock.autojump_threshold = AUTOJUMP_THRESHOLD
+    return autojump_clock
 
 
 def clock() -> float:

@@ -39,11 +39,10 @@ from fednode.node.reports import NodeStatus
 from fednode.node.trainers import FakeTrainer
 from fednode.state import StateDB
 from fednode.wire.messages import SubmissionAnnounce
-from tests.node.checks import check_round_agreement, read_record
-from tests.node.conftest import cluster, node_config, wait_until
+from tests.node.checks import check_round_agreement, flip_first_byte, read_record
+from tests.node.conftest import Cluster, cluster, node_config, wait_until
 
 N = 3
-AUTOJUMP_THRESHOLD = 0.01  # see test_crash.py
 PAUSE_BETWEEN_ROUNDS = 5.0  # the window in which a test breaks something before the next round
 ROUND_TIMEOUT = 20.0
 WAIT = 300.0  # virtual seconds; every wait below is on a condition
@@ -52,18 +51,6 @@ WAIT = 300.0  # virtual seconds; every wait below is on a condition
 def _sections(rounds: int) -> dict[str, dict[str, Any]]:
     return {"round": {"max_rounds": rounds, "pause_seconds": PAUSE_BETWEEN_ROUNDS,
                       "round_timeout_seconds": ROUND_TIMEOUT}}
-
-
-@pytest.fixture
-def clock(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
-    autojump_clock.autojump_threshold = AUTOJUMP_THRESHOLD
-    return autojump_clock
-
-
-def _flip_first_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[0] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def _participants(nodes: list[Node], coordinator: str) -> list[Node]:
@@ -146,18 +133,34 @@ def _metric(node: Node, name: str) -> float:
     raise AssertionError(f"no metric {name}")
 
 
+@dataclasses.dataclass
+class PausedParticipant:
+    nodes: list[Node]
+    victim: Node  # a participant (not the coordinator) whose disk is full
+    others: list[Node]
+    disk: FullDisk
+
+
+async def _a_participant_fills_its_disk_after_round_1(c: Cluster, monkeypatch: pytest.MonkeyPatch,
+                                                      sections: dict[str, dict[str, Any]]) -> PausedParticipant:
+    """N nodes with `sections`; once every node finished round 1, a participant's disk is full
+    (before round 2 opens: PAUSE_BETWEEN_ROUNDS)."""
+    nodes = [await c.start(i, N, **sections) for i in range(N)]
+    await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
+    coordinator = read_record(nodes[0], 1)["final_coordinator_node_id"]
+    victim = _participants(nodes, coordinator)[0]
+    disk = FullDisk(victim, monkeypatch)
+    disk.full = True
+    return PausedParticipant(nodes, victim, [n for n in nodes if n is not victim], disk)
+
+
 async def test_disk_full_pauses_participation_then_resumes(tmp_path: Path, clock: trio.testing.MockClock,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     async with cluster(tmp_path) as c:
-        nodes = [await c.start(i, N, **_sections(2)) for i in range(N)]
-        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
-        coordinator = read_record(nodes[0], 1)["final_coordinator_node_id"]
-        victim = _participants(nodes, coordinator)[0]
-        others = [n for n in nodes if n is not victim]
-        disk = FullDisk(victim, monkeypatch)
-        disk.full = True  # before round 2 opens (PAUSE_BETWEEN_ROUNDS)
+        p = await _a_participant_fills_its_disk_after_round_1(c, monkeypatch, _sections(2))
+        nodes, victim, others, disk = p.nodes, p.victim, p.others, p.disk
 
-        # the others finish round 2 without the victim (at the deadline: the victim is live but silent)
+        # the others finish round 2 without the victim (its heartbeats say paused: nobody waits for it)
         await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in others), WAIT)
         record = read_record(others[0], 2)
         assert victim.node_id not in {a["node_id"] for a in record["accepted"]}
@@ -185,32 +188,36 @@ async def test_disk_full_pauses_participation_then_resumes(tmp_path: Path, clock
         assert row is not None and row.state == "published" and row.merged_sha256 == record["merged_sha256"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: a paused participant still counts as live federated; signalling "
-                   "the pause with heartbeat federated_learning=false made elections disagree (fault seed 7 s3 "
-                   "forked r7-t2); it needs its own Heartbeat field (a wire change)")
 async def test_a_paused_participant_is_not_waited_for(tmp_path: Path, clock: trio.testing.MockClock,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 13: the coordinator closes a round early without a member paused for a full disk (its
-    heartbeats say it takes no part in rounds); before, it waited for the round's deadline."""
+    heartbeats say `paused`, round-v1 r4), while the election still counts it live; before, the
+    round waited for its deadline. Once the member resumes, its heartbeat says so and the next round
+    waits for its update again."""
     timeout = 600.0  # a round that waits for its deadline is obvious on the virtual clock
     sections = {"round": {"max_rounds": 2, "pause_seconds": PAUSE_BETWEEN_ROUNDS, "round_timeout_seconds": timeout}}
     async with cluster(tmp_path) as c:
-        nodes = [await c.start(i, N, **sections) for i in range(N)]
-        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
-        coordinator = read_record(nodes[0], 1)["final_coordinator_node_id"]
-        victim = _participants(nodes, coordinator)[0]
-        others = [n for n in nodes if n is not victim]
-        disk = FullDisk(victim, monkeypatch)
-        disk.full = True  # before round 2 opens (PAUSE_BETWEEN_ROUNDS)
+        p = await _a_participant_fills_its_disk_after_round_1(c, monkeypatch, sections)
+        nodes, victim, others = p.nodes, p.victim, p.others
         await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in others), 2 * timeout)
         record = read_record(others[0], 2)
         assert victim.status().paused is not None
         assert victim.node_id not in {a["node_id"] for a in record["accepted"]}
         took = record["finished_at"] - record["manifest"]["created_at"]
         assert took < timeout / 10, f"round 2 took {took:.1f} s: it waited for the paused member"
-        disk.full = False
+        coord = next(n for n in nodes if n.node_id == record["final_coordinator_node_id"])
+        assert victim.node_id in coord._live_federated()  # still a live member: the election ignores pauses
+        p.disk.full = False
         await wait_until(lambda: victim.driver.progress.rounds_completed >= 2, WAIT)
         check_round_agreement(nodes, 2)
+        # resumed: its heartbeat no longer says paused, and the next round waits for its update again
+        # (an operator's start-round opens round 3: max_rounds is spent)
+        await wait_until(lambda: victim.node_id not in coord._paused_members(), WAIT)
+        assert "result" in coord._start_round_now()
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 3 for n in nodes), 2 * timeout)
+        third = check_round_agreement(nodes, 3)
+        assert {a["node_id"] for a in third["accepted"]} == {n.node_id for n in nodes}
+        assert third["finished_at"] - third["manifest"]["created_at"] < timeout / 10
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
@@ -334,7 +341,7 @@ async def test_participant_with_a_corrupt_merged_blob_fetches_it_again(
             await real(state, effect)
             if not corrupted:  # the disk corrupts the first copy it is given
                 corrupted.append(effect.sha256)
-                _flip_first_byte(victim.store.path(effect.sha256))
+                flip_first_byte(victim.store.path(effect.sha256))
 
         monkeypatch.setattr(victim.driver, "_fetch_merged", fetch_then_rot)
         await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
@@ -353,7 +360,7 @@ async def test_participant_with_a_corrupt_start_adapter_fetches_it_again(
         await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
         first = read_record(nodes[0], 1)
         victim = _participants(nodes, first["final_coordinator_node_id"])[0]
-        _flip_first_byte(victim.store.path(first["merged_sha256"]))  # bit rot before round 2 opens
+        flip_first_byte(victim.store.path(first["merged_sha256"]))  # bit rot before round 2 opens
         await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes), WAIT)
         second = check_round_agreement(nodes, 2)
         assert victim.node_id in {a["node_id"] for a in second["accepted"]}  # it trained from a good copy
@@ -375,7 +382,7 @@ async def test_participant_whose_own_update_went_bad_serves_it_again(
         async def rot_then_publish(message: Any) -> None:
             if isinstance(message, SubmissionAnnounce) and not rotted:
                 rotted.append(message.delta_sha256)
-                _flip_first_byte(victim.store.path(message.delta_sha256))
+                flip_first_byte(victim.store.path(message.delta_sha256))
             await real(message)
 
         monkeypatch.setattr(victim.driver, "publish", rot_then_publish)

@@ -13,35 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 
 from fednode.node.daemon import Node
 from fednode.wire.messages import AggregateAnnounce, Message
-from tests.node.checks import check_fedavg, check_round_agreement
+from tests.node.checks import check_fedavg, check_round_agreement, flip_first_byte
 from tests.node.conftest import Cluster, cluster, wait_until
 
 N = 3
-AUTOJUMP_THRESHOLD = 0.01  # see test_crash.py
 RESTART_AFTER = 3.0  # virtual seconds the coordinator stays dead: the others try (and fail) to fetch meanwhile
 WAIT = 300.0  # virtual seconds; every wait is on a condition
 SECTIONS: dict[str, dict[str, Any]] = {
     "round": {"min_participants": 2, "max_participants": N, "wait_for_members": N, "max_rounds": 2,
               "round_timeout_seconds": 20.0},
 }
-
-
-@pytest.fixture
-def clock(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
-    autojump_clock.autojump_threshold = AUTOJUMP_THRESHOLD
-    return autojump_clock
-
-
-def _flip_first_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[0] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def _arm_corrupt_and_kill(c: Cluster, fired: list[int]) -> None:
@@ -53,7 +39,7 @@ def _arm_corrupt_and_kill(c: Cluster, fired: list[int]) -> None:
         async def publish(message: Message, i: int = i, node: Node = node, original: Any = original) -> None:
             if isinstance(message, AggregateAnnounce) and message.round_number == 1 and not fired:
                 fired.append(i)
-                _flip_first_byte(node.store.path(message.merged_sha256))
+                flip_first_byte(node.store.path(message.merged_sha256))
                 await original(message)
                 c.kill(i)
                 await trio.lowlevel.checkpoint()  # raises Cancelled: the node is gone

@@ -22,6 +22,7 @@ from fednode.wire import (
     SubmissionAnnounce,
     codec,
 )
+from fednode.wire.fields import omitted_when_default
 
 ALICE = Identity.from_seed(b"\x01" * 32)
 BOB = Identity.from_seed(b"\x02" * 32)
@@ -206,7 +207,9 @@ def test_encoding_keys_are_sorted_and_include_type() -> None:
         assert raw["type"] == cls.TYPE
         keys = list(raw)
         assert keys == sorted(keys, key=lambda k: k.encode("utf-8"))
-        assert set(keys) == {f.name for f in dataclasses.fields(cls)} | {"type"}  # type: ignore[arg-type]
+        absent = set(omitted_when_default(cls))  # at their default these keys are left out (envelope-v1 rule 1)
+        assert set(keys) == {f.name for f in dataclasses.fields(cls)} - absent | {"type"}  # type: ignore[arg-type]
+    assert "paused" in msgpack.unpackb(codec.encode(make(Heartbeat, paused=True)))
 
 
 def test_decode_limit_is_a_typed_error() -> None:
