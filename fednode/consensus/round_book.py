@@ -195,6 +195,37 @@ def resume_effects(state: RoundState, now: float) -> list[Effect]:
     return []
 
 
+@dataclass(frozen=True)
+class PausedWork:
+    """What the node's I/O side knows of one round when its disk has room again."""
+
+    deferred_training: bool  # the round opened while we were paused: we never trained for it
+    aggregating: bool  # an aggregation task of ours is running for it
+    recorded: bool  # its round record is in state.sqlite
+
+
+def resume_after_pause_effects(state: RoundState, work: PausedWork) -> list[Effect]:
+    """The work a full disk stopped, to redo once writes succeed again (the driver first saves the
+    snapshots and outcomes it could not save, then feeds each round a `Tick`):
+
+    * still open, and we deferred training for it: train and submit;
+    * ours to aggregate, and no aggregation of ours is running (the one that hit the full disk
+      ended): re-plan it: the next `Tick` issues `StartAggregation` again;
+    * published, not yet recorded: install the merged adapter (and record it);
+    * failed, not yet recorded: record the failure.
+    """
+    if state.is_open and work.deferred_training:
+        return [TrainAndSubmit(state.manifest)]
+    if state.phase is Phase.AGGREGATING and state.role is Role.COORDINATOR and not work.aggregating:
+        state.aggregation_started = False
+        return []
+    if state.phase is Phase.PUBLISHED and state.merged_sha256 and not work.recorded:
+        return [InstallAdapter(state.round_id, state.merged_sha256, state.merged_size)]
+    if state.phase is Phase.FAILED and not work.recorded:
+        return [RecordFailure(resumed=True)]
+    return []
+
+
 def supersedes(new: RoundManifest, old: RoundManifest) -> bool:
     """Round n opened in term t loses to round n opened in a later term (what the manifests say:
     an open round's own term moves on at a failover, its manifest's does not)."""

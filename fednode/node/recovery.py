@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from fednode.consensus import InstallAdapter, Phase, Role, RoundState, SyncAnswered, Tick
+from fednode.consensus import InstallAdapter, RoundState, SyncAnswered, Tick
+from fednode.consensus.round_book import PausedWork, resume_after_pause_effects
 from fednode.errors import DiskFull, FednodeError
 from fednode.node.aggregating import Aggregating
 from fednode.wire import codec
@@ -49,8 +50,9 @@ class Recovery(Aggregating):
         self._run(self.book.resume(self.clock()))
 
     def resume_after_disk_full(self) -> None:
-        """The disk has room again: save what could not be saved, and redo the work a full disk
-        stopped (training for rounds still open, aggregating, installing, recording)."""
+        """The disk has room again: save what could not be saved, then perform the work the round
+        book says a full disk stopped (`resume_after_pause_effects`: training for rounds still
+        open, aggregating, installing, recording)."""
         now = self.clock()
         try:
             for job in list(self.jobs.values()):
@@ -61,23 +63,15 @@ class Recovery(Aggregating):
                 if job.unsaved:
                     self._persist(state)
                 row = self.db.get_round(state.round_id)
-                recorded = row is not None and row.record is not None
-                if state.is_open and job.deferred_training:
-                    job.deferred_training = False
-                    self._spawn(self._train_and_submit, state.manifest)
-                elif (state.phase is Phase.AGGREGATING and state.role is Role.COORDINATOR
-                      and not job.aggregating):
-                    state.aggregation_started = False  # the aggregation that hit the full disk is re-planned
-                elif state.phase is Phase.PUBLISHED and state.merged_sha256 and not recorded:
-                    self._spawn(self._install, InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))
-                elif state.phase is Phase.FAILED and not recorded:
-                    self._finish_failed(state)
+                work = PausedWork(deferred_training=job.deferred_training, aggregating=job.aggregating,
+                                  recorded=row is not None and row.record is not None)
+                effects = resume_after_pause_effects(state, work)
+                job.deferred_training = False  # trained now if still open; moot if not
+                for effect in effects:
+                    self._perform(state, effect)
                 self._feed(state, Tick(now))
         except DiskFull as exc:
             self.disk.note(exc, "resuming")
-        for state in self.rounds.values():
-            if not state.is_open:
-                self.job(state.round_id).deferred_training = False
 
     async def _republish_and_install(self, state: RoundState) -> None:
         """A coordinator restarted after aggregating: announce again (same merged blob) and install."""

@@ -6,17 +6,21 @@ from __future__ import annotations
 import dataclasses
 
 from fednode.consensus import (
+    CloseSubmissions,
     CoordinatorChanged,
     InstallAdapter,
     ManifestSeen,
     Phase,
     RoundState,
+    StartAggregation,
     SubmissionReceived,
+    Tick,
     TrainAndSubmit,
 )
 from fednode.consensus.round_book import (
     History,
     OpenRound,
+    PausedWork,
     RecordFailure,
     RepublishAndInstall,
     ResubmitOwn,
@@ -25,6 +29,7 @@ from fednode.consensus.round_book import (
     SaveRound,
     SyncFrom,
     next_round_due,
+    resume_after_pause_effects,
     resume_effects,
     supersedes,
 )
@@ -249,3 +254,46 @@ def test_a_round_number_already_published_is_not_run_again() -> None:
     nxt = manifest(X, round_id="r57-t5", term=5, round_number=57)
     assert book.manifest(nxt, EPOCH, highest_published=56).accepted and "r57-t5" in book.rounds
 
+
+
+# -- the disk has room again: what the pause stopped -------------------------------------------------
+def _work(*, deferred: bool = False, aggregating: bool = False, recorded: bool = False) -> PausedWork:
+    return PausedWork(deferred_training=deferred, aggregating=aggregating, recorded=recorded)
+
+
+def test_after_a_pause_an_open_round_we_deferred_is_trained_and_no_other() -> None:
+    state = _restored(ME, X)
+    assert resume_after_pause_effects(state, _work(deferred=True)) == [TrainAndSubmit(state.manifest)]
+    assert resume_after_pause_effects(state, _work()) == []  # we trained before the pause
+    state.phase = Phase.AGGREGATING  # closed meanwhile: too late to train
+    assert resume_after_pause_effects(state, _work(deferred=True)) == []
+
+
+def test_after_a_pause_our_aggregation_that_hit_the_full_disk_is_planned_again_on_the_next_tick() -> None:
+    state = _restored(X, X)
+    for who in (ME, Y):
+        state.handle(SubmissionReceived(announce(who, round_id="r1-t1"), EPOCH + 1))
+    first = state.handle(CloseSubmissions(EPOCH + 2)).effects
+    assert state.phase is Phase.AGGREGATING and isinstance(first[0], StartAggregation)
+    assert state.handle(Tick(EPOCH + 3)).effects == ()  # planned once while it runs
+    assert resume_after_pause_effects(state, _work(aggregating=True)) == []  # still running: leave it
+    assert state.handle(Tick(EPOCH + 4)).effects == ()
+    assert resume_after_pause_effects(state, _work(aggregating=False)) == []
+    again = state.handle(Tick(EPOCH + 5)).effects
+    assert len(again) == 1 and isinstance(again[0], StartAggregation) and again[0].contributions == \
+        first[0].contributions
+    participant = _restored(ME, X)
+    participant.phase = Phase.AGGREGATING
+    resume_after_pause_effects(participant, _work())
+    assert participant.handle(Tick(EPOCH + 5)).effects == ()  # not ours to aggregate
+
+
+def test_after_a_pause_unrecorded_outcomes_are_installed_or_recorded_once() -> None:
+    state = _restored(ME, X)
+    state.phase, state.merged_sha256, state.merged_size = Phase.PUBLISHED, "a" * 64, 7
+    assert resume_after_pause_effects(state, _work()) == [InstallAdapter("r1-t1", "a" * 64, 7)]
+    assert resume_after_pause_effects(state, _work(recorded=True)) == []
+    failed = _restored(ME, X)
+    failed.phase = Phase.FAILED
+    assert resume_after_pause_effects(failed, _work()) == [RecordFailure(resumed=True)]
+    assert resume_after_pause_effects(failed, _work(recorded=True)) == []
