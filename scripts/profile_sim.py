@@ -4,7 +4,12 @@
     PYTHONPATH=. python scripts/profile_sim.py --nodes 40 --rounds 3 --out /tmp/sim.prof
 
 Prints the wall and CPU time, the virtual time the rounds took and the functions with the most
-cumulative time; `--out` keeps the profile for `python -m pstats`. Issue 12 measured with it.
+cumulative time (CPU timer unless --wall: comparable between runs on a loaded machine); `--out`
+keeps the profile for `python -m pstats`.
+
+Issue 12, 40 nodes, 3 rounds, profiled (CPU timer), c4e65c7 -> its fix: 108.8 -> 54.1 s, 28.4M ->
+16.4M calls; codec.decode 24,720 calls / 28.5 s -> 447 / 1.8 s; verify_signature 12,300 / 6.3 s ->
+327 / 0.1 s; live_members 3.2 -> 0.1 s; memory._handle 136,789 -> 89,502 calls.
 """
 
 from __future__ import annotations
