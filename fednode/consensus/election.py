@@ -27,6 +27,7 @@ heartbeat interval again, so the heartbeats queued meanwhile are read before any
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ SLOW_GAP_RATIO = 1.5  # a member whose recent heartbeat gaps exceed this many in
 GAP_DECAY = 0.9  # the remembered gap relaxes by this factor per heartbeat once the member is on time again
 MAX_SLOW_TIMEOUT_FACTOR = 4.0  # a slow member's timeout is at most this many liveness_timeouts
 STALL_TICKS = 2.0  # no event for this many promised tick gaps (and a heartbeat interval) = we were stalled
+# live_members() is asked on every timer wake and per submission; it is kept until the member table
+# changes or the first live member's timeout passes. Its validity ends this many ulps before that
+# timeout, so float rounding of `now - last_seen` can never make the kept answer differ (issue 12).
+LIVE_CACHE_MARGIN_ULPS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +153,7 @@ class Heard:
 
 @dataclass(slots=True)
 class _Member:
+    # Mutated only by ElectionState, which drops its live-member cache when last_seen, federated or gap change.
     last_seen: float
     federated: bool
     seq: int = -1  # the highest heartbeat seq heard (-1: none yet, e.g. known from a claim only)
@@ -165,6 +171,28 @@ def stretched_timeout(liveness_timeout: float, heartbeat_interval: float, gap: f
     if ratio <= SLOW_GAP_RATIO:
         return liveness_timeout
     return min(liveness_timeout * ratio, liveness_timeout * MAX_SLOW_TIMEOUT_FACTOR)
+
+
+@dataclass(frozen=True, slots=True)
+class _LiveView:
+    """live_members() as computed at `since`, the same for any `now` in [since, until) while the member
+    table and the config are unchanged: a dead member stays dead as time passes, and `until` is (a
+    margin before) the first timeout of a live one."""
+
+    members: tuple[str, ...]
+    since: float
+    until: float
+    federated: bool
+    config: ElectionConfig
+    member_set: frozenset[str]
+
+
+def _before(deadline: float, now: float) -> float:
+    """`deadline` less LIVE_CACHE_MARGIN_ULPS ulps: a time before which `now - last_seen < timeout`
+    surely still holds for a member whose last_seen + timeout is `deadline`."""
+    if not math.isfinite(deadline):
+        return deadline
+    return deadline - LIVE_CACHE_MARGIN_ULPS * math.ulp(max(abs(deadline), abs(now)))
 
 
 def next_gap(previous: float, observed: float) -> float:
@@ -191,6 +219,7 @@ class ElectionState:
         self._pending: tuple[int, float] | None = None  # (term we wait a claim for, since)
         self._last_now = now
         self._resumed_at = -math.inf  # rule 11: after a stall of our own, suspect nobody for an interval
+        self._live: _LiveView | None = None  # live_members() kept (dropped whenever a member's liveness inputs change)
 
     @property
     def coordinator(self) -> str | None:
@@ -206,11 +235,37 @@ class ElectionState:
         return self.claims.get(term)
 
     def live_members(self, now: float) -> list[str]:
-        """Federated members heard within liveness_timeout, this node included when federated."""
-        out = [n for n, m in self.members.items() if m.federated and self._is_live(m, now)]
+        """Federated members heard within liveness_timeout, this node included when federated (sorted)."""
+        view = self._live
+        if (view is None or not view.since <= now < view.until or view.federated != self.federated
+                or view.config is not self.config):
+            view = self._live = self._live_view(now)
+        return list(view.members)
+
+    def _live_view(self, now: float) -> _LiveView:
+        out, until = [], math.inf
+        for n, m in self.members.items():
+            if m.federated and self._is_live(m, now):
+                out.append(n)
+                until = min(until, m.last_seen + self.timeout_of(m))
         if self.federated and self.node_id not in out:
             out.append(self.node_id)
-        return sorted(out)
+        return _LiveView(tuple(sorted(out)), now, _before(until, now), self.federated, self.config, frozenset(out))
+
+    def _member_changed(self, node_id: str) -> None:
+        """`node_id`'s liveness inputs (last_seen, federated, gap) changed, or it joined the table. The
+        usual case, a live member's next heartbeat, keeps the cached view (with its timeout as a bound);
+        anything that may change the answer drops it."""
+        view = self._live
+        if view is None:
+            return
+        member = self.members.get(node_id)
+        if member is None or not member.federated or node_id not in view.member_set or node_id == self.node_id:
+            self._live = None
+            return
+        expiry = _before(member.last_seen + self.timeout_of(member), view.since)
+        if expiry < view.until:
+            self._live = dataclasses.replace(view, until=expiry)
 
     def is_live(self, node_id: str, now: float) -> bool:
         """Whether `node_id` counts as alive now: the one liveness decision (rules 10 and A5's
@@ -278,9 +333,11 @@ class ElectionState:
                     return False
                 del self.members[min(stale, key=lambda n: self.members[n].last_seen)]
             self.members[node_id] = _Member(now, federated)
+            self._live = None
         else:
             member.last_seen = max(member.last_seen, now)
             member.federated = federated
+            self._member_changed(node_id)
         return True
 
     def _on_heartbeat(self, hb: Heartbeat, now: float, effects: list[Effect]) -> Validation:
@@ -296,6 +353,7 @@ class ElectionState:
         member.heard = Heard.of(hb, now)  # receipt time: status shows when we heard it
         if member.heartbeat_at >= 0:
             member.gap = next_gap(member.gap, now - member.heartbeat_at)
+            self._member_changed(hb.node_id)
         member.heartbeat_at = max(member.heartbeat_at, now)
         if hb.term >= 1 and hb.coordinator_node_id == hb.node_id:  # a coordinator's heartbeat
             return self._on_claim(hb.term, hb.node_id, now, effects, seen=seen)  # renews its claim

@@ -211,7 +211,8 @@ class Node:
     async def _read_gossip(self, subscription: Any) -> None:
         async for gossip in subscription:
             try:
-                message = codec.decode(gossip.data, max_bytes=self.config.network.max_message_bytes)
+                # decoded by the validator already: from the shared decode cache (issue 12)
+                message = codec.decode_cached(gossip.data, max_bytes=self.config.network.max_message_bytes)
             except Exception:  # validated already; a decode failure here is a bug worth a log, not a crash
                 logger.exception("validated message failed to decode")
                 continue
@@ -290,7 +291,7 @@ class Node:
             if checked.message is not None:
                 out.append(checked.message)
             elif checked.validation.reason == "duplicate":  # passed every check when first seen
-                out.append(codec.decode(data, max_bytes=self.config.network.max_message_bytes))
+                out.append(codec.decode_cached(data, max_bytes=self.config.network.max_message_bytes))
         return out
 
     def _sync_lookup(self, round_id: str) -> list[bytes]:

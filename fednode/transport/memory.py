@@ -5,7 +5,9 @@ Gossip follows gossipsub's rules, so code tested here behaves the same over libp
 - the topic validator runs before delivery and before forwarding; REJECT and IGNORE stop the
   message at this node and are counted by reason; the publisher's own validator runs too;
 - a node relays a topic only while it subscribes to it, and only to linked neighbours that
-  subscribe to it; the publisher also receives its own message (as py-libp2p and go-libp2p do);
+  subscribe to it and have not handled the message yet (gossipsub v1.2's IDONTWANT, known here
+  without the control message); the publisher also receives its own message (as py-libp2p and
+  go-libp2p do);
 - every queue is bounded: a full neighbour queue or subscription buffer drops the message,
   counts it (`statistics().dropped`) and logs it.
 
@@ -247,11 +249,13 @@ class MemoryTransport:
 
     def _forward(self, env: _Envelope) -> None:
         out = _Envelope(env.msg_id, env.topic, env.data, self._peer_id)
-        for other_id in self._network.neighbours(self._peer_id):
-            if other_id in (env.forwarder, env.msg_id[0]):
+        for other_id in tuple(self._network._links.get(self._peer_id, ())):
+            if other_id == env.forwarder or other_id == env.msg_id[0]:
                 continue
             other = self._network._node(other_id)
-            if other is None or not other._is_subscribed(env.topic):
+            # A neighbour that handled the message already would drop it as a duplicate: not sending
+            # it saves a queue slot and a wake-up per link (most of a flood's cost in one process).
+            if other is None or env.msg_id in other._seen or not other._is_subscribed(env.topic):
                 continue
             try:
                 other._inbound_send.send_nowait(out)

@@ -8,12 +8,19 @@ byte-identical, so every message has exactly one encoding.
 
 Signed bytes: SIGNING_DOMAIN || canonical(message without its signature field).
 Message id: sha256(encoded message), lowercase hex.
+
+Decoding and signature checks are pure functions of the bytes, so they are done once per process:
+`decode_cached` keeps the messages it decoded by message id (a bounded LRU shared by the topic
+validator and the gossip reader, and by every node of an in-process simulation), and `verify`
+remembers its answer on the (frozen) message.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import threading
 from typing import Any, TypeVar
 
 import msgpack
@@ -37,6 +44,11 @@ SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
 # (message, contributions, one contribution); the rest is room for later versions, whose messages
 # must still parse (step 3) for a v1 node to IGNORE them as unsupported_version instead of REJECT.
 MAX_NESTING_DEPTH = 16
+# The shared decode cache (not user-facing: it changes no verdict, only how often one is computed).
+# A message is validated and then read within milliseconds; a few thousand entries cover a community's
+# recent gossip many times over, and the byte bound caps the worst case (64 KiB messages) at 16 MiB.
+DECODE_CACHE_MAX_ENTRIES = 4096
+DECODE_CACHE_MAX_BYTES = 16 * 1024 * 1024
 
 M = TypeVar("M", bound=Message)
 
@@ -112,9 +124,16 @@ def sign(message: M, identity: Identity) -> M:
 
 
 def verify(message: Message) -> bool:
-    from fednode.identity import verify_signature
+    # The answer is a function of the frozen message's fields: kept on the instance like its bytes,
+    # so a message shared through the decode cache is checked once per process.
+    cached: bool | None = message.__dict__.get("_verified")
+    if cached is None:
+        from fednode.identity import verify_signature
 
-    return len(message.signature) == 64 and verify_signature(message.signer, signing_bytes(message), message.signature)
+        cached = len(message.signature) == 64 and verify_signature(
+            message.signer, signing_bytes(message), message.signature)
+        object.__setattr__(message, "_verified", cached)
+    return cached
 
 
 class _NotCanonicalValue(ValueError):
@@ -210,3 +229,72 @@ def _decode_contributions(value: Any) -> tuple[Contribution, ...]:
             raise MessageDecodeError("malformed", f"each contribution must be a map with keys {sorted(want)}")
         out.append(Contribution(**item))
     return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodeCacheStatistics:
+    entries: int
+    bytes: int
+    hits: int
+    misses: int
+
+
+class DecodeCache:
+    """Messages decoded from bytes, by message id (sha256 of the bytes): a bounded LRU of at most
+    `max_entries` entries and `max_bytes` bytes of encoded messages. Only successful decodes are kept:
+    bytes that fail to decode raise the same MessageDecodeError every time, from `decode` itself.
+    Thread-safe (a transport may run validators off trio's thread)."""
+
+    def __init__(self, max_entries: int = DECODE_CACHE_MAX_ENTRIES, max_bytes: int = DECODE_CACHE_MAX_BYTES) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError(f"DecodeCache: max_entries={max_entries} and max_bytes={max_bytes} must be >= 1")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[str, tuple[Message, int]] = collections.OrderedDict()
+        self._bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._lock = threading.Lock()
+
+    def decode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, mid: str | None = None) -> Message:
+        """`decode(data, max_bytes=max_bytes)`, from the cache when these bytes were decoded before.
+        `mid`: `message_id(data)` when the caller has it already. Under `max_bytes`, what bytes decode
+        to does not depend on `max_bytes` (every parser limit is at least the input's length)."""
+        if not isinstance(data, bytes | bytearray | memoryview) or len(data) > max_bytes:
+            return decode(data, max_bytes=max_bytes)  # the error, with its reason
+        data = bytes(data)
+        key = mid if mid is not None else message_id(data)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self._hits += 1
+                return entry[0]
+            self._misses += 1
+        message = decode(data, max_bytes=max_bytes)
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = (message, len(data))
+                self._bytes += len(data)
+                while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                    _, (_, size) = self._entries.popitem(last=False)
+                    self._bytes -= size
+        return message
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def statistics(self) -> DecodeCacheStatistics:
+        with self._lock:
+            return DecodeCacheStatistics(len(self._entries), self._bytes, self._hits, self._misses)
+
+
+SHARED_DECODE_CACHE = DecodeCache()
+
+
+def decode_cached(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, mid: str | None = None) -> Message:
+    """`decode`, through the process's shared DecodeCache: what the topic validator decoded, the
+    gossip reader gets without decoding it again."""
+    return SHARED_DECODE_CACHE.decode(data, max_bytes=max_bytes, mid=mid)

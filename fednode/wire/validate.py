@@ -3,6 +3,10 @@
 Order of checks, cheapest and most specific first: size, duplicate id, decode, community,
 membership, signature, timestamp window. Only ACCEPTed ids are remembered, so a forged copy
 can't poison the duplicate cache. The reasons are stable strings, counted by the daemon.
+
+Decoding goes through a codec.DecodeCache (by default the process's shared one) and `codec.verify`
+remembers its answer on the message, so the gossip reader does not decode again what was validated,
+and nodes sharing a process decode and verify each message once. Verdicts do not depend on it.
 """
 
 from __future__ import annotations
@@ -52,8 +56,9 @@ def _ignore(reason: str, detail: str = "") -> Checked:
 class MessageValidator:
     """Stateful only in its bounded duplicate cache; the clock is passed in."""
 
-    def __init__(self, policy: ValidationPolicy) -> None:
+    def __init__(self, policy: ValidationPolicy, *, decoder: codec.DecodeCache | None = None) -> None:
         self.policy = policy
+        self.decoder = decoder if decoder is not None else codec.SHARED_DECODE_CACHE
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def check(self, data: bytes, now: float, *, check_window: bool = True) -> Checked:
@@ -64,7 +69,7 @@ class MessageValidator:
         if mid in self._seen:
             return _ignore("duplicate", mid)
         try:
-            message = codec.decode(data, max_bytes=policy.max_message_bytes)
+            message = self.decoder.decode(data, max_bytes=policy.max_message_bytes, mid=mid)
         except codec.MessageDecodeError as exc:
             if exc.reason == "unsupported_version":
                 return _ignore(exc.reason, exc.detail)

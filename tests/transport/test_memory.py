@@ -32,6 +32,19 @@ async def test_dedup_in_full_mesh_delivers_each_message_once(autojump_clock: tri
         assert counts == [5] * 6
 
 
+async def test_a_neighbour_that_handled_a_message_is_not_sent_it_again(autojump_clock: trio.abc.Clock) -> None:
+    """A triangle: the publisher sends to both others; whichever of them handles it first forwards
+    it to the third (still queued there), and the third, having handled it, sends nothing back.
+    Three transmissions, not four (issue 12: IDONTWANT, known in-process without the message)."""
+    payload = b"x" * 100
+    async with open_transports("memory", 3, "mesh") as nodes:
+        subs = [await t.subscribe(TOPIC) for t in nodes]
+        await nodes[0].publish(TOPIC, payload)
+        assert [await drain(s) for s in subs] == [1, 1, 1]
+        assert sum(t.statistics().bytes_received for t in nodes) == 3 * len(payload)
+        assert sum(t.statistics().bytes_sent for t in nodes) == 3 * len(payload)
+
+
 async def test_full_subscription_buffer_drops_and_counts(
     autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
