@@ -82,6 +82,10 @@ class CoordinatorSection:
     heartbeat_interval_seconds: float = _opt(2.0, lo=0.05, hi=600.0, doc="signed heartbeat period")
     liveness_timeout_heartbeats: float = _opt(2.5, lo=1.5, hi=100.0,
                                               doc="heartbeat intervals of silence before a peer counts as dead")
+    rejoin_wait_heartbeats: float = _opt(30.0, lo=0.0, hi=100000.0,
+                                         doc="after a restart, open no round and settle no unknown outcome until "
+                                             "every member of the latest published round is heard, or this many "
+                                             "heartbeat intervals pass (0 = no wait)")
 
 
 @dataclass(frozen=True)

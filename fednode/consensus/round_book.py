@@ -125,6 +125,7 @@ class RoundPolicy:
     pause_seconds: float = 0.0  # after the last round finished
     quorum: int = 1  # live federated members needed (wait_for_members, else min_participants)
     settle_seconds: float = 0.0  # after winning a term: a rival's later claim arrives within it
+    rejoin_wait_seconds: float = 0.0  # after a restart: wait this long at most to hear the last round's members
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,7 @@ class History:
     last_finished_at: float | None  # when the latest finished round was recorded
     unrecorded_published: bool = False  # a published round whose adapter is not installed yet
     busy: bool = False  # installing, aggregating, paused, or no trainer: the next start adapter is not ready
+    unheard: int = 0  # members of our latest published round not heard since a restart (`rejoin_unheard`)
 
 
 def next_round_due(*, now: float, policy: RoundPolicy, history: History, coordinator_since: float,
@@ -149,11 +151,30 @@ def next_round_due(*, now: float, policy: RoundPolicy, history: History, coordin
         return True
     if now < coordinator_since + policy.settle_seconds:
         return False
+    if history.unheard:  # after a restart: they may have published rounds we do not know of
+        return False
     if policy.max_rounds and history.published >= policy.max_rounds:
         return False
     if history.last_finished_at is not None and now - history.last_finished_at < policy.pause_seconds:
         return False
     return history.live_federated >= policy.quorum
+
+
+def rejoin_unheard(known: Set[str], heard: Set[str], *, now: float, started_at: float,
+                   wait_seconds: float) -> frozenset[str]:
+    """Members of our latest published round (`known`, from state.sqlite) not heard since this
+    process started, while `now` is within `wait_seconds` of the start (round-v1 r5, "After a
+    restart"); empty after that.
+
+    A restarted node knows only what it stored. Members it has not heard yet may have published
+    rounds while it was down (as coordinators elected meanwhile): until it hears their heartbeats
+    (their `last_round_number`) it would number its next round from its own records, and it would
+    take "no live member holds an outcome" from the few members it hears. Found by the fault runner
+    (issue 13): a coordinator SIGKILLed and restarted, reachable at first from one other node only,
+    won the term back and opened rounds 29 and 30 that the term's first coordinator had published."""
+    if now >= started_at + wait_seconds:
+        return frozenset()
+    return frozenset(known) - frozenset(heard)
 
 
 def paused_members(heard: Mapping[str, Heard]) -> frozenset[str]:

@@ -122,7 +122,8 @@ class Node:
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
                                   live_members=self._live_federated, inline_training=inline_training,
-                                  sync=self._round_messages, disk=self.disk, paused_members=self._paused_members)
+                                  sync=self._round_messages, disk=self.disk, paused_members=self._paused_members,
+                                  heard_members=lambda: self.election.heard().keys())
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
         # Heartbeat seq starts at the wall clock in microseconds, so it keeps growing across restarts:

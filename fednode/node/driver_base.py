@@ -16,7 +16,7 @@ import trio
 from fednode.blobs.store import BlobStore
 from fednode.config import Config
 from fednode.consensus import Effect, RoundState
-from fednode.consensus.round_book import BookOutcome, RoundBook, RoundPolicy
+from fednode.consensus.round_book import BookOutcome, RoundBook, RoundPolicy, rejoin_unheard
 from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
 from fednode.node.diskfull import DiskPause
@@ -63,7 +63,8 @@ class DriverBase:
                  publish: Publish, clock: Callable[[], float], holders: Callable[[str], list[str]],
                  live_members: Callable[[], list[str]], inline_training: bool = False,
                  sync: SyncRound | None = None, disk: DiskPause | None = None,
-                 paused_members: Callable[[], Iterable[str]] = frozenset) -> None:
+                 paused_members: Callable[[], Iterable[str]] = frozenset,
+                 heard_members: Callable[[], Iterable[str]] = frozenset) -> None:
         self.config = config
         self.identity = identity
         self.me = identity.node_id
@@ -75,6 +76,7 @@ class DriverBase:
         self.holders = holders
         self.live_members = live_members
         self.paused_members = paused_members  # whose heartbeat says paused: not waited for (round-v1 r4)
+        self.heard_members = heard_members  # every member heard since this process started (round-v1 r5)
         self.inline_training = inline_training
         self.sync = sync
         self.transport: Transport | None = None
@@ -85,7 +87,8 @@ class DriverBase:
         # round n, and the earlier term's round is superseded: wasted work, not harm).
         policy = RoundPolicy(max_rounds=r.max_rounds, pause_seconds=r.pause_seconds,
                              quorum=r.wait_for_members or r.min_participants,
-                             settle_seconds=c.heartbeat_interval_seconds)
+                             settle_seconds=c.heartbeat_interval_seconds,
+                             rejoin_wait_seconds=c.rejoin_wait_heartbeats * c.heartbeat_interval_seconds)
         self.book = RoundBook(self.me, policy=policy, coordinator=c.fixed_peer_id if c.mode == "fixed" else "",
                               base_model_hash=trainer.base_model_hash if trainer is not None else "",
                               reannounce_seconds=config.round.reannounce_seconds)
@@ -97,6 +100,7 @@ class DriverBase:
         self.jobs: dict[str, RoundJob] = {}  # round id -> the work this node does for it (one per round in the book)
         self._fetch_locks: dict[str, trio.Lock] = {}
         self._started_at = clock()
+        self._rejoin_known: frozenset[str] = frozenset()  # our latest published round's members (set by restore)
         self._reannounce_seconds = config.round.reannounce_seconds
         self._eval_limiter = trio.CapacityLimiter(1)
         # A full disk pauses participation (fednode.node.diskfull); what it stopped is redone on resume.
@@ -159,6 +163,12 @@ class DriverBase:
                               state=state.phase.value, now=now)
         self.db.save_snapshot(state.round_id, state=state.phase.value, term=state.term,
                               coordinator=state.coordinator_node_id, snapshot=state.snapshot(), now=now)
+
+    def rejoin_unheard(self) -> frozenset[str]:
+        """Members of our latest published round not heard since this restart, within the rejoin
+        wait (the round book's rule: round_book.rejoin_unheard)."""
+        return rejoin_unheard(self._rejoin_known, frozenset(self.heard_members()), now=self.clock(),
+                              started_at=self._started_at, wait_seconds=self.book.policy.rejoin_wait_seconds)
 
     def job(self, round_id: str) -> RoundJob:
         """The round's job; created on first use for a round the book holds (a round it forgot, or

@@ -40,6 +40,10 @@ class Recovery(Aggregating):
                         state.role.value, len(state.accepted))
         self.progress.rounds_completed = self._count_installed()
         latest = self.db.latest_published()
+        if latest is not None and latest.record is not None:  # whom to hear before deciding (round-v1 r5)
+            members = {a.get("node_id", "") for a in latest.record.get("accepted", [])}
+            members.add(str(latest.record.get("final_coordinator_node_id", "")))
+            self._rejoin_known = frozenset(m for m in members if isinstance(m, str) and m) - {self.me}
         if latest is not None:
             self.progress.last_merged = {"round_number": latest.round_number, "sha256": latest.merged_sha256,
                                          "path": str(self.adapter_dir(latest.round_number)), "metrics": {}}
@@ -103,7 +107,9 @@ class Recovery(Aggregating):
                         self.on_message(message)
                     if not any(isinstance(m, AggregateAnnounce | RoundFailed) and m.round_id == state.round_id
                                for m in messages):
-                        self._feed(state, SyncAnswered(peer, frozenset(self.live_members()), self.clock()))
+                        # after a restart, members not heard yet must answer too (round-v1 r5)
+                        must_answer = frozenset(self.live_members()) | self.rejoin_unheard()
+                        self._feed(state, SyncAnswered(peer, must_answer, self.clock()))
                 if self._unsettled(state):
                     await trio.sleep(delay)
                     delay = min(2 * delay, DEFAULT_SETTLE_RETRY_MAX_SECONDS)
