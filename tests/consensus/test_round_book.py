@@ -29,6 +29,7 @@ from fednode.consensus.round_book import (
     SaveRound,
     SyncFrom,
     next_round_due,
+    rejoin_unheard,
     resume_after_pause_effects,
     resume_effects,
     supersedes,
@@ -297,3 +298,25 @@ def test_after_a_pause_unrecorded_outcomes_are_installed_or_recorded_once() -> N
     failed.phase = Phase.FAILED
     assert resume_after_pause_effects(failed, _work()) == [RecordFailure(resumed=True)]
     assert resume_after_pause_effects(failed, _work(recorded=True)) == []
+
+
+# -- after a restart: hear the last round's members before numbering a round (round-v1 r5) ----------
+def test_a_restarted_node_waits_to_hear_its_last_rounds_members_then_not_beyond_the_bound() -> None:
+    known = {X.node_id, Y.node_id}
+    wait = dict(started_at=EPOCH, wait_seconds=30.0)
+    assert rejoin_unheard(known, set(), now=EPOCH + 1, **wait) == known
+    assert rejoin_unheard(known, {Y.node_id, "someone-else"}, now=EPOCH + 1, **wait) == {X.node_id}
+    assert rejoin_unheard(known, known, now=EPOCH + 1, **wait) == frozenset()
+    assert rejoin_unheard(known, set(), now=EPOCH + 30, **wait) == frozenset()  # a dead member is not awaited forever
+    assert rejoin_unheard(set(), set(), now=EPOCH + 1, **wait) == frozenset()  # a first start knows nobody
+
+
+def test_no_round_is_opened_while_a_member_of_the_last_round_is_unheard_after_a_restart() -> None:
+    policy = RoundPolicy(quorum=2)
+    history = History(live_federated=2, highest_round_number=28, published=28, last_finished_at=EPOCH)
+    book = RoundBook(ME.node_id, policy=policy, coordinator=ME.node_id, term=4)
+    assert book.next_round(EPOCH + 5, dataclasses.replace(history, unheard=2)) is None
+    # once heard, its heartbeat's last_round_number (30 here) numbers the round above what it published
+    plan = book.next_round(EPOCH + 6, dataclasses.replace(history, highest_round_number=30))
+    assert plan is not None and plan.round_number == 31
+    assert book.next_round(EPOCH + 5, dataclasses.replace(history, unheard=1), force=True) is not None  # operator
