@@ -299,7 +299,9 @@ async def test_real_full_disk_pauses_survives_a_restart_and_resumes(tmp_path: Pa
             # it takes part again: an operator's start-round opens round 3 (max_rounds is spent); the
             # restarted node fetches round 2's adapter to start from, trains and submits
             coord = next(n for n in nodes if n.node_id == coordinator)
-            await wait_until(lambda: again.node_id in coord._live_federated(), WAIT)
+            # live, and its latest heartbeat no longer says paused (round-v1 r4: else it is not waited for)
+            await wait_until(lambda: again.node_id in coord._live_federated()
+                             and again.node_id not in coord._paused_members(), WAIT)
             assert "result" in coord._start_round_now()
             everyone = [nodes[0], nodes[1], again]
             await wait_until(lambda: all(n.driver.progress.last_merged.get("round_number") == 3
