@@ -177,6 +177,13 @@ def rejoin_unheard(known: Set[str], heard: Set[str], *, now: float, started_at: 
     return frozenset(known) - frozenset(heard)
 
 
+def may_serve_soon(node_id: str, live: Set[str], *, now: float, started_at: float, liveness_timeout: float) -> bool:
+    """Whether a participant whose update we could not fetch is worth asking again: it is live, or
+    we started too recently (within a liveness timeout) to have heard its heartbeats yet. A dead
+    participant's update is given up (its contribution is rejected `unavailable`)."""
+    return now - started_at < liveness_timeout or node_id in live
+
+
 def paused_members(heard: Mapping[str, Heard]) -> frozenset[str]:
     """Members whose latest heartbeat (the election's member table) says they paused participation."""
     return frozenset(node_id for node_id, h in heard.items() if h.paused)

@@ -15,6 +15,7 @@ from fednode.consensus import (
     RoundState,
     StartAggregation,
 )
+from fednode.consensus.round_book import may_serve_soon
 from fednode.errors import FednodeError, InvalidUpdate, TransportError
 from fednode.node.jobs import error_text
 from fednode.node.reports import RejectionKind
@@ -62,10 +63,10 @@ class Aggregating(Training):
                 job.prefetched[key].set()
 
     def _may_serve_soon(self, node_id: str) -> bool:
-        """Live, or we are too freshly started to have heard its heartbeats yet (a restart)."""
+        """The round book's rule (round_book.may_serve_soon) on our clock and live view."""
         c = self.config.coordinator
-        settling = self.clock() - self._started_at < c.heartbeat_interval_seconds * c.liveness_timeout_heartbeats
-        return settling or node_id in self.live_members()
+        return may_serve_soon(node_id, frozenset(self.live_members()), now=self.clock(), started_at=self._started_at,
+                              liveness_timeout=c.heartbeat_interval_seconds * c.liveness_timeout_heartbeats)
 
     def _fetch_delta(self, a: SubmissionAnnounce) -> Callable[[], Awaitable[None]]:
         return lambda: self._fetch(a.delta_sha256, a.delta_size,

@@ -28,6 +28,7 @@ from fednode.consensus.round_book import (
     RoundPolicy,
     SaveRound,
     SyncFrom,
+    may_serve_soon,
     next_round_due,
     rejoin_unheard,
     resume_after_pause_effects,
@@ -320,3 +321,10 @@ def test_no_round_is_opened_while_a_member_of_the_last_round_is_unheard_after_a_
     plan = book.next_round(EPOCH + 6, dataclasses.replace(history, highest_round_number=30))
     assert plan is not None and plan.round_number == 31
     assert book.next_round(EPOCH + 5, dataclasses.replace(history, unheard=1), force=True) is not None  # operator
+
+
+def test_an_unreachable_participant_is_asked_again_only_while_live_or_while_we_just_started() -> None:
+    timing = dict(started_at=EPOCH, liveness_timeout=5.0)
+    assert may_serve_soon(X.node_id, {X.node_id}, now=EPOCH + 100, **timing)  # live: it restarts, it dials back
+    assert not may_serve_soon(X.node_id, {Y.node_id}, now=EPOCH + 100, **timing)  # dead: give its update up
+    assert may_serve_soon(X.node_id, set(), now=EPOCH + 4, **timing)  # we just started: not heard yet
