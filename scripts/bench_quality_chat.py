@@ -18,7 +18,7 @@ The protocol, one rule for every arm so that the comparison is fair:
   and the federated arms over their rounds (round n runs steps n*local_steps.. of the same decay,
   fednode.learning.schedule's window) rather than a restart to the peak every round;
 - the peak learning rate of EVERY arm chosen by the same procedure: each rate of --lr-grid
-  (default 3e-4, 1e-3, 3e-3) is trained in full, and the run with the lowest perplexity on a
+  (default 1.5e-3, 3e-3) is trained in full, and the run with the lowest perplexity on a
   pooled *validation* set (--chat-val-rows per node, drawn like the others from its own seed) is
   kept; local-only picks per node (by the same pooled validation score: the strongest baseline).
   Only the kept runs are scored on the held-out sets, which never choose anything. --lr /
