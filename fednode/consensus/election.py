@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fednode.consensus.common import CoordinatorChanged, Effect, Outcome, Tick
@@ -163,6 +164,33 @@ class _Member:
     heard: Heard | None = None  # its newest heartbeat (None: known from a claim only)
 
 
+def unendorsed_members(heard: Mapping[str, Heard | None], live: Iterable[str], me: str, term: int, *,
+                       since: float, now: float, wait: float) -> frozenset[str]:
+    """election-v1 rule 13: the live members (`me` excepted) that stop `me`, coordinator of `term`
+    since `since`, from opening a round or concluding one it took over:
+
+    * a member whose latest heartbeat names another coordinator for `term`, or a higher term: it
+      follows a rival claimant (two nodes can both believe they coordinate a term while their
+      claims have not crossed; gossip has delayed a claim by 16 s in the fault runner);
+    * within `wait` of `since`, a member whose latest heartbeat does not name `me` for `term` yet
+      (none, an older term, or no coordinator: just restarted): it has not answered our claim, and
+      may be about to name a rival.
+
+    After `wait`, a member that names an older term (or nobody) no longer stops us: an honest
+    member adopts our claim from our heartbeat within an interval, and a member that never names
+    anyone must not be able to halt the community."""
+    blockers = []
+    for node_id in live:
+        if node_id == me:
+            continue
+        h = heard.get(node_id)
+        if h is not None and (h.term > term or (h.term == term and h.coordinator_node_id not in ("", me))):
+            blockers.append(node_id)  # follows another coordinator of our term, or a later term
+        elif now < since + wait and (h is None or h.term < term or h.coordinator_node_id != me):
+            blockers.append(node_id)  # has not named us yet
+    return frozenset(blockers)
+
+
 def stretched_timeout(liveness_timeout: float, heartbeat_interval: float, gap: float) -> float:
     """election-v1 rule 10: a member's timeout. `liveness_timeout`, unless its recent heartbeat gap is
     over SLOW_GAP_RATIO intervals: then liveness_timeout x gap / interval (as many missed heartbeats
@@ -220,6 +248,7 @@ class ElectionState:
         self._last_now = now
         self._resumed_at = -math.inf  # rule 11: after a stall of our own, suspect nobody for an interval
         self._live: _LiveView | None = None  # live_members() kept (dropped whenever a member's liveness inputs change)
+        self.coordinator_since = -math.inf  # when we last became coordinator (rule 13)
 
     @property
     def coordinator(self) -> str | None:
@@ -282,6 +311,15 @@ class ElectionState:
     def heard(self) -> dict[str, Heard]:
         """Members whose heartbeat we heard, with what it said."""
         return {n: m.heard for n, m in self.members.items() if m.heard is not None}
+
+    def unendorsed(self, now: float) -> frozenset[str]:
+        """election-v1 rule 13 (`unendorsed_members`) for us: empty when we do not coordinate
+        (nothing to endorse) and in fixed mode."""
+        if self.config.mode == "fixed" or not self.is_coordinator:
+            return frozenset()
+        return unendorsed_members({n: m.heard for n, m in self.members.items()}, self.live_members(now),
+                                  self.node_id, self.term, since=self.coordinator_since, now=now,
+                                  wait=self.config.liveness_timeout)
 
     def is_stale(self, hb: Heartbeat) -> bool:
         """Whether `hb` is no newer than a heartbeat already heard from its node (a replay)."""
@@ -402,6 +440,8 @@ class ElectionState:
         after = self.coordinator
         if (self.term, after) != (before_term, before) and after is not None:
             effects.append(CoordinatorChanged(self.term, after, now, before or ""))
+            if after == self.node_id:
+                self.coordinator_since = now
         if term < before_term:
             return Validation(Verdict.IGNORE, "stale_term", f"term {term} < {before_term} (recorded)")
         return ACCEPTED

@@ -139,13 +139,15 @@ class History:
     unrecorded_published: bool = False  # a published round whose adapter is not installed yet
     busy: bool = False  # installing, aggregating, paused, or no trainer: the next start adapter is not ready
     unheard: int = 0  # members of our latest published round not heard since a restart (`rejoin_unheard`)
+    unendorsed: int = 0  # live members whose latest heartbeat names another coordinator (election-v1 rule 13)
 
 
 def next_round_due(*, now: float, policy: RoundPolicy, history: History, coordinator_since: float,
                    force: bool = False) -> bool:
     """The coordinator may open the next round now (no round open, checked by the caller). `force`
-    (an operator's `fednode start-round`) skips the settle delay, budget, pause and quorum."""
-    if history.busy or history.unrecorded_published:
+    (an operator's `fednode start-round`) skips the settle delay, budget, pause and quorum, never
+    the endorsement (election-v1 rule 13: a rival claimant of our term may be the one they follow)."""
+    if history.busy or history.unrecorded_published or history.unendorsed:
         return False
     if force:
         return True

@@ -64,6 +64,9 @@ class SyncAnswered:
     node_id: str
     live_members: frozenset[str]
     now: float
+    # live members whose latest heartbeat does not name us coordinator of our term (election-v1
+    # rule 13): while any remain, an answer proves nothing (a rival claimant may be concluding the round)
+    unendorsed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -530,6 +530,9 @@ class RoundState:
     def _on_sync_answered(self, event: SyncAnswered) -> Validation:
         if not self.outcome_unknown or self.role is not Role.COORDINATOR:
             return Validation(Verdict.IGNORE, "settled", "the round's outcome is not in question")
+        if event.unendorsed:
+            return Validation(Verdict.IGNORE, "unendorsed",
+                              f"{len(event.unendorsed)} live member(s) follow another coordinator of the term")
         if len(self.sync_answered) < self.max_recorded_rejections:
             self.sync_answered.add(event.node_id)
         if may_conclude_unpublished(self.sync_answered, event.live_members, self.node_id):

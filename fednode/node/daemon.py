@@ -123,7 +123,8 @@ class Node:
                                   trainer=self.trainer, publish=self.publish, clock=clock, holders=self._holders_of,
                                   live_members=self._live_federated, inline_training=inline_training,
                                   sync=self._round_messages, disk=self.disk, paused_members=self._paused_members,
-                                  heard_members=lambda: self.election.heard().keys())
+                                  heard_members=lambda: self.election.heard().keys(),
+                                  unendorsed=lambda: self.election.unendorsed(clock()))
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
         # Heartbeat seq starts at the wall clock in microseconds, so it keeps growing across restarts:
@@ -393,6 +394,10 @@ class Node:
         manifest = self.driver.maybe_start_round(self.clock(), len(self._live_federated()), force=True,
                                                  heard_round_number=self._heard_round_number())
         if manifest is None:
+            unendorsed = self.election.unendorsed(self.clock())
+            if unendorsed:  # election-v1 rule 13: not even an operator overrides it
+                return {"error": f"{len(unendorsed)} live member(s) do not follow us as coordinator of term "
+                                 f"{self.election.term} yet (election-v1 rule 13); try again in a few seconds"}
             return {"error": "a round is already open"}
         self._publish_soon(manifest)
         return {"result": f"started round {manifest.round_number} ({manifest.round_id})"}

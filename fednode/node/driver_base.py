@@ -64,7 +64,8 @@ class DriverBase:
                  live_members: Callable[[], list[str]], inline_training: bool = False,
                  sync: SyncRound | None = None, disk: DiskPause | None = None,
                  paused_members: Callable[[], Iterable[str]] = frozenset,
-                 heard_members: Callable[[], Iterable[str]] = frozenset) -> None:
+                 heard_members: Callable[[], Iterable[str]] = frozenset,
+                 unendorsed: Callable[[], frozenset[str]] = frozenset) -> None:
         self.config = config
         self.identity = identity
         self.me = identity.node_id
@@ -77,6 +78,7 @@ class DriverBase:
         self.live_members = live_members
         self.paused_members = paused_members  # whose heartbeat says paused: not waited for (round-v1 r4)
         self.heard_members = heard_members  # every member heard since this process started (round-v1 r5)
+        self.unendorsed = unendorsed  # live members following another coordinator of our term (election-v1 rule 13)
         self.inline_training = inline_training
         self.sync = sync
         self.transport: Transport | None = None

@@ -206,7 +206,7 @@ class RoundDriver(Recovery):
             published=counts.published + collected_published(self.db),  # retention's collected rounds count
             last_finished_at=self._finished_at(counts.last_finished) if counts.last_finished else None,
             unrecorded_published=any(r.state == "published" for r in self.db.unfinished_rounds()), busy=busy,
-            unheard=len(self.rejoin_unheard()))
+            unheard=len(self.rejoin_unheard()), unendorsed=len(self.unendorsed()))
         plan = self.book.next_round(now, history, force=force)
         if plan is None or self.trainer is None:
             return None

@@ -435,3 +435,51 @@ def test_the_member_table_keeps_what_each_members_newest_heartbeat_said() -> Non
     assert heard[a].latest_merged_sha256 == "ab" * 32
     state.handle(HeartbeatSeen(first, EPOCH + 2))  # a replay changes nothing
     assert state.heard()[a].at == EPOCH + 1
+
+
+# ---- rule 13: a coordinator acts only while no live member follows a rival ----------------------------
+
+
+def test_unendorsed_members_rule() -> None:
+    from fednode.consensus.election import Heard, unendorsed_members
+
+    me, a, b, c = (i.node_id for i in IDS[:4])
+
+    def heard(term: int, coordinator: str) -> Heard:
+        return Heard(EPOCH, True, term, coordinator, "", 0, "")
+
+    timing = dict(since=EPOCH, wait=2.5)
+    live = [me, a, b, c]
+    names_me = {n: heard(9, me) for n in (a, b, c)}
+    assert unendorsed_members(names_me, live, me, 9, now=EPOCH + 1, **timing) == frozenset()
+    # a member that follows a rival claimant of our term, or any coordinator of a later term, stops us for good
+    rival = names_me | {a: heard(9, b)}
+    assert unendorsed_members(rival, live, me, 9, now=EPOCH + 1, **timing) == {a}
+    assert unendorsed_members(rival, live, me, 9, now=EPOCH + 1_000, **timing) == {a}
+    later = names_me | {b: heard(10, "")}
+    assert unendorsed_members(later, live, me, 9, now=EPOCH + 1_000, **timing) == {b}
+    # not yet named us (no heartbeat, an older term, no coordinator after a restart): only within `wait`
+    slow = {a: heard(8, c), b: heard(9, ""), c: heard(9, me)}
+    assert unendorsed_members(slow, [*live, IDS[5].node_id], me, 9, now=EPOCH + 1, **timing) == {a, b, IDS[5].node_id}
+    assert unendorsed_members(slow, [*live, IDS[5].node_id], me, 9, now=EPOCH + 2.5, **timing) == frozenset()
+    # members that are not live do not count, and neither do we
+    assert unendorsed_members(rival, [me, b, c], me, 9, now=EPOCH + 1, **timing) == frozenset()
+
+
+def test_election_state_reports_unendorsed_members_only_while_coordinating() -> None:
+    me, a, b = IDS[0].node_id, IDS[1].node_id, IDS[2].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    state.handle(HeartbeatSeen(hb(a, EPOCH), EPOCH))
+    state.handle(HeartbeatSeen(hb(b, EPOCH), EPOCH))
+    assert state.unendorsed(EPOCH) == frozenset()  # no coordinator yet: nothing to endorse
+    state.handle(ClaimSeen(claim(me, 5, EPOCH + 0.5), EPOCH + 0.5))
+    assert state.is_coordinator and state.coordinator_since == EPOCH + 0.5
+    assert state.unendorsed(EPOCH + 0.6) == {a, b}  # neither has answered our claim yet
+    state.handle(HeartbeatSeen(hb(a, EPOCH + 1, term=5, coordinator=me), EPOCH + 1))
+    state.handle(HeartbeatSeen(hb(b, EPOCH + 1, term=5, coordinator=a), EPOCH + 1))  # b follows a rival
+    assert state.unendorsed(EPOCH + 1) == {b}
+    state.handle(HeartbeatSeen(hb(b, EPOCH + 2, term=5, coordinator=me), EPOCH + 2))
+    assert state.unendorsed(EPOCH + 2) == frozenset()
+    fixed = ElectionState(me, ElectionConfig(mode="fixed", fixed_node_id=me), now=EPOCH)
+    fixed.handle(HeartbeatSeen(hb(a, EPOCH, term=3, coordinator=b), EPOCH))
+    assert fixed.unendorsed(EPOCH) == frozenset()

@@ -248,3 +248,19 @@ def test_restarted_coordinator_settles_before_it_re_aggregates() -> None:
     part = RoundState(manifest(A, term=1), node_id=B.node_id)
     part.handle(ManifestSeen(EPOCH))
     assert part.handle(Resumed(EPOCH + 5)).effects == () and not part.outcome_unknown
+
+
+def test_answers_do_not_settle_a_taken_over_round_while_a_live_member_follows_a_rival() -> None:
+    """Fault seed 1038748767: two claimants of term 9 each heard "no outcome" from the members they
+    knew, and both aggregated. Under election-v1 rule 13 an answer counts only while no live member
+    follows another coordinator of the term (B's heartbeat names D here); answers given meanwhile
+    are not kept, since the member may yet receive the rival's outcome."""
+    state = taken_over()
+    out = state.handle(SyncAnswered(B.node_id, LIVE, EPOCH + 200, frozenset({B.node_id})))
+    assert out.validation.reason == "unendorsed" and out.effects == ()
+    out = state.handle(SyncAnswered(D.node_id, LIVE, EPOCH + 201, frozenset({B.node_id})))
+    assert out.validation.reason == "unendorsed" and state.outcome_unknown and not state.sync_answered
+    state.handle(SyncAnswered(D.node_id, LIVE, EPOCH + 202))  # B now names C: answers count again
+    assert state.outcome_unknown  # B's earlier answer was not kept
+    out = state.handle(SyncAnswered(B.node_id, LIVE, EPOCH + 203))
+    assert not state.outcome_unknown and isinstance(out.effects[0], StartAggregation)

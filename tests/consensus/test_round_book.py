@@ -328,3 +328,14 @@ def test_an_unreachable_participant_is_asked_again_only_while_live_or_while_we_j
     assert may_serve_soon(X.node_id, {X.node_id}, now=EPOCH + 100, **timing)  # live: it restarts, it dials back
     assert not may_serve_soon(X.node_id, {Y.node_id}, now=EPOCH + 100, **timing)  # dead: give its update up
     assert may_serve_soon(X.node_id, set(), now=EPOCH + 4, **timing)  # we just started: not heard yet
+
+
+def test_no_round_is_opened_while_a_live_member_follows_another_coordinator_not_even_by_an_operator() -> None:
+    # election-v1 rule 13: a rival claimant of our term may be opening the same round number
+    history = History(live_federated=3, highest_round_number=50, published=50, last_finished_at=EPOCH)
+    book = RoundBook(ME.node_id, policy=RoundPolicy(quorum=2), coordinator=ME.node_id, term=9)
+    blocked = dataclasses.replace(history, unendorsed=1)
+    assert book.next_round(EPOCH + 5, blocked) is None
+    assert book.next_round(EPOCH + 5, blocked, force=True) is None
+    plan = book.next_round(EPOCH + 5, history)
+    assert plan is not None and plan.round_id == "r51-t9"

@@ -29,7 +29,7 @@ from fednode.errors import PeerUnavailable
 from fednode.node import daemon as daemon_module
 from fednode.node.daemon import Node
 from fednode.wire import codec
-from fednode.wire.messages import AggregateAnnounce, Message, SubmissionAnnounce
+from fednode.wire.messages import AggregateAnnounce, Message, RoundFailed, RoundManifest, SubmissionAnnounce
 from fednode.wire.verdict import Validation, Verdict
 from tests.node.checks import check_round_agreement, read_record
 from tests.node.conftest import clock as clock_now
@@ -159,5 +159,103 @@ async def test_new_coordinator_that_missed_the_announce_adopts_it(tmp_path: Path
         assert x_record["merged_sha256"] == merged and "outcome_conflicts" not in x_record
         assert fault.coordinator in [a["node_id"] for a in x_record["accepted"]]  # K's announce is the record
         assert not any(isinstance(m, AggregateAnnounce) for m in published_by_x)  # no second announce
+        for node in survivors:
+            assert node.status().progress.outcome_conflicts == 0
+
+
+# ---- two claimants of one term (fault seed 1038748767, sequence s21) ---------------------------------
+
+RIVAL_SECTIONS: dict[str, dict[str, Any]] = {
+    "round": {"min_participants": 2, "max_participants": N, "wait_for_members": N, "max_rounds": 3,
+              "round_timeout_seconds": 60.0},
+    "learning": {"fake_aggregate_delay_seconds": 20.0},  # the first coordinator dies while aggregating
+}
+CUT_SECONDS = 90.0  # virtual seconds B hears nothing from A after the coordinator died
+
+
+class OneWayCut:
+    """B receives nothing A signs over gossip (claims, heartbeats, round messages) until lifted;
+    everything else flows. In the fault runner's seed 1038748767, node-3 did not receive node-1's
+    claim for term 9 for 16 s while node-0 had both."""
+
+    def __init__(self) -> None:
+        self.a = ""
+        self.b = ""
+        self.dropped = 0
+
+    def drops(self, node_id: str, message: Message) -> bool:
+        if not self.b or node_id != self.b:
+            return False
+        return bool(getattr(message, message.SIGNER_FIELD, "") == self.a)
+
+
+async def test_two_claimants_of_one_term_do_not_both_conclude(tmp_path: Path, clock: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator K of term t dies while aggregating round 1. A is the candidate for t+1 in
+    every view but B's: B hears nothing from A, so B is its own candidate. Both claim t+1; C and A
+    see both claims and follow A; B follows itself. Before election-v1 rule 13, each asked the live
+    members it knew for round 1's outcome, heard "none", aggregated and announced it, and each opened
+    round 2 of term t+1: two outcomes for r2. Now neither concludes nor opens a round while a live
+    member follows the other (A hears B's heartbeats naming B; B hears C's naming A). When the cut
+    lifts, B adopts A's better claim and A concludes round 1: one outcome, the same on every node."""
+    cut = OneWayCut()
+    validate = Node._validate
+
+    def lossy_validate(self: Node, data: bytes, received_from: str) -> Validation:
+        if cut.b == self.node_id and cut.drops(self.node_id, codec.decode(data)):
+            cut.dropped += 1
+            return Validation(Verdict.IGNORE, "test_dropped")
+        return validate(self, data, received_from)
+
+    monkeypatch.setattr(Node, "_validate", lossy_validate)
+
+    async with cluster(tmp_path) as c:
+        for i in range(N):
+            await c.start(i, N, **RIVAL_SECTIONS)
+        nodes = dict(c.nodes)
+        await wait_until(lambda: any(n.driver.rounds for n in nodes.values()))
+        k = next(i for i, n in nodes.items() if n.driver.coordinator == n.node_id)
+        term = nodes[k].driver.term
+        round_id = next(iter(nodes[k].driver.rounds))
+        rest = sorted((nodes[i].node_id for i in nodes if i != k), key=lambda n: rank(term + 1, n))
+        a_id, b_id, c_id = rest  # A: the candidate for t+1 with everyone live; B: with A unheard
+        index = {n.node_id: i for i, n in nodes.items()}
+        a, b, cc = index[a_id], index[b_id], index[c_id]
+        published: dict[str, list[Message]] = {a_id: [], b_id: []}
+        for who in (a, b):
+            original = nodes[who].publish
+
+            async def recording(message: Message, original: Any = original, who: str = nodes[who].node_id) -> None:
+                published[who].append(message)
+                await original(message)
+
+            nodes[who].publish = recording  # type: ignore[method-assign]
+            nodes[who].driver.publish = recording
+
+        # every submission is in and K aggregates (slowly); B stops hearing A, then K dies
+        await wait_until(lambda: nodes[k].driver.rounds[round_id].phase is Phase.AGGREGATING, step=0.05)
+        cut.a, cut.b = a_id, b_id
+        await trio.sleep(5.0)  # A's last heartbeat ages out at B (liveness timeout 2.5 s)
+        c.kill(k)
+        await wait_until(lambda: nodes[a].driver.coordinator == a_id and nodes[b].driver.coordinator == b_id
+                         and nodes[cc].driver.coordinator == a_id, timeout=60.0, step=0.05)
+        assert nodes[a].driver.term == nodes[b].driver.term == term + 1  # two claimants of one term
+        await trio.sleep(CUT_SECONDS)
+        assert cut.dropped > 0
+        concluded = (AggregateAnnounce, RoundFailed, RoundManifest)
+        assert not [m for m in published[b_id] if isinstance(m, concluded)], \
+            "B concluded or opened a round while C followed A"
+        assert not [m for m in published[a_id] if isinstance(m, concluded)], \
+            "A concluded or opened a round while B followed itself"
+        assert nodes[a].driver.rounds[round_id].outcome_unknown
+
+        cut.a = cut.b = ""  # the claims cross: B adopts A, A is endorsed by every live member
+        await wait_until(lambda: all(nodes[i].driver.progress.rounds_completed >= 1 for i in (a, b, cc)),
+                         timeout=120.0)
+        survivors = [nodes[i] for i in (a, b, cc)]
+        record = check_round_agreement(survivors, 1)
+        assert record["final_coordinator_node_id"] == a_id
+        assert not [m for m in published[b_id] if isinstance(m, concluded)]
+        assert {a_id, b_id, c_id} <= {x["node_id"] for x in record["accepted"]}  # K's blob died with it
         for node in survivors:
             assert node.status().progress.outcome_conflicts == 0
