@@ -249,6 +249,7 @@ class ElectionState:
         self._resumed_at = -math.inf  # rule 11: after a stall of our own, suspect nobody for an interval
         self._live: _LiveView | None = None  # live_members() kept (dropped whenever a member's liveness inputs change)
         self.coordinator_since = -math.inf  # when we last became coordinator (rule 13)
+        self.paused: set[str] = set()  # members whose latest heartbeat says paused (kept, not rebuilt per tick)
 
     @property
     def coordinator(self) -> str | None:
@@ -312,6 +313,13 @@ class ElectionState:
         """Members whose heartbeat we heard, with what it said."""
         return {n: m.heard for n, m in self.members.items() if m.heard is not None}
 
+    def recent_members(self, now: float, window: float) -> frozenset[str]:
+        """Federated members heard within `window` seconds of `now` (a sign of life, rule A5's
+        min(receipt, timestamp + skew)), ourselves included when federated: the community a new
+        coordinator must hear a majority of before it calls a round unpublished (round-v1 r7)."""
+        out = {n for n, m in self.members.items() if m.federated and now - m.last_seen < window}
+        return frozenset(out | {self.node_id}) if self.federated else frozenset(out)
+
     def unendorsed(self, now: float) -> frozenset[str]:
         """election-v1 rule 13 (`unendorsed_members`) for us: empty when we do not coordinate
         (nothing to endorse) and in fixed mode."""
@@ -369,7 +377,9 @@ class ElectionState:
                 stale = [n for n, m in self.members.items() if now - m.last_seen >= self.config.liveness_timeout]
                 if not stale:
                     return False
-                del self.members[min(stale, key=lambda n: self.members[n].last_seen)]
+                evicted = min(stale, key=lambda n: self.members[n].last_seen)
+                del self.members[evicted]
+                self.paused.discard(evicted)
             self.members[node_id] = _Member(now, federated)
             self._live = None
         else:
@@ -389,6 +399,10 @@ class ElectionState:
         member = self.members[hb.node_id]
         member.seq = hb.seq
         member.heard = Heard.of(hb, now)  # receipt time: status shows when we heard it
+        if hb.paused:
+            self.paused.add(hb.node_id)
+        else:
+            self.paused.discard(hb.node_id)
         if member.heartbeat_at >= 0:
             member.gap = next_gap(member.gap, now - member.heartbeat_at)
             self._member_changed(hb.node_id)

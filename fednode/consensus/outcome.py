@@ -70,13 +70,23 @@ def earlier(a: SignedOutcome, b: SignedOutcome) -> SignedOutcome:
     return a if a.precedence() <= b.precedence() else b
 
 
-def may_conclude_unpublished(answered: Iterable[str], live_members: Iterable[str], me: str) -> bool:
+def may_conclude_unpublished(answered: Iterable[str], live_members: Iterable[str], me: str,
+                             recent: Iterable[str] = ()) -> bool:
     """A coordinator that took a round over may conclude that no outcome was published when every
-    live member other than itself (at least one) has answered its outcome query with none. An
-    outcome that exists at no live node can only be at a node that is down now; if it comes back
-    with it, the conflict rule (earlier term wins) settles the round."""
+    live member other than itself (at least one) has answered its outcome query with none, and
+    those answers with itself are a strict majority of the `recent` members (heard within the
+    rejoin wait, itself included; round-v1 r7). A live view can be a minority: members that were
+    restarting, or whose gossip mesh had not re-formed, may hold an outcome the live ones never
+    received (fault seed 1038748767, s19: the term-8 coordinator heard only one member and re-ran a
+    round the restarted term-7 coordinator had concluded). An outcome that exists only at a node
+    that stays unreachable for the whole rejoin wait can still surface later; the conflict rule
+    (earlier term wins) then settles the round."""
     others = set(live_members) - {me}
-    return bool(others) and others <= set(answered)
+    answered_set = set(answered)
+    if not others or not others <= answered_set:
+        return False
+    voters = set(recent) | others | {me}
+    return 2 * len((answered_set & voters) | {me}) > len(voters)
 
 
 def legitimate_signer(*, term: int, signer: str, manifest_term: int, current_term: int, current_coordinator: str,

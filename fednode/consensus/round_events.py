@@ -67,6 +67,8 @@ class SyncAnswered:
     # live members whose latest heartbeat does not name us coordinator of our term (election-v1
     # rule 13): while any remain, an answer proves nothing (a rival claimant may be concluding the round)
     unendorsed: frozenset[str] = frozenset()
+    # federated members heard within the rejoin wait (round-v1 r7): the answers must be a majority of them
+    recent: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

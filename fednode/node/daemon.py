@@ -36,7 +36,7 @@ from fednode.consensus import (
     Tick,
 )
 from fednode.consensus.election import DEFAULT_MAX_MEMBERS, Heard
-from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom, paused_members
+from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom
 from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
 from fednode.node.control import serve_control
@@ -124,7 +124,8 @@ class Node:
                                   live_members=self._live_federated, inline_training=inline_training,
                                   sync=self._round_messages, disk=self.disk, paused_members=self._paused_members,
                                   heard_members=lambda: self.election.heard().keys(),
-                                  unendorsed=lambda: self.election.unendorsed(clock()))
+                                  unendorsed=lambda: self.election.unendorsed(clock()),
+                                  recent_members=lambda window: self.election.recent_members(clock(), window))
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
         # Heartbeat seq starts at the wall clock in microseconds, so it keeps growing across restarts:
@@ -376,8 +377,9 @@ class Node:
             self._election_event(Tick(now))
             if self.enabled:
                 self.driver.tick(now)
-                live = len(self._live_federated())
-                manifest = self.driver.maybe_start_round(now, live, heard_round_number=self._heard_round_number())
+                # only a coordinator with no open round asks the member table (issue 12: an idle member's cost)
+                manifest = None if not self.driver.book.may_open_next() else self.driver.maybe_start_round(
+                    now, len(self._live_federated()), heard_round_number=self._heard_round_number())
                 if manifest is not None:
                     await self._publish_logged(manifest)
             timers = [t for t in (self.election.next_timer(), self.driver.next_timer()) if t is not None]
@@ -407,7 +409,7 @@ class Node:
         return self.election.live_members(self.clock()) if self.enabled else []
 
     def _paused_members(self) -> frozenset[str]:
-        return paused_members(self.election.heard())  # round-v1 r4: not waited for by close-early
+        return frozenset(self.election.paused)  # round-v1 r4: not waited for by close-early
 
     def _heard_round_number(self) -> int:
         """The highest round a live member's heartbeat says it finished (published)."""

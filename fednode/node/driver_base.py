@@ -65,7 +65,8 @@ class DriverBase:
                  sync: SyncRound | None = None, disk: DiskPause | None = None,
                  paused_members: Callable[[], Iterable[str]] = frozenset,
                  heard_members: Callable[[], Iterable[str]] = frozenset,
-                 unendorsed: Callable[[], frozenset[str]] = frozenset) -> None:
+                 unendorsed: Callable[[], frozenset[str]] = frozenset,
+                 recent_members: Callable[[float], frozenset[str]] | None = None) -> None:
         self.config = config
         self.identity = identity
         self.me = identity.node_id
@@ -79,6 +80,8 @@ class DriverBase:
         self.paused_members = paused_members  # whose heartbeat says paused: not waited for (round-v1 r4)
         self.heard_members = heard_members  # every member heard since this process started (round-v1 r5)
         self.unendorsed = unendorsed  # live members following another coordinator of our term (election-v1 rule 13)
+        # members heard within a window (seconds): outcome answers must be a majority of them (round-v1 r7)
+        self.recent_members = recent_members or (lambda window: frozenset(self.live_members()))
         self.inline_training = inline_training
         self.sync = sync
         self.transport: Transport | None = None

@@ -109,7 +109,8 @@ class Recovery(Aggregating):
                                for m in messages):
                         # after a restart, members not heard yet must answer too (round-v1 r5)
                         must_answer = frozenset(self.live_members()) | self.rejoin_unheard()
-                        self._feed(state, SyncAnswered(peer, must_answer, self.clock(), self.unendorsed()))
+                        recent = self.recent_members(self.book.policy.rejoin_wait_seconds)
+                        self._feed(state, SyncAnswered(peer, must_answer, self.clock(), self.unendorsed(), recent))
                 if self._unsettled(state):
                     if self.unendorsed():  # election-v1 rule 13: ask again soon after the next heartbeats
                         await trio.sleep(min(delay, self.config.coordinator.heartbeat_interval_seconds))

@@ -264,3 +264,24 @@ def test_answers_do_not_settle_a_taken_over_round_while_a_live_member_follows_a_
     assert state.outcome_unknown  # B's earlier answer was not kept
     out = state.handle(SyncAnswered(B.node_id, LIVE, EPOCH + 203))
     assert not state.outcome_unknown and isinstance(out.effects[0], StartAggregation)
+
+
+def test_answers_must_be_a_majority_of_the_members_heard_recently() -> None:
+    """Fault seed 1038748767, s19: the term-7 coordinator B restarted and concluded round 61, and D
+    installed it; neither was reachable yet from C, which won term 8 hearing only A, took the round
+    over, heard "none" from A and published a second merged adapter. The four were all heard within
+    the rejoin wait, so A's answer and C's own are 2 of 4: not a majority, C keeps asking."""
+    me = C.node_id
+    recent = {A.node_id, B.node_id, C.node_id, D.node_id}
+    assert not may_conclude_unpublished({A.node_id}, {me, A.node_id}, me, recent)
+    assert may_conclude_unpublished({A.node_id, D.node_id}, {me, A.node_id, D.node_id}, me, recent)  # 3 of 4
+    # members gone quiet for the whole window drop out of `recent`: two of the four left for good
+    assert may_conclude_unpublished({A.node_id}, {me, A.node_id}, me, {A.node_id, C.node_id})
+    # answers from members not in `recent` do not make a majority of it
+    assert not may_conclude_unpublished({A.node_id, "stranger-1", "stranger-2"}, {me, A.node_id}, me, recent)
+    state = taken_over()
+    out = state.handle(SyncAnswered(B.node_id, frozenset({me, B.node_id}), EPOCH + 200, recent=frozenset(recent)))
+    assert state.outcome_unknown and out.effects == ()
+    out = state.handle(SyncAnswered(D.node_id, frozenset({me, B.node_id, D.node_id}), EPOCH + 201,
+                                    recent=frozenset(recent)))
+    assert not state.outcome_unknown and isinstance(out.effects[0], StartAggregation)
