@@ -321,12 +321,15 @@ class ElectionState:
         return frozenset(out | {self.node_id}) if self.federated else frozenset(out)
 
     def unendorsed(self, now: float) -> frozenset[str]:
-        """election-v1 rule 13 (`unendorsed_members`) for us: empty when we do not coordinate
-        (nothing to endorse) and in fixed mode."""
-        if self.config.mode == "fixed" or not self.is_coordinator:
+        """election-v1 rule 13 (`unendorsed_members`) for us. While we know no coordinator of our
+        term (just restarted, rule 12), a round restored as ours is ours to conclude only on the
+        same terms, counted from our start. Empty when another node coordinates (nothing of ours to
+        endorse) and in fixed mode."""
+        if self.config.mode == "fixed" or (self.coordinator is not None and not self.is_coordinator):
             return frozenset()
+        since = self.coordinator_since if self.is_coordinator else self.started_at
         return unendorsed_members({n: m.heard for n, m in self.members.items()}, self.live_members(now),
-                                  self.node_id, self.term, since=self.coordinator_since, now=now,
+                                  self.node_id, self.term, since=since, now=now,
                                   wait=self.config.liveness_timeout)
 
     def is_stale(self, hb: Heartbeat) -> bool:

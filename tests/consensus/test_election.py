@@ -466,12 +466,13 @@ def test_unendorsed_members_rule() -> None:
     assert unendorsed_members(rival, [me, b, c], me, 9, now=EPOCH + 1, **timing) == frozenset()
 
 
-def test_election_state_reports_unendorsed_members_only_while_coordinating() -> None:
+def test_election_state_reports_unendorsed_members_unless_another_node_coordinates() -> None:
     me, a, b = IDS[0].node_id, IDS[1].node_id, IDS[2].node_id
     state = ElectionState(me, CONFIG, now=EPOCH)
     state.handle(HeartbeatSeen(hb(a, EPOCH), EPOCH))
     state.handle(HeartbeatSeen(hb(b, EPOCH), EPOCH))
-    assert state.unendorsed(EPOCH) == frozenset()  # no coordinator yet: nothing to endorse
+    # no coordinator known yet: a round we restored as ours (none here) would wait for them to name us
+    assert state.unendorsed(EPOCH) == {a, b}
     state.handle(ClaimSeen(claim(me, 5, EPOCH + 0.5), EPOCH + 0.5))
     assert state.is_coordinator and state.coordinator_since == EPOCH + 0.5
     assert state.unendorsed(EPOCH + 0.6) == {a, b}  # neither has answered our claim yet
@@ -480,6 +481,16 @@ def test_election_state_reports_unendorsed_members_only_while_coordinating() -> 
     assert state.unendorsed(EPOCH + 1) == {b}
     state.handle(HeartbeatSeen(hb(b, EPOCH + 2, term=5, coordinator=me), EPOCH + 2))
     assert state.unendorsed(EPOCH + 2) == frozenset()
+    state.handle(ClaimSeen(claim(a, 6, EPOCH + 3), EPOCH + 3))
+    assert state.coordinator == a and state.unendorsed(EPOCH + 3) == frozenset()  # a coordinates: nothing of ours
+    # restarted in term 5 (rule 12), no coordinator known: a round restored as ours counts from our start
+    restarted = ElectionState(me, CONFIG, now=EPOCH + 10, known_term=5)
+    restarted.handle(HeartbeatSeen(hb(a, EPOCH + 10.5, term=5, coordinator=me), EPOCH + 10.5))
+    restarted.handle(HeartbeatSeen(hb(b, EPOCH + 10.5, term=6, coordinator=a), EPOCH + 10.5))  # a took over
+    assert restarted.coordinator is None and restarted.unendorsed(EPOCH + 11) == {b}
+    assert restarted.unendorsed(EPOCH + 12.9) == {b}  # past the wait (a names nobody else): b still stops us
+    restarted.handle(HeartbeatSeen(hb(b, EPOCH + 12.9, term=5, coordinator=me), EPOCH + 12.9))
+    assert restarted.unendorsed(EPOCH + 12.9) == frozenset()
     fixed = ElectionState(me, ElectionConfig(mode="fixed", fixed_node_id=me), now=EPOCH)
     fixed.handle(HeartbeatSeen(hb(a, EPOCH, term=3, coordinator=b), EPOCH))
     assert fixed.unendorsed(EPOCH) == frozenset()
