@@ -259,3 +259,85 @@ async def test_two_claimants_of_one_term_do_not_both_conclude(tmp_path: Path, cl
         assert {a_id, b_id, c_id} <= {x["node_id"] for x in record["accepted"]}  # K's blob died with it
         for node in survivors:
             assert node.status().progress.outcome_conflicts == 0
+
+
+# ---- a live view that is a minority (fault seed 1038748767, sequence s19) ----------------------------
+
+MINORITY_SECTIONS: dict[str, dict[str, Any]] = {
+    "round": {"min_participants": 2, "max_participants": N, "wait_for_members": N, "max_rounds": 1,
+              "round_timeout_seconds": 60.0},
+}
+HEAL_AFTER_SECONDS = 15.0  # well inside the rejoin wait (30 heartbeat intervals of 1 s)
+
+
+async def test_a_coordinator_that_hears_a_minority_does_not_call_a_round_unpublished(
+        tmp_path: Path, clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """K concludes round 1 and only D receives its AggregateAnnounce (X and C lose it, and their
+    syncs to K fail). D is cut off from X and C, then K dies. X wins the next term hearing C alone;
+    C answers "no outcome". Before round-v1 r7 that settled the round (every live member had
+    answered) and X published a second merged adapter. Now X and C are 2 of the 4 members heard
+    within the rejoin wait, so X keeps asking; once D is reachable again its answer holds K's
+    announce, and every node ends with K's merged adapter."""
+    state: dict[str, Any] = {"k": "", "blind": set(), "broken_to": ""}
+    validate = Node._validate
+    request_sync = daemon_module.request_sync
+
+    def lossy_validate(self: Node, data: bytes, received_from: str) -> Validation:
+        if self.node_id in state["blind"]:
+            message = codec.decode(data)
+            if isinstance(message, AggregateAnnounce) and message.coordinator_node_id == state["k"]:
+                return Validation(Verdict.IGNORE, "test_dropped")
+        return validate(self, data, received_from)
+
+    async def failing_sync(transport: Any, peer_id: str, round_id: str, *args: Any, **kwargs: Any) -> list[bytes]:
+        if transport.local_peer_id in state["blind"] and peer_id == state["broken_to"]:
+            raise PeerUnavailable(f"failed to open stream to {peer_id}: No known addresses to peer")
+        return await request_sync(transport, peer_id, round_id, *args, **kwargs)
+
+    monkeypatch.setattr(Node, "_validate", lossy_validate)
+    monkeypatch.setattr(daemon_module, "request_sync", failing_sync)
+
+    async with cluster(tmp_path) as c:
+        for i in range(N):
+            await c.start(i, N, **MINORITY_SECTIONS)
+        nodes = dict(c.nodes)
+        # K is elected a heartbeat interval before it opens the round: the cut starts at once
+        await wait_until(lambda: any(n.driver.coordinator for n in nodes.values()), step=0.01)
+        k_id = next(n.driver.coordinator for n in nodes.values() if n.driver.coordinator)
+        k = next(i for i, n in nodes.items() if n.node_id == k_id)
+        term = next(n.driver.term for n in nodes.values() if n.driver.coordinator)
+        others = sorted((i for i in nodes if i != k), key=lambda i: rank(term + 1, nodes[i].node_id))
+        x, cc, d = others  # X and C will see each other only; D holds K's announce
+        state["k"], state["broken_to"] = nodes[k].node_id, nodes[k].node_id
+        state["blind"] = {nodes[x].node_id, nodes[cc].node_id}
+        c.network.partition({nodes[d].node_id}, {nodes[x].node_id, nodes[cc].node_id})
+        published_by_x: list[Message] = []
+        original = nodes[x].publish
+
+        async def recording(message: Message) -> None:
+            published_by_x.append(message)
+            await original(message)
+
+        nodes[x].publish = recording  # type: ignore[method-assign]
+        nodes[x].driver.publish = recording
+        await wait_until(lambda: all(nodes[i].driver.progress.rounds_completed >= 1 for i in (k, d)), timeout=300.0)
+        merged = read_record(nodes[k], 1)["merged_sha256"]
+        assert nodes[x].driver.progress.rounds_completed == nodes[cc].driver.progress.rounds_completed == 0
+
+        c.kill(k)
+        await wait_until(lambda: nodes[x].driver.coordinator == nodes[x].node_id
+                         and nodes[cc].driver.coordinator == nodes[x].node_id, timeout=60.0)
+        await trio.sleep(HEAL_AFTER_SECONDS)
+        assert not [m for m in published_by_x if isinstance(m, AggregateAnnounce | RoundFailed)], \
+            "X called the round unpublished from a minority's answers"
+        assert nodes[x].driver.rounds[next(iter(nodes[x].driver.rounds))].outcome_unknown
+
+        c.network.heal()
+        c.network.link(nodes[d].node_id, nodes[x].node_id)  # D's only link was to K
+        await wait_until(lambda: all(nodes[i].driver.progress.rounds_completed >= 1 for i in (x, cc)), timeout=120.0)
+        survivors = [nodes[i] for i in (x, cc, d)]
+        record = check_round_agreement(survivors, 1)
+        assert record["merged_sha256"] == merged
+        assert not [m for m in published_by_x if isinstance(m, AggregateAnnounce)]
+        for node in survivors:
+            assert node.status().progress.outcome_conflicts == 0
