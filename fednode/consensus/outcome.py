@@ -71,7 +71,7 @@ def earlier(a: SignedOutcome, b: SignedOutcome) -> SignedOutcome:
 
 
 def may_conclude_unpublished(answered: Iterable[str], live_members: Iterable[str], me: str,
-                             recent: Iterable[str] = ()) -> bool:
+                             recent: Iterable[str] = (), former: Iterable[str] = ()) -> bool:
     """A coordinator that took a round over may conclude that no outcome was published when every
     live member other than itself (at least one) has answered its outcome query with none, and
     those answers with itself are a strict majority of the `recent` members (heard within the
@@ -80,12 +80,20 @@ def may_conclude_unpublished(answered: Iterable[str], live_members: Iterable[str
     received (fault seed 1038748767, s19: the term-8 coordinator heard only one member and re-ran a
     round the restarted term-7 coordinator had concluded). An outcome that exists only at a node
     that stays unreachable for the whole rejoin wait can still surface later; the conflict rule
-    (earlier term wins) then settles the round."""
+    (earlier term wins) then settles the round.
+
+    `former`: the round's earlier coordinators. One of them still among the recent members must
+    have answered itself: it is the node that may have concluded the round, and a coordinator that
+    just restarted can publish an announce that reaches nobody while its gossip mesh re-forms (fault
+    seed 1038748767, s11 on r7: the term-3 coordinator, restarted, concluded round 14; nobody heard
+    it for 15 s, and the term-4 coordinator concluded the round again from the three others)."""
     others = set(live_members) - {me}
     answered_set = set(answered)
     if not others or not others <= answered_set:
         return False
     voters = set(recent) | others | {me}
+    if not (set(former) & voters) - {me} <= answered_set:
+        return False
     return 2 * len((answered_set & voters) | {me}) > len(voters)
 
 

@@ -535,7 +535,8 @@ class RoundState:
                               f"{len(event.unendorsed)} live member(s) follow another coordinator of the term")
         if len(self.sync_answered) < self.max_recorded_rejections:
             self.sync_answered.add(event.node_id)
-        if may_conclude_unpublished(self.sync_answered, event.live_members, self.node_id, event.recent):
+        if may_conclude_unpublished(self.sync_answered, event.live_members, self.node_id, event.recent,
+                                    former=self.coordinators.values()):
             self.outcome_unknown = False  # nobody live holds an outcome: ours to decide (the clock runs next)
         return ACCEPTED
 

@@ -279,9 +279,30 @@ def test_answers_must_be_a_majority_of_the_members_heard_recently() -> None:
     assert may_conclude_unpublished({A.node_id}, {me, A.node_id}, me, {A.node_id, C.node_id})
     # answers from members not in `recent` do not make a majority of it
     assert not may_conclude_unpublished({A.node_id, "stranger-1", "stranger-2"}, {me, A.node_id}, me, recent)
-    state = taken_over()
+    state = taken_over()  # A, the round's coordinator in term 1, is dead: heard within the wait, not now
     out = state.handle(SyncAnswered(B.node_id, frozenset({me, B.node_id}), EPOCH + 200, recent=frozenset(recent)))
     assert state.outcome_unknown and out.effects == ()
     out = state.handle(SyncAnswered(D.node_id, frozenset({me, B.node_id, D.node_id}), EPOCH + 201,
-                                    recent=frozenset(recent)))
+                                    recent=frozenset({B.node_id, C.node_id, D.node_id})))
+    assert not state.outcome_unknown and isinstance(out.effects[0], StartAggregation)
+
+
+def test_a_former_coordinator_heard_lately_must_answer_itself() -> None:
+    """Fault seed 1038748767, s11 (on round-v1 r7): the term-3 coordinator A restarted, concluded
+    round 14 and announced it while its gossip mesh re-formed, so nobody received it. C won term 4
+    15 s later and heard "none" from B and D, 3 of the 4 recent members, and concluded the round
+    again. A was heard within the rejoin wait: until it answers, or stays silent for the whole wait,
+    C keeps asking."""
+    me, recent = C.node_id, {A.node_id, B.node_id, C.node_id, D.node_id}
+    live = {me, B.node_id, D.node_id}
+    assert not may_conclude_unpublished({B.node_id, D.node_id}, live, me, recent, former={A.node_id})
+    assert may_conclude_unpublished({A.node_id, B.node_id, D.node_id}, live | {A.node_id}, me, recent,
+                                    former={A.node_id})
+    assert may_conclude_unpublished({B.node_id, D.node_id}, live, me, recent - {A.node_id}, former={A.node_id})
+    assert may_conclude_unpublished({B.node_id, D.node_id}, live, me, recent, former={me})  # ourselves: no
+    state = taken_over()
+    out = state.handle(SyncAnswered(B.node_id, frozenset(live), EPOCH + 200, recent=frozenset(recent)))
+    state.handle(SyncAnswered(D.node_id, frozenset(live), EPOCH + 201, recent=frozenset(recent)))
+    assert state.outcome_unknown
+    out = state.handle(SyncAnswered(D.node_id, frozenset(live), EPOCH + 260, recent=frozenset(recent - {A.node_id})))
     assert not state.outcome_unknown and isinstance(out.effects[0], StartAggregation)
