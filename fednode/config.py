@@ -85,7 +85,10 @@ class CoordinatorSection:
     rejoin_wait_heartbeats: float = _opt(30.0, lo=0.0, hi=100000.0,
                                          doc="after a restart, open no round and settle no unknown outcome until "
                                              "every member of the latest published round is heard, or this many "
-                                             "heartbeat intervals pass (0 = no wait)")
+                                             "heartbeat intervals pass (0 = no wait); also the window of 'recent' "
+                                             "members: a round taken over is called unpublished only by a majority "
+                                             "of them, and its earlier coordinator, if among them, must answer "
+                                             "(so a failover waits up to this long for a silent coordinator)")
 
 
 @dataclass(frozen=True)
