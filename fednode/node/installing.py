@@ -265,12 +265,17 @@ class Installing(BlobIO):
     def _record(self, state: RoundState, outcome: RecordState, sha: str, size: int,
                 metrics: dict[str, dict[str, Any]] | None = None) -> RoundRecord:
         published = outcome is RecordState.PUBLISHED
+        # who concluded the round: the signer of the outcome we hold (an earlier coordinator's,
+        # adopted after a takeover), else the round's coordinator as we follow it
+        signed = state.outcome
+        final, term = (signed.coordinator_node_id, signed.term) if signed is not None else \
+            (state.coordinator_node_id, state.term)
         return round_record(manifest=state.manifest, state=outcome,
                             accepted=self._aggregated(state, sha) if published else state.contributions(),
                             rejected=state.rejections, merged_sha256=sha, merged_size=size,
                             discarded_energy=self.job(state.round_id).discarded_energy, reason=state.failure_reason,
                             metrics=metrics, conflicts=state.conflicts,
-                            final_coordinator_node_id=state.coordinator_node_id, final_term=state.term,
+                            final_coordinator_node_id=final, final_term=term,
                             recorded_by=self.me, finished_at=self.clock())
 
 

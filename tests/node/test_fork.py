@@ -158,6 +158,7 @@ async def test_new_coordinator_that_missed_the_announce_adopts_it(tmp_path: Path
         x_record = read_record(nodes[x], 1)
         assert x_record["merged_sha256"] == merged and "outcome_conflicts" not in x_record
         assert fault.coordinator in [a["node_id"] for a in x_record["accepted"]]  # K's announce is the record
+        assert (x_record["final_coordinator_node_id"], x_record["final_term"]) == (fault.coordinator, 1)  # K concluded
         assert not any(isinstance(m, AggregateAnnounce) for m in published_by_x)  # no second announce
         for node in survivors:
             assert node.status().progress.outcome_conflicts == 0
