@@ -418,6 +418,11 @@ class ElectionState:
         """A claim no newer (term, claimed_at) than one already heard from its node is no sign of
         life: a replay that got past a flushed duplicate cache (security.md N8), or a late delivery.
         A late claim for an older term is still recorded for the per-term history."""
+        if claim.node_id == self.node_id:
+            # Our own claim, replayed to us (after a restart: gossip's catch-up of a late subscriber).
+            # Adopting it would make a restarted coordinator coordinator of its old term again on no
+            # evidence that the others hear it now (rule 12); our live claims are adopted as we make them.
+            return Validation(Verdict.IGNORE, "own_message")
         key = (claim.term, claim.claimed_at)
         known = self.members.get(claim.node_id)
         if known is not None and key <= known.claim:

@@ -530,6 +530,13 @@ class RoundState:
     def _on_sync_answered(self, event: SyncAnswered) -> Validation:
         if not self.outcome_unknown or self.role is not Role.COORDINATOR:
             return Validation(Verdict.IGNORE, "settled", "the round's outcome is not in question")
+        if self.resumed_in_term is not None:
+            # Restored as this round's coordinator, and no election since: the members that answer
+            # may hear us while none of them receives what we publish (a restarted node's gossip mesh
+            # can take 30 s to re-form: fault seed 1734665193, s16). The round is ours to conclude
+            # only once the election names us again (in a later term, a takeover like any other).
+            return Validation(Verdict.IGNORE, "restored_unconfirmed",
+                              f"restarted as coordinator of term {self.resumed_in_term}; waiting for the election")
         if event.unendorsed:
             return Validation(Verdict.IGNORE, "unendorsed",
                               f"{len(event.unendorsed)} live member(s) follow another coordinator of the term")
@@ -546,12 +553,7 @@ class RoundState:
             return Validation(Verdict.IGNORE, "stale_term", f"term {event.term} < {self.term}")
         if self.phase in TERMINAL:
             return Validation(Verdict.IGNORE, "round_closed", f"round is {self.phase.value}")
-        if (self.resumed_in_term == event.term and event.coordinator_node_id == self.node_id
-                and self.role is Role.COORDINATOR):
-            # Restarted, and the election (having heard the live members' terms during its start-up
-            # grace) confirms us in the same term: no later term, so nobody took the round over.
-            self.outcome_unknown = False
-        self.resumed_in_term = None
+        self.resumed_in_term = None  # the election has spoken since our restart: answers count again
         self.term, self.coordinator_node_id = event.term, event.coordinator_node_id
         if event.term in self.coordinators or len(self.coordinators) < self.max_recorded_rejections:
             self.coordinators[event.term] = event.coordinator_node_id

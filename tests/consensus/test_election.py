@@ -467,13 +467,14 @@ def test_unendorsed_members_rule() -> None:
 
 
 def test_election_state_reports_unendorsed_members_unless_another_node_coordinates() -> None:
-    me, a, b = IDS[0].node_id, IDS[1].node_id, IDS[2].node_id
-    state = ElectionState(me, CONFIG, now=EPOCH)
-    state.handle(HeartbeatSeen(hb(a, EPOCH), EPOCH))
-    state.handle(HeartbeatSeen(hb(b, EPOCH), EPOCH))
+    me, a, b = sorted((i.node_id for i in IDS[:3]), key=lambda n: rank(5, n))  # me: the candidate for term 5
+    state = ElectionState(me, CONFIG, now=EPOCH - 3, known_term=4)
+    state.handle(HeartbeatSeen(hb(a, EPOCH - 1, term=4), EPOCH - 1))
+    state.handle(HeartbeatSeen(hb(b, EPOCH - 1, term=4), EPOCH - 1))
     # no coordinator known yet: a round we restored as ours (none here) would wait for them to name us
-    assert state.unendorsed(EPOCH) == {a, b}
-    state.handle(ClaimSeen(claim(me, 5, EPOCH + 0.5), EPOCH + 0.5))
+    assert state.coordinator is None and state.unendorsed(EPOCH - 1) == {a, b}
+    out = state.handle(Tick(EPOCH + 0.5))  # past the start-up grace: nobody coordinates, we are the candidate
+    assert PublishClaim(5) in out.effects
     assert state.is_coordinator and state.coordinator_since == EPOCH + 0.5
     assert state.unendorsed(EPOCH + 0.6) == {a, b}  # neither has answered our claim yet
     state.handle(HeartbeatSeen(hb(a, EPOCH + 1, term=5, coordinator=me), EPOCH + 1))
@@ -494,3 +495,16 @@ def test_election_state_reports_unendorsed_members_unless_another_node_coordinat
     fixed = ElectionState(me, ElectionConfig(mode="fixed", fixed_node_id=me), now=EPOCH)
     fixed.handle(HeartbeatSeen(hb(a, EPOCH, term=3, coordinator=b), EPOCH))
     assert fixed.unendorsed(EPOCH) == frozenset()
+
+
+def test_our_own_claim_replayed_after_a_restart_is_not_adopted() -> None:
+    """Rule 12: a restarted node starts with no coordinator known. Its previous life's claim,
+    replayed by gossip, must not make it coordinator of its old term again: that proves nothing about
+    whether the others hear it now (fault seed 1734665193, s16: a restarted coordinator whose gossip
+    reached nobody for 30 s concluded its round again)."""
+    me, a = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH, known_term=3)
+    state.handle(HeartbeatSeen(hb(a, EPOCH + 0.1, term=3, coordinator=me), EPOCH + 0.1))
+    out = state.handle(ClaimSeen(claim(me, 3, EPOCH - 30), EPOCH + 0.2))
+    assert out.validation.reason == "own_message" and out.effects == ()
+    assert state.coordinator is None and state.term == 3

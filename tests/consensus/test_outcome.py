@@ -234,11 +234,16 @@ def test_restarted_coordinator_settles_before_it_re_aggregates() -> None:
     out = back.handle(Resumed(EPOCH + 500))
     assert out.effects == (QueryOutcome("round-1"),) and back.outcome_unknown
     assert back.handle(Tick(EPOCH + 501)).effects == ()
-    # the election, once it heard the community, confirms A in the same term: nobody took over
-    confirmed = RoundState.restore(back.snapshot())
-    confirmed.handle(Resumed(EPOCH + 500))
-    out = confirmed.handle(CoordinatorChanged(1, A.node_id, EPOCH + 502))
-    assert not confirmed.outcome_unknown and isinstance(out.effects[0], StartAggregation)
+    # answers do not settle it before the election has named a coordinator since the restart: the
+    # members may hear A while none of them receives what A publishes (fault seed 1734665193, s16)
+    unconfirmed = RoundState.restore(back.snapshot())
+    unconfirmed.handle(Resumed(EPOCH + 500))
+    out = unconfirmed.handle(SyncAnswered(B.node_id, frozenset({A.node_id, B.node_id}), EPOCH + 501))
+    assert out.validation.reason == "restored_unconfirmed" and unconfirmed.outcome_unknown
+    # A wins term 2: a takeover of its own round like any other; now the answers count
+    unconfirmed.handle(CoordinatorChanged(2, A.node_id, EPOCH + 502))
+    out = unconfirmed.handle(SyncAnswered(B.node_id, frozenset({A.node_id, B.node_id}), EPOCH + 503))
+    assert not unconfirmed.outcome_unknown and isinstance(out.effects[0], StartAggregation)
     # C took it over in term 2 and published; A learns of C, then of C's announce
     back.handle(CoordinatorChanged(2, C.node_id, EPOCH + 502))
     assert back.role is Role.PARTICIPANT
