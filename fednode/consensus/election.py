@@ -172,20 +172,27 @@ def unendorsed_members(heard: Mapping[str, Heard | None], live: Iterable[str], m
     * a member whose latest heartbeat names another coordinator for `term`, or a higher term: it
       follows a rival claimant (two nodes can both believe they coordinate a term while their
       claims have not crossed; gossip has delayed a claim by 16 s in the fault runner);
+    * a member whose latest heartbeat names a coordinator of an older term (us included): it has
+      not heard our claim, so it may not receive what we publish either (a restarted node's gossip
+      can reach nobody for 30 s while it hears everyone);
     * within `wait` of `since`, a member whose latest heartbeat does not name `me` for `term` yet
       (none, an older term, or no coordinator: just restarted): it has not answered our claim, and
       may be about to name a rival.
 
-    After `wait`, a member that names an older term (or nobody) no longer stops us: an honest
-    member adopts our claim from our heartbeat within an interval, and a member that never names
-    anyone must not be able to halt the community."""
+    After `wait`, a member that names nobody no longer stops us: an honest member adopts our claim
+    from our heartbeat within an interval, and a member that never names anyone must not be able to
+    halt the community (one that keeps naming an old coordinator can: like one that never answers
+    an outcome query, a member can stall the community, never fork it)."""
     blockers = []
     for node_id in live:
         if node_id == me:
             continue
         h = heard.get(node_id)
-        if h is not None and (h.term > term or (h.term == term and h.coordinator_node_id not in ("", me))):
-            blockers.append(node_id)  # follows another coordinator of our term, or a later term
+        if h is not None and (h.term > term or (h.coordinator_node_id != "" and
+                                                (h.term < term or h.coordinator_node_id != me))):
+            # follows another coordinator of our term, of an older term (it has not heard our claim:
+            # it may not hear what we publish), or any later term
+            blockers.append(node_id)
         elif now < since + wait and (h is None or h.term < term or h.coordinator_node_id != me):
             blockers.append(node_id)  # has not named us yet
     return frozenset(blockers)
@@ -250,6 +257,9 @@ class ElectionState:
         self._live: _LiveView | None = None  # live_members() kept (dropped whenever a member's liveness inputs change)
         self.coordinator_since = -math.inf  # when we last became coordinator (rule 13)
         self.paused: set[str] = set()  # members whose latest heartbeat says paused (kept, not rebuilt per tick)
+        # rule 12: restarted holding an open round as its coordinator: claim the next term after the
+        # start-up grace even if another node is the candidate (set by the host after restoring rounds)
+        self.reclaim = False
 
     @property
     def coordinator(self) -> str | None:
@@ -476,6 +486,7 @@ class ElectionState:
             return
         if coord is not None and self.is_live(coord, now):
             self._pending = None
+            self.reclaim = False  # a coordinator is known: it takes our round over (or adopts its outcome)
             return
         if now - self._resumed_at < self.config.heartbeat_interval:
             return  # rule 11: just back from a stall of our own; read what queued up first
@@ -487,7 +498,8 @@ class ElectionState:
         if steps > 0:
             target, since = target + steps, since + steps * self.config.effective_claim_timeout
             self._pending = (target, since)
-        if self.federated and self.candidate(target, now) == self.node_id and target <= MAX_TERM:
+        if self.federated and target <= MAX_TERM and (self.reclaim or self.candidate(target, now) == self.node_id):
+            self.reclaim = False
             effects.append(PublishClaim(target))
             self._on_claim(target, self.node_id, now, effects)
 

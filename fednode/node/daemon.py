@@ -33,10 +33,12 @@ from fednode.consensus import (
     ElectionState,
     HeartbeatSeen,
     PublishClaim,
+    Role,
     Tick,
 )
 from fednode.consensus.election import DEFAULT_MAX_MEMBERS, Heard
 from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom
+from fednode.consensus.round_state import TERMINAL
 from fednode.errors import DiskFull, FednodeError
 from fednode.identity import Identity
 from fednode.node.control import serve_control
@@ -160,6 +162,10 @@ class Node:
                         logger.warning("disk probe at start failed: %s", exc)
                 if self.enabled:
                     self.driver.restore()
+                    # a round restored as ours is concluded only once the election names us again, in
+                    # a new term whose endorsement proves the others hear us (election-v1 rule 12)
+                    self.election.reclaim = any(s.role is Role.COORDINATOR and s.phase not in TERMINAL
+                                                for s in self.driver.rounds.values())
                     self.driver.resume_effects()
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(watch_disk, self.disk, self._probe_disk, self._resume_after_disk_full)

@@ -458,10 +458,14 @@ def test_unendorsed_members_rule() -> None:
     assert unendorsed_members(rival, live, me, 9, now=EPOCH + 1_000, **timing) == {a}
     later = names_me | {b: heard(10, "")}
     assert unendorsed_members(later, live, me, 9, now=EPOCH + 1_000, **timing) == {b}
-    # not yet named us (no heartbeat, an older term, no coordinator after a restart): only within `wait`
-    slow = {a: heard(8, c), b: heard(9, ""), c: heard(9, me)}
+    # not yet named us, naming nobody (no heartbeat, no coordinator after a restart): only within `wait`
+    slow = {a: heard(8, ""), b: heard(9, ""), c: heard(9, me)}
     assert unendorsed_members(slow, [*live, IDS[5].node_id], me, 9, now=EPOCH + 1, **timing) == {a, b, IDS[5].node_id}
     assert unendorsed_members(slow, [*live, IDS[5].node_id], me, 9, now=EPOCH + 2.5, **timing) == frozenset()
+    # still following an older term's coordinator (us included): it has not heard our claim, so it may
+    # not receive what we publish either; for as long as it lasts
+    old = names_me | {a: heard(8, c), b: heard(8, me)}
+    assert unendorsed_members(old, live, me, 9, now=EPOCH + 1_000, **timing) == {a, b}
     # members that are not live do not count, and neither do we
     assert unendorsed_members(rival, [me, b, c], me, 9, now=EPOCH + 1, **timing) == frozenset()
 
@@ -508,3 +512,23 @@ def test_our_own_claim_replayed_after_a_restart_is_not_adopted() -> None:
     out = state.handle(ClaimSeen(claim(me, 3, EPOCH - 30), EPOCH + 0.2))
     assert out.validation.reason == "own_message" and out.effects == ()
     assert state.coordinator is None and state.term == 3
+
+
+def test_a_restarted_coordinator_with_an_open_round_claims_the_next_term_after_its_grace() -> None:
+    """Rule 12: restarted holding an open round as its coordinator (the host sets `reclaim`), a node
+    claims the next term at the end of its start-up grace even when another member is the candidate:
+    the others' endorsement of the new term is what shows they hear it (rule 13)."""
+    me, a, b = sorted((i.node_id for i in IDS[:3]), key=lambda n: rank(4, n), reverse=True)  # me: worst for 4
+    state = ElectionState(me, CONFIG, now=EPOCH, known_term=3)
+    state.reclaim = True
+    for t in (EPOCH + 1, EPOCH + 2):
+        for who in (a, b):
+            state.handle(HeartbeatSeen(hb(who, t, term=3, coordinator=me), t))  # they still follow our old life
+    assert state.candidate(4, EPOCH + 2) != me
+    out = state.handle(Tick(EPOCH + CONFIG.liveness_timeout + 0.1))
+    assert PublishClaim(4) in out.effects and state.is_coordinator and not state.reclaim
+    assert state.unendorsed(EPOCH + 2.7) == {a, b}  # they name term 3: not proof that they hear us
+    plain = ElectionState(me, CONFIG, now=EPOCH, known_term=3)  # without reclaim: the candidate's turn
+    for who in (a, b):
+        plain.handle(HeartbeatSeen(hb(who, EPOCH + 2, term=3, coordinator=me), EPOCH + 2))
+    assert PublishClaim(4) not in plain.handle(Tick(EPOCH + CONFIG.liveness_timeout + 0.1)).effects
