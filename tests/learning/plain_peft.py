@@ -33,8 +33,10 @@ def chat_and_generate(adapter_dir: Path) -> dict[str, object]:
     chat = [{"role": "user", "content": "How should I care for roses?"}]
     enc = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        same = float((plain(**enc).logits - auto(**enc).logits).abs().max())
         out = plain.generate(**enc, max_new_tokens=12, do_sample=False)
+        # compared in float64: in float32 the two loads differed by 0.0054 once under CI load (the
+        # CPU kernels' reduction order depends on the threads they get), never in what they load
+        same = float((plain.double()(**enc).logits - auto.double()(**enc).logits).abs().max())
     new = out[0][enc["input_ids"].shape[1]:]
     return {"same": same, "new_tokens": int(new.numel()), "text": tok.decode(new, skip_special_tokens=True),
             "fednode_imported": any(m.startswith("fednode") for m in sys.modules)}
