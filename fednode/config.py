@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fednode.errors import ConfigError
+from fednode.wire.codec import DECODE_CACHE_MAX_BYTES, DECODE_CACHE_MAX_ENTRIES
 from fednode.wire.messages import AGGREGATION_METHODS
 
 TRAINER_KEY = "learning.trainer"
@@ -59,6 +60,10 @@ class NetworkSection:
     subscription_buffer: int = _opt(1024, lo=16, hi=1_000_000, doc="gossip messages buffered per topic "
                                     "before drops (always counted and logged)")
     max_messages_per_second: float = _opt(500.0, lo=1.0, hi=1e6, doc="gossipsub spam limit per forwarding peer")
+    decode_cache_entries: int = _opt(DECODE_CACHE_MAX_ENTRIES, lo=1, hi=1_000_000,
+                                     doc="decoded gossip messages kept by id, so validator and reader decode once")
+    decode_cache_bytes: int = _opt(DECODE_CACHE_MAX_BYTES, lo=65536, hi=1 << 30,
+                                   doc="bytes the decode cache holds at most (encoded size + 1 KiB per entry)")
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class Node:
         self.node_id = identity.node_id
         self.clock = clock
         self.topic = codec.topic_for(config.community.id)
+        codec.SHARED_DECODE_CACHE.resize(config.network.decode_cache_entries, config.network.decode_cache_bytes)
         self.transport_factory = transport_factory or libp2p_factory(config)
         self.transport: Transport | None = None
         self.enabled = config.research.federated_learning

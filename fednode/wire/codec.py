@@ -44,11 +44,14 @@ SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
 # (message, contributions, one contribution); the rest is room for later versions, whose messages
 # must still parse (step 3) for a v1 node to IGNORE them as unsupported_version instead of REJECT.
 MAX_NESTING_DEPTH = 16
-# The shared decode cache (not user-facing: it changes no verdict, only how often one is computed).
-# A message is validated and then read within milliseconds; a few thousand entries cover a community's
-# recent gossip many times over, and the byte bound caps the worst case (64 KiB messages) at 16 MiB.
-DECODE_CACHE_MAX_ENTRIES = 4096
-DECODE_CACHE_MAX_BYTES = 16 * 1024 * 1024
+# The shared decode cache (it changes no verdict, only how often one is computed; config keys
+# network.decode_cache_entries / decode_cache_bytes). A message is validated and then read within
+# milliseconds, so a thousand entries cover a community's recent gossip many times over. An entry is
+# charged its encoded length plus DECODE_CACHE_ENTRY_OVERHEAD (the decoded object: ~1.2 KiB measured for
+# a heartbeat with tracemalloc), so the byte bound caps the heap the cache holds, whatever a flood sends.
+DECODE_CACHE_MAX_ENTRIES = 1024
+DECODE_CACHE_MAX_BYTES = 4 * 1024 * 1024
+DECODE_CACHE_ENTRY_OVERHEAD = 1024
 
 M = TypeVar("M", bound=Message)
 
@@ -241,13 +244,13 @@ class DecodeCacheStatistics:
 
 class DecodeCache:
     """Messages decoded from bytes, by message id (sha256 of the bytes): a bounded LRU of at most
-    `max_entries` entries and `max_bytes` bytes of encoded messages. Only successful decodes are kept:
+    `max_entries` entries and `max_bytes` bytes (each entry charged its encoded length plus
+    DECODE_CACHE_ENTRY_OVERHEAD for the decoded object). Only successful decodes are kept:
     bytes that fail to decode raise the same MessageDecodeError every time, from `decode` itself.
     Thread-safe (a transport may run validators off trio's thread)."""
 
     def __init__(self, max_entries: int = DECODE_CACHE_MAX_ENTRIES, max_bytes: int = DECODE_CACHE_MAX_BYTES) -> None:
-        if max_entries < 1 or max_bytes < 1:
-            raise ValueError(f"DecodeCache: max_entries={max_entries} and max_bytes={max_bytes} must be >= 1")
+        self._check(max_entries, max_bytes)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._entries: collections.OrderedDict[str, tuple[Message, int]] = collections.OrderedDict()
@@ -274,12 +277,28 @@ class DecodeCache:
         message = decode(data, max_bytes=max_bytes)
         with self._lock:
             if key not in self._entries:
-                self._entries[key] = (message, len(data))
-                self._bytes += len(data)
-                while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-                    _, (_, size) = self._entries.popitem(last=False)
-                    self._bytes -= size
+                cost = len(data) + DECODE_CACHE_ENTRY_OVERHEAD
+                self._entries[key] = (message, cost)
+                self._bytes += cost
+                self._evict()
         return message
+
+    @staticmethod
+    def _check(max_entries: int, max_bytes: int) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError(f"DecodeCache: max_entries={max_entries} and max_bytes={max_bytes} must be >= 1")
+
+    def _evict(self) -> None:
+        while self._entries and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
+            _, (_, size) = self._entries.popitem(last=False)
+            self._bytes -= size
+
+    def resize(self, max_entries: int, max_bytes: int) -> None:
+        """New bounds (a daemon applies its config's); evicts the oldest entries beyond them."""
+        self._check(max_entries, max_bytes)
+        with self._lock:
+            self.max_entries, self.max_bytes = max_entries, max_bytes
+            self._evict()
 
     def clear(self) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ from fednode.blobs.serve import DEFAULT_MAX_STREAMS_PER_PEER
 from fednode.identity import Identity
 from fednode.node.daemon import MAX_HOLDERS_TRACKED, Node
 from fednode.node.rounds import MAX_PENDING_MANIFESTS, MAX_ROUNDS_IN_MEMORY
+from fednode.wire import codec
 from tests.node.checks import check_round_agreement, read_record
 from tests.node.conftest import Cluster, clock, cluster, seed_identity, wait_until
 from tests.security.adversary import Adversary
@@ -89,6 +90,7 @@ class Peak:
 def heap_peak() -> Iterator[Peak]:
     """Peak Python heap growth inside the block (tracemalloc; torch tensor storage is not traced,
     and the deltas here are a few KiB)."""
+    codec.SHARED_DECODE_CACHE.clear()  # what earlier tests decoded would make the growth depend on order
     started = tracemalloc.is_tracing()
     if not started:
         tracemalloc.start()

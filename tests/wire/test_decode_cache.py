@@ -70,7 +70,8 @@ def test_a_cached_decode_is_the_decode_and_is_done_once(monkeypatch: pytest.Monk
     assert cache.decode(bytearray(data)) is first
     assert cache.decode(data, mid=codec.message_id(data)) is first
     assert calls == [data]
-    assert cache.statistics() == codec.DecodeCacheStatistics(entries=1, bytes=len(data), hits=2, misses=1)
+    charge = len(data) + codec.DECODE_CACHE_ENTRY_OVERHEAD
+    assert cache.statistics() == codec.DecodeCacheStatistics(entries=1, bytes=charge, hits=2, misses=1)
 
 
 def test_errors_are_not_cached_and_keep_their_reasons() -> None:
@@ -104,11 +105,15 @@ def test_the_cache_is_bounded_by_entries_and_bytes_least_recently_used_first() -
     assert cache.statistics().hits == hits + 1
     cache.decode(msgs[1])
     assert cache.statistics().misses == 5  # msgs[1] was decoded again
-    size = len(msgs[0])
+    size = len(msgs[0]) + codec.DECODE_CACHE_ENTRY_OVERHEAD  # an entry's charge: encoded bytes + the object
     by_bytes = codec.DecodeCache(max_bytes=2 * size + 1)
     for data in msgs:
         by_bytes.decode(data)
     assert by_bytes.statistics().entries == 2 and by_bytes.statistics().bytes <= 2 * size + 1
+    by_bytes.resize(max_entries=1, max_bytes=10 * size)  # a daemon applies its config's bounds
+    assert by_bytes.statistics().entries == 1
+    with pytest.raises(ValueError, match="max_bytes=0"):
+        by_bytes.resize(max_entries=1, max_bytes=0)
     with pytest.raises(ValueError, match="max_entries=0"):
         codec.DecodeCache(max_entries=0)
 
