@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -67,7 +68,9 @@ def _toml(value: Any) -> str:
 
 
 def seed_identity(i: int) -> Identity:
-    return Identity.from_seed(bytes([i + 1]) * 32)
+    if i < 255:
+        return Identity.from_seed(bytes([i + 1]) * 32)
+    return Identity.from_seed(hashlib.sha256(f"fednode-test-node-{i}".encode()).digest())  # the 500-node sim
 
 
 @dataclasses.dataclass

@@ -49,7 +49,9 @@ async def test_five_hundred_nodes_ten_rounds_with_churn(tmp_path: Path, autojump
         "coordinator": {"heartbeat_interval_seconds": HEARTBEAT_SECONDS},
         "round": {"max_rounds": N_ROUNDS, "min_participants": 2, "max_participants": 2 * N_NODES,
                   "wait_for_members": N_NODES, "round_timeout_seconds": ROUND_TIMEOUT_SECONDS},
-        "learning": {"evaluate": False}}
+        "learning": {"evaluate": False},
+        # an announce naming up to max_participants contributions must fit in one message (~164 B each)
+        "network": {"max_message_bytes": 4 * 65536}}
     async with cluster(tmp_path, auto_link_degree=LINK_DEGREE) as c:
         for i in range(N_NODES):
             await c.start(i, ever, **sections)
