@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -65,6 +66,10 @@ DEFAULT_RECEIVE_TIMEOUT = 30.0  # seconds without a frame from a holder before i
 DEFAULT_MANIFEST_TIMEOUT = 15.0
 DEFAULT_BUSY_RETRIES = 4
 DEFAULT_BUSY_BACKOFF = 0.25
+# Holders asked for one blob: when more are known, the first half in the caller's order (its likeliest:
+# the daemon lists a round's coordinator first) and a random draw of the others (a retry draws again).
+# Asking every holder made each fetch O(members) streams, O(members^2) per round (blob-transfer-v1 r1).
+DEFAULT_MAX_SOURCES = 8
 
 Progress = Callable[[int, int], None]  # (verified bytes, total bytes)
 
@@ -82,6 +87,7 @@ class FetchLimits:
     manifest_timeout: float = DEFAULT_MANIFEST_TIMEOUT
     busy_retries: int = DEFAULT_BUSY_RETRIES
     busy_backoff: float = DEFAULT_BUSY_BACKOFF
+    max_sources: int = DEFAULT_MAX_SOURCES
     use_lane: bool = True
 
 
@@ -374,6 +380,9 @@ async def fetch_blob(
     mlimits = ManifestLimits(max_size, store.limits.max_chunks)
     offers: dict[str, tuple[BlobManifest, FrameChannel]] = {}
     peers = [p for p in dict.fromkeys(holders) if p != transport.local_peer_id]
+    if len(peers) > limits.max_sources:  # the caller's first guesses, and a random draw of the rest
+        first = (limits.max_sources + 1) // 2
+        peers = peers[:first] + random.sample(peers[first:], limits.max_sources - first)
     async with trio.open_nursery() as nursery:
         for peer in peers:
             nursery.start_soon(f.get_manifest, peer, mlimits, expected_size, offers)

@@ -44,6 +44,25 @@ async def test_multi_holder_fetch_spreads_chunks(tmp_path: Path) -> None:
         assert r.chunks_by_peer["a"] > 0 and r.chunks_by_peer["b"] > 0
 
 
+async def test_a_fetch_asks_at_most_max_sources_holders(tmp_path: Path) -> None:
+    """blob-transfer-v1 r1: of 7 known holders, a fetch with max_sources 4 asks the first 2 in the
+    caller's order and a draw of 2 others; every draw of 2 from the other 5 occurs over 150 fetches."""
+    data, sha = blob(3)
+    names = [f"h{i}" for i in range(7)]
+    async with memory_nodes(tmp_path, [*names, "me"]) as (_, n):
+        for name in names:
+            n[name].store.put_bytes(data)
+        drawn: set[frozenset[str]] = set()
+        for _ in range(150):  # a given pair is missed with p = 0.9^150 < 1e-6
+            before = {name: n[name].server.statistics().manifests_served for name in names}
+            await fetch_blob(n["me"].transport, sha, names, n["me"].store, limits=FetchLimits(max_sources=4))
+            asked = {name for name in names if n[name].server.statistics().manifests_served > before[name]}
+            assert len(asked) == 4 and {"h0", "h1"} <= asked, asked
+            drawn.add(frozenset(asked - {"h0", "h1"}))
+            n["me"].store.delete(sha)
+        assert len(drawn) == 10  # C(5, 2): the rest is drawn anew each time
+
+
 async def test_bad_bytes_holder_is_dropped_and_fetch_completes(tmp_path: Path) -> None:
     data, sha = blob(30)
     evil = CorruptingStore(tmp_path / "evil", chunk_size=CHUNK)

@@ -80,7 +80,6 @@ def sample(pid: int, data_dir: Path, rounds: int) -> Sample:
     return Sample(rounds, rss, fds, threads, len(blobs), blob_bytes, sqlite_bytes, round_rows, submission_rows)
 
 
-@pytest.mark.scale_open
 @pytest.mark.slow
 @pytest.mark.timeout(int(SOAK_TIMEOUT_SECONDS) + 120)
 async def test_four_daemons_three_hundred_rounds_stay_flat(tmp_path: Path) -> None:

@@ -104,3 +104,23 @@ async def test_identity_used_as_peer_id() -> None:
     async with open_memory_transport(MemoryNetwork(), identity) as t:
         assert t.local_peer_id == identity.node_id
         assert t.peers() == frozenset()
+
+
+async def test_streams_add_gossip_links_only_below_the_mesh_degree_bound(autojump_clock: trio.abc.Clock) -> None:
+    """A node that opens streams to 8 others (as a coordinator fetching every update) links to them
+    for gossip only while both ends have fewer than mesh_degree_high links; the streams all work."""
+    net = MemoryNetwork(auto_link_degree=0, mesh_degree_high=3)
+    async with open_transports("memory", 9, "none", network=net) as nodes:
+        hub, others = nodes[0], nodes[1:]
+
+        async def echo(stream: object) -> None:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+        for t in others:
+            t.serve("/x", echo)
+        for t in others:
+            stream = await hub.open_stream(t.local_peer_id, "/x")
+            await stream.aclose()
+        assert len(hub.peers()) == 3
+        net.link(hub.local_peer_id, others[-1].local_peer_id)  # an explicit link is not bounded
+        assert len(hub.peers()) == 4
