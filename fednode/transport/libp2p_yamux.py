@@ -30,11 +30,26 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from typing import Any
 
 import trio
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.stream_muxer.yamux.yamux import Yamux
+
+# py-libp2p 0.8.1 reads PY_YAMUX_* tuning from the environment at call time. RELEASE_ON_READ=1 (its
+# default) sends a WINDOW_UPDATE after every read that frees credit; "0" keeps go-yamux's policy (an
+# update once half the window is consumed). Gossip is many small messages, so "1" wrote one extra
+# encrypted frame per message received: 8 idle daemons (2 s heartbeats), idle CPU max 5.6% -> 3.8%
+# of a core, round overhead 0.8-1.1 s -> 0.6-0.9 s (scripts/bench_scale.py --sizes 8, A/B in one
+# session). An operator's own PY_YAMUX_RELEASE_ON_READ wins.
+YAMUX_RELEASE_ON_READ_ENV = "PY_YAMUX_RELEASE_ON_READ"
+YAMUX_RELEASE_ON_READ_DEFAULT = "0"
+
+
+def use_go_yamux_window_updates() -> None:
+    os.environ.setdefault(YAMUX_RELEASE_ON_READ_ENV, YAMUX_RELEASE_ON_READ_DEFAULT)
+
 
 DEFAULT_MAX_PENDING_CONTROL_FRAMES = 4096  # per connection; 12 bytes each
 # A frame, once its first byte is handed to the secure channel, is written whole or the connection

@@ -8,6 +8,9 @@ each end's reader waited behind its own blocked writer and neither read again. W
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import trio
 
 from fednode.transport.base import Stream, StreamHandler
@@ -83,3 +86,15 @@ async def test_a_stream_open_cut_by_a_timeout_leaves_the_connection_usable() -> 
                         failed.append((i, str(exc)[:200]))
         assert not failed, f"{len(failed)} of {OPENS} opens failed after cut ones, first: {failed[:2]}"
         assert opened >= OPENS - OPENS // CANCEL_EVERY
+
+
+def test_go_yamux_window_updates_are_the_default_and_an_operator_may_override(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fednode.transport.libp2p_yamux import YAMUX_RELEASE_ON_READ_ENV, use_go_yamux_window_updates
+
+    monkeypatch.delenv(YAMUX_RELEASE_ON_READ_ENV, raising=False)
+    use_go_yamux_window_updates()
+    assert os.environ[YAMUX_RELEASE_ON_READ_ENV] == "0"
+    monkeypatch.setenv(YAMUX_RELEASE_ON_READ_ENV, "1")
+    use_go_yamux_window_updates()
+    assert os.environ[YAMUX_RELEASE_ON_READ_ENV] == "1"
