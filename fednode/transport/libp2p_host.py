@@ -60,6 +60,10 @@ logger = logging.getLogger("fednode.transport.libp2p")
 DEFAULT_GOSSIP_WINDOW = 3  # heartbeats of history offered in IHAVE and replayed to a new subscriber
 DEFAULT_GOSSIP_HISTORY = 5  # heartbeats a message stays answerable by IWANT
 DEFAULT_GOSSIP_MAX_AGE_SECONDS = 5.0  # and never older than this, whatever the heartbeat
+# gossipsub v1.2: IDONTWANT only for messages of at least this many bytes (go-libp2p's
+# IDontWantMessageThreshold default, 1 KiB). py-libp2p 0.8.1 sends one to every mesh peer for every
+# message; for a ~300-byte heartbeat the IDONTWANT costs as much as the message it saves.
+IDONTWANT_MESSAGE_THRESHOLD_BYTES = 1024
 
 
 def pending_ttl(gossip_window: int, heartbeat_interval: float, gossip_max_age: float) -> float:
@@ -126,6 +130,30 @@ def bound_replays(router: GossipSub, cache: BoundedMessageCache) -> None:
             cache._bound_next_window = False
 
     router.send_recent_messages = send_recent_bounded  # type: ignore[method-assign]
+
+
+def skip_small_idontwant(router: GossipSub, threshold: int = IDONTWANT_MESSAGE_THRESHOLD_BYTES) -> None:
+    """Make the router send IDONTWANT only for messages of at least `threshold` bytes.
+    `GossipSub.publish` calls `self._emit_idontwant_for_message` at its first await, so a one-shot
+    flag set by the publish wrapper is consumed by that call and by no other task's."""
+    publish, emit = router.publish, router._emit_idontwant_for_message
+    small = [False]
+
+    async def publish_gated(msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
+        small[0] = len(pubsub_msg.data) < threshold
+        try:
+            await publish(msg_forwarder, pubsub_msg)
+        finally:
+            small[0] = False
+
+    async def emit_gated(msg_id: bytes, topic_ids: Any) -> None:
+        if small[0]:
+            small[0] = False
+            return
+        await emit(msg_id, topic_ids)
+
+    router.publish = publish_gated  # type: ignore[method-assign]
+    router._emit_idontwant_for_message = emit_gated  # type: ignore[method-assign]
 
 
 def key_pair_from_identity(identity: Identity) -> KeyPair:
@@ -210,6 +238,7 @@ def make_gossipsub(
         pending_messages_ttl=pending_ttl(gossip_window, heartbeat_interval, gossip_max_age),
     )
     bound_replays(router, BoundedMessageCache(gossip_window, gossip_history, gossip_max_age, clock))
+    skip_small_idontwant(router)  # idle CPU: no IDONTWANT per heartbeat (go-libp2p's threshold)
     return router
 
 

@@ -146,3 +146,35 @@ async def test_replay_bound_follows_the_clock_and_history_still_shifts() -> None
     for _ in range(len(cache.history)):
         cache.shift()
     assert not cache.msgs and not cache._put_at
+
+
+class _Router:
+    """GossipSub.publish's shape: its first await is the IDONTWANT emission."""
+
+    def __init__(self) -> None:
+        self.emitted: list[bytes] = []
+
+    async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
+        await self._emit_idontwant_for_message(pubsub_msg.seqno, pubsub_msg.topicIDs)
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Any) -> None:
+        self.emitted.append(msg_id)
+
+
+async def test_idontwant_only_for_messages_of_a_kilobyte_or_more() -> None:
+    from fednode.transport.libp2p_host import IDONTWANT_MESSAGE_THRESHOLD_BYTES, skip_small_idontwant
+
+    router = _Router()
+    skip_small_idontwant(router)  # type: ignore[arg-type]
+    for seqno, size in ((b"1", 300), (b"2", IDONTWANT_MESSAGE_THRESHOLD_BYTES), (b"3", 1023), (b"4", 65536)):
+        await router.publish(ID(b"x"), rpc_pb2.Message(data=b"d" * size, seqno=seqno, topicIDs=["t"]))
+    assert router.emitted == [b"2", b"4"]
+
+
+def test_py_libp2p_publish_still_emits_idontwant_at_its_first_await() -> None:
+    """skip_small_idontwant's one-shot flag relies on it (a py-libp2p upgrade must keep it true)."""
+    import inspect
+
+    source = inspect.getsource(GossipSub.publish)
+    first_await = source[source.index("await "):].split("\n", 1)[0]
+    assert "self._emit_idontwant_for_message(" in first_await, first_await
