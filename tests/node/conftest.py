@@ -17,7 +17,7 @@ from fednode.config import Config, parse_config
 from fednode.identity import Identity
 from fednode.node.daemon import Node
 from fednode.node.trainers import FakeTrainer
-from fednode.transport.memory import MemoryNetwork, open_memory_transport
+from fednode.transport.memory import MemoryLimits, MemoryNetwork, open_memory_transport
 
 EPOCH = 1_800_000_000.0  # virtual wall clock = EPOCH + trio.current_time()
 # Real seconds of idleness before the virtual clock jumps: worker threads (sqlite, blob writes)
@@ -85,8 +85,12 @@ class Cluster:
         cfg = node_config(self.tmp / f"node-{i}", i, n, **sections)
         identity = seed_identity(i)
         trainer = FakeTrainer(i) if cfg.research.federated_learning else None
+        # the transport's limits from the config, as the libp2p factory does (daemon.libp2p_factory): a
+        # 500-member announce over the default 64 KiB was refused by the transport, not by the config check
+        limits = MemoryLimits(max_message_size=cfg.network.max_message_bytes,
+                              subscription_buffer=cfg.network.subscription_buffer)
         return Node(cfg, identity, trainer=trainer, clock=clock, inline_training=True,
-                    transport_factory=lambda ident: open_memory_transport(self.network, ident))
+                    transport_factory=lambda ident: open_memory_transport(self.network, ident, limits=limits))
 
     async def start(self, i: int, n: int, **sections: dict[str, Any]) -> Node:
         node = self.make(i, n, **sections)
