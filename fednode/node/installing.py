@@ -21,7 +21,7 @@ from fednode.node.records import round_record, write_record
 from fednode.node.reports import RecordState, RoundRecord
 from fednode.node.retention import collect_old_rounds, collected_published
 from fednode.wire import codec
-from fednode.wire.messages import AggregateAnnounce, Contribution, RoundFailed
+from fednode.wire.messages import AggregateAnnounce, Contribution, Message, RoundFailed
 
 if TYPE_CHECKING:
     from fednode.aggregation import AggregationOptions
@@ -66,20 +66,30 @@ class Installing(BlobIO):
             merged_sha256=state.merged_sha256, merged_size=state.merged_size, aggregation=state.manifest.aggregation,
             contributions=state.contributions(), announced_at=self.clock()), self.identity)
         self._save_outcome(state.round_id, codec.encode(announce))
-        await self.publish(announce)
+        await self._publish_saved_outcome(announce)
         return announce
 
     async def _on_published(self, state: RoundState, announce: AggregateAnnounce) -> None:
         signed = codec.sign(announce, self.identity)
         self._save_outcome(state.round_id, codec.encode(signed))
-        await self.publish(signed)
+        await self._publish_saved_outcome(signed)
         await self._install(InstallAdapter(state.round_id, announce.merged_sha256, announce.merged_size))
 
     async def _on_failed(self, state: RoundState, failure: RoundFailed) -> None:
         signed = codec.sign(failure, self.identity)
         self._save_outcome(state.round_id, codec.encode(signed))
-        await self.publish(signed)
+        await self._publish_saved_outcome(signed)
         self._finish_failed(state)
+
+    async def _publish_saved_outcome(self, signed: Message) -> None:
+        """Gossip an outcome already saved. A publish that fails does not stop the round: we still
+        install or record it, so our heartbeats name it as finished and the members fetch the outcome
+        by sync (sync-v1). Skipping that left the round unfinished everywhere, for good."""
+        try:
+            await self.publish(signed)
+        except FednodeError as exc:
+            logger.warning("round %s: publishing the outcome failed (%s); members will sync it from us",
+                           getattr(signed, "round_id", "?"), exc)
 
     def _finish_failed(self, state: RoundState) -> None:
         record = self._record(state, RecordState.FAILED, "", 0)

@@ -81,7 +81,7 @@ class Recovery(Aggregating):
         """A coordinator restarted after aggregating: announce again (same merged blob) and install."""
         row = self.db.get_round(state.round_id)
         if row is not None and row.outcome:
-            await self.publish(codec.decode(row.outcome))
+            await self._publish_saved_outcome(codec.decode(row.outcome))
         else:
             await self._publish_aggregate(state)
         await self._install(InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))

@@ -93,7 +93,10 @@ class Cluster:
                     transport_factory=lambda ident: open_memory_transport(self.network, ident, limits=limits))
 
     async def start(self, i: int, n: int, **sections: dict[str, Any]) -> Node:
-        node = self.make(i, n, **sections)
+        return await self.run_node(i, self.make(i, n, **sections))
+
+    async def run_node(self, i: int, node: Node) -> Node:
+        """Run a node made by `make` (and perhaps altered by the test) as node i."""
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[assignment]
