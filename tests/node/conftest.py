@@ -18,6 +18,7 @@ from fednode.identity import Identity
 from fednode.node.daemon import Node
 from fednode.node.trainers import FakeTrainer
 from fednode.transport.memory import MemoryLimits, MemoryNetwork, open_memory_transport
+from fednode.transport.subscription import DEFAULT_MAX_MESSAGE_SIZE
 
 EPOCH = 1_800_000_000.0  # virtual wall clock = EPOCH + trio.current_time()
 # Real seconds of idleness before the virtual clock jumps: worker threads (sqlite, blob writes)
@@ -85,9 +86,10 @@ class Cluster:
         cfg = node_config(self.tmp / f"node-{i}", i, n, **sections)
         identity = seed_identity(i)
         trainer = FakeTrainer(i) if cfg.research.federated_learning else None
-        # the transport's limits from the config, as the libp2p factory does (daemon.libp2p_factory): a
-        # 500-member announce over the default 64 KiB was refused by the transport, not by the config check
-        limits = MemoryLimits(max_message_size=cfg.network.max_message_bytes,
+        # A config that allows messages over the transport's default 64 KiB raises the transport's limit
+        # too, as the libp2p factory does (a 500-member announce was refused by the transport). A lower
+        # one leaves the transport at 64 KiB, so tests reach the node's own size check (tests/security).
+        limits = MemoryLimits(max_message_size=max(DEFAULT_MAX_MESSAGE_SIZE, cfg.network.max_message_bytes),
                               subscription_buffer=cfg.network.subscription_buffer)
         return Node(cfg, identity, trainer=trainer, clock=clock, inline_training=True,
                     transport_factory=lambda ident: open_memory_transport(self.network, ident, limits=limits))
