@@ -244,12 +244,17 @@ class Installing(BlobIO):
         return lambda: self._fetch(c.delta_sha256, None, holders)
 
     def _announce_of(self, state: RoundState, sha: str) -> AggregateAnnounce | None:
-        """The signed AggregateAnnounce we hold for the round naming `sha`, if any."""
+        """The signed AggregateAnnounce we hold for the round naming `sha`, if any: saved in
+        state.sqlite, or kept in memory because the disk was full when it came (`unsaved_outcome`).
+        Missing the second, a node whose disk filled at that moment recorded its own view of the
+        contributions (fault seed 1356839167 s22, s28: accepted_differs on the disk-full node)."""
         row = self.db.get_round(state.round_id)
-        if row is not None and row.outcome:
-            announce = codec.decode(row.outcome)
-            if isinstance(announce, AggregateAnnounce) and announce.merged_sha256 == sha:
-                return announce
+        job = self.jobs.get(state.round_id)
+        for data in (row.outcome if row is not None else None, job.unsaved_outcome if job is not None else None):
+            if data:
+                announce = codec.decode(data)
+                if isinstance(announce, AggregateAnnounce) and announce.merged_sha256 == sha:
+                    return announce
         return None
 
     def _count_installed(self) -> int:

@@ -40,3 +40,23 @@ async def test_a_coordinator_whose_announce_failed_still_installs_and_members_sy
         await wait_until(lambda: all(node.driver.progress.rounds_completed >= 1 for node in nodes), timeout=120)
         assert sum(len(f) for f in failed) == 1  # the coordinator's one announce failed
         assert len({node.driver.progress.last_merged["sha256"] for node in nodes}) == 1
+
+
+async def test_a_record_names_the_announced_contributions_when_a_full_disk_kept_the_outcome_in_memory(  # type: ignore[no-untyped-def]
+        tmp_path: Path, clock) -> None:
+    """Fault seed 1356839167 s22/s28: the node whose disk was full when the announce came kept it in
+    memory only, and its round record listed its own view of the contributions instead."""
+    n = 3
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, n, round={"max_rounds": 1}) for i in range(n)]
+        await wait_until(lambda: all(node.driver.progress.rounds_completed >= 1 for node in nodes), timeout=120)
+        driver = nodes[1].driver
+        state = next(iter(driver.rounds.values()))
+        row = driver.db.get_round(state.round_id)
+        assert row is not None and row.outcome
+        announce = driver._announce_of(state, row.merged_sha256)
+        assert announce is not None
+        driver.db.set_outcome(state.round_id, b"")  # as if the disk had been full when it came ...
+        assert driver._announce_of(state, row.merged_sha256) is None
+        driver.job(state.round_id).unsaved_outcome = row.outcome  # ... and it was kept in memory
+        assert driver._announce_of(state, row.merged_sha256) == announce
