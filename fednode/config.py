@@ -87,6 +87,15 @@ class CoordinatorSection:
     heartbeat_interval_seconds: float = _opt(2.0, lo=0.05, hi=600.0, doc="signed heartbeat period")
     liveness_timeout_heartbeats: float = _opt(2.5, lo=1.5, hi=100.0,
                                               doc="heartbeat intervals of silence before a peer counts as dead")
+    heartbeat_fanin: int = _opt(8, lo=0, hi=100000,
+                                doc="members per heartbeat interval before a member that is not the coordinator "
+                                    "slows its heartbeats: it beats every heartbeat_interval_seconds x live members "
+                                    "/ this (election-v1 rule 14), so a node's inbound heartbeat rate stays near "
+                                    "this many per interval however large the community (0 = never slow down)")
+    max_heartbeat_interval_seconds: float = _opt(30.0, lo=0.05, hi=3600.0,
+                                                 doc="the slowest heartbeat pace of rule 14, and the most a member's "
+                                                     "declared pace is believed (never below "
+                                                     "heartbeat_interval_seconds)")
     rejoin_wait_heartbeats: float = _opt(30.0, lo=0.0, hi=100000.0,
                                          doc="after a restart, open no round and settle no unknown outcome until "
                                              "every member of the latest published round is heard, or this many "

@@ -219,6 +219,11 @@ def valid_file() -> dict[str, Any]:
                                              open_round_id="r-0004", paused=True),
                "Heartbeat of a learning member that has paused participation (its disk is full): `paused` is "
                "true, the only value for which its key is present (round-v1.md r4, envelope-v1.md r3)."),
+        accept("heartbeat-paced", heartbeat(B, term=2, seq=1236, federated_learning=True,
+                                            coordinator_node_id=A.node_id, last_round_number=3, interval_ms=6000),
+               "Heartbeat of a member of a large community that beats every 6 s, slower than heartbeat_interval "
+               "(election-v1.md rule 14): `interval_ms` is present only when it is not 0 (round-v1.md r8, "
+               "envelope-v1.md r4)."),
         accept("coordinator-claim", codec.sign(CoordinatorClaim(community_id=COMMUNITY, node_id=A.node_id, term=2,
                                                                 claimed_at=NOW - 8.0, last_round_number=3), A),
                "alice claims term 2."),
@@ -330,6 +335,11 @@ def invalid_file() -> dict[str, Any]:
          "`paused` is spelled by leaving the key out."),
         ("malformed-paused-not-bool", sorted_packed(resign({**hb_map, "paused": 1}, "sig", A)), "reject",
          "malformed", "A heartbeat whose 'paused' is the integer 1 instead of a bool (signed)."),
+        ("non-canonical-interval-zero", sorted_packed(resign({**hb_map, "interval_ms": 0}, "sig", A)), "reject",
+         "non_canonical", "heartbeat-minimal with the key 'interval_ms' present and 0 (signed as sent): a 0 "
+         "`interval_ms` is spelled by leaving the key out."),
+        ("malformed-interval-too-large", sorted_packed(resign({**hb_map, "interval_ms": 3_600_001}, "sig", A)),
+         "reject", "malformed", "A heartbeat whose 'interval_ms' is 3,600,001, above its bound of one hour (signed)."),
     ]
     bad += strictness_cases(hb, hb_map, man, man_map, sub)
     vectors = [refuse(*args) for args in bad]

@@ -53,6 +53,14 @@ STALL_TICKS = 2.0  # no event for this many promised tick gaps (and a heartbeat 
 # changes or the first live member's timeout passes. Its validity ends this many ulps before that
 # timeout, so float rounding of `now - last_seen` can never make the kept answer differ (issue 12).
 LIVE_CACHE_MARGIN_ULPS = 8
+# Paced heartbeats (election-v1 r5, rule 14): every heartbeat is flooded to every member, so a member's
+# inbound rate grows with the community. A member that is not the coordinator beats every
+# heartbeat_interval x live_members / heartbeat_fanin (never faster than heartbeat_interval, never
+# slower than max_heartbeat_interval), which holds each node's inbound heartbeat rate near
+# fanin / heartbeat_interval; the coordinator, and everyone while no coordinator is known, keep
+# heartbeat_interval, so failover is as fast as in a small community.
+DEFAULT_HEARTBEAT_FANIN = 8  # live members per heartbeat_interval before members slow down (0: never)
+DEFAULT_MAX_HEARTBEAT_INTERVAL_SECONDS = 30.0  # the slowest pace a member takes, and the most a receiver believes
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,8 @@ class ElectionConfig:
     # by gossip (a late subscriber's catch-up, an IWANT answer) does not make a dead node live.
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
     max_tick_gap: float = 0.0  # the host feeds an event at least this often (0 = no promise: rule 11 off)
+    heartbeat_fanin: int = DEFAULT_HEARTBEAT_FANIN  # rule 14 (0: every member beats every heartbeat_interval)
+    max_heartbeat_interval: float = DEFAULT_MAX_HEARTBEAT_INTERVAL_SECONDS  # rule 14
 
     def __post_init__(self) -> None:
         if self.mode not in ("elect", "fixed"):
@@ -82,6 +92,10 @@ class ElectionConfig:
             raise ConfigError("coordinator: max_members, term_history and max_term_jump must be >= 1")
         if not (math.isfinite(self.max_tick_gap) and self.max_tick_gap >= 0):
             raise ConfigError("coordinator: max_tick_gap must be finite and >= 0")
+        if self.heartbeat_fanin < 0:
+            raise ConfigError("coordinator.heartbeat_fanin must be >= 0")
+        if not (math.isfinite(self.max_heartbeat_interval) and self.max_heartbeat_interval >= self.heartbeat_interval):
+            raise ConfigError("coordinator: need max_heartbeat_interval >= heartbeat_interval")
 
     @property
     def stall_gap(self) -> float | None:
@@ -161,6 +175,7 @@ class _Member:
     claim: tuple[int, float] = (0, -1.0)  # (term, claimed_at) of the newest CoordinatorClaim heard
     gap: float = 0.0  # recent heartbeat inter-arrival gap: the latest, or the decayed larger one before it
     heartbeat_at: float = -1.0  # reception time of the last fresh heartbeat (-1: none yet)
+    interval: float = 0.0  # the pace its latest heartbeat declared (rule 14; 0: heartbeat_interval)
     heard: Heard | None = None  # its newest heartbeat (None: known from a claim only)
 
 
@@ -196,6 +211,20 @@ def unendorsed_members(heard: Mapping[str, Heard | None], live: Iterable[str], m
         elif now < since + wait and (h is None or h.term < term or h.coordinator_node_id != me):
             blockers.append(node_id)  # has not named us yet
     return frozenset(blockers)
+
+
+def paced_interval(heartbeat_interval: float, live: int, fanin: int, max_interval: float) -> float:
+    """election-v1 rule 14: a member's heartbeat period in a community of `live` live members."""
+    if fanin <= 0 or live <= fanin:
+        return heartbeat_interval
+    return min(max_interval, heartbeat_interval * live / fanin)
+
+
+def member_timeout(config: ElectionConfig, declared: float, gap: float) -> float:
+    """A member's timeout (rules 10 and 14): liveness_timeout scaled to the pace it declared (at most
+    max_heartbeat_interval), then stretched by rule 10 with its gaps counted against that pace."""
+    pace = min(max(declared, config.heartbeat_interval), config.max_heartbeat_interval)
+    return stretched_timeout(config.liveness_timeout * pace / config.heartbeat_interval, pace, gap)
 
 
 def stretched_timeout(liveness_timeout: float, heartbeat_interval: float, gap: float) -> float:
@@ -317,7 +346,18 @@ class ElectionState:
         return now - member.last_seen < self.timeout_of(member)
 
     def timeout_of(self, member: _Member) -> float:
-        return stretched_timeout(self.config.liveness_timeout, self.config.heartbeat_interval, member.gap)
+        return member_timeout(self.config, member.interval, member.gap)
+
+    def heartbeat_interval(self, now: float) -> float:
+        """Our own heartbeat period now (rule 14): heartbeat_interval while we coordinate or follow
+        no live coordinator (an election needs every member's voice at full pace), else paced by
+        the number of live members."""
+        c = self.config
+        coord = self.coordinator
+        if c.heartbeat_fanin <= 0 or coord is None or coord == self.node_id or not self.is_live(coord, now):
+            return c.heartbeat_interval
+        live = 1 + sum(1 for m in self.members.values() if self._is_live(m, now))  # every member beats, us too
+        return paced_interval(c.heartbeat_interval, live, c.heartbeat_fanin, c.max_heartbeat_interval)
 
     def heard(self) -> dict[str, Heard]:
         """Members whose heartbeat we heard, with what it said."""
@@ -387,7 +427,7 @@ class ElectionState:
         member = self.members.get(node_id)
         if member is None:
             if len(self.members) >= self.config.max_members:
-                stale = [n for n, m in self.members.items() if now - m.last_seen >= self.config.liveness_timeout]
+                stale = [n for n, m in self.members.items() if not self._is_live(m, now)]
                 if not stale:
                     return False
                 evicted = min(stale, key=lambda n: self.members[n].last_seen)
@@ -411,6 +451,9 @@ class ElectionState:
             return Validation(Verdict.IGNORE, "member_table_full", f"max_members={self.config.max_members}")
         member = self.members[hb.node_id]
         member.seq = hb.seq
+        if member.interval != hb.interval_ms / 1000:
+            member.interval = hb.interval_ms / 1000
+            self._member_changed(hb.node_id)
         member.heard = Heard.of(hb, now)  # receipt time: status shows when we heard it
         if hb.paused:
             self.paused.add(hb.node_id)

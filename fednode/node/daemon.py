@@ -15,6 +15,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -119,7 +120,9 @@ class Node:
             # Before a first claim, hear the community: the gossip mesh forms within a gossip heartbeat,
             # then every live member's heartbeat arrives (with the term and coordinator it follows).
             startup_grace=liveness + config.network.gossip_heartbeat_seconds,
-            max_tick_gap=MAX_TIMER_SLEEP_SECONDS), now=clock(),  # the timer loop's promise (rule 11)
+            max_tick_gap=MAX_TIMER_SLEEP_SECONDS,  # the timer loop's promise (rule 11)
+            heartbeat_fanin=c.heartbeat_fanin,  # rule 14
+            max_heartbeat_interval=max(c.max_heartbeat_interval_seconds, c.heartbeat_interval_seconds)), now=clock(),
             federated=self.enabled, known_term=self.db.highest_term())  # rule 12: a restart keeps the term
         self._saved_term = self.election.term  # the highest term in state.sqlite (rule 12)
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
@@ -135,6 +138,7 @@ class Node:
         # peers ignore a heartbeat whose seq is not above the last they heard (replays, N8).
         self._seq = min(max(0, int(clock() * 1_000_000)), MAX_HEARTBEAT_SEQ_START)
         self._wake = trio.Event()
+        self._beat_now = trio.Event()  # set when the next heartbeat should go out early (a new coordinator)
         self._syncing: set[str] = set()
         self.started = trio.Event()
 
@@ -337,6 +341,7 @@ class Node:
                 self._save_term(effect.term)
                 self.driver.on_coordinator_changed(effect)
                 self._wake.set()
+                self._beat_now.set()
         return outcome.validation
 
     # -- gossip out --------------------------------------------------------------------------
@@ -361,8 +366,10 @@ class Node:
         return latest.round_number if latest else 0
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.config.coordinator.heartbeat_interval_seconds
+        base = self.config.coordinator.heartbeat_interval_seconds
         while True:
+            # election-v1 rule 14: paced by the community's size unless we coordinate (or none is known)
+            interval = self.election.heartbeat_interval(self.clock())
             term, coordinator = self.election.heartbeat_fields()
             open_round = self.driver.open_round()
             latest = self.db.latest_published()
@@ -372,10 +379,18 @@ class Node:
                 sent_at=self.clock(), federated_learning=self.enabled, coordinator_node_id=coordinator,
                 last_round_number=latest.round_number if latest else 0,
                 latest_merged_sha256=latest.merged_sha256 if latest else "",
-                open_round_id=open_round.round_id if open_round else "", paused=self.disk.paused), self.identity)
+                open_round_id=open_round.round_id if open_round else "", paused=self.disk.paused,
+                interval_ms=0 if interval <= base else math.ceil(interval * 1000)), self.identity)
             with contextlib.suppress(Exception):
                 await self.publish(hb)
-            await trio.sleep(interval)
+            sent = trio.current_time()
+            self._beat_now = trio.Event()
+            with trio.move_on_after(interval):
+                # A new coordinator is answered (named) in the next heartbeat, at once (rule 14: a paced
+                # member would keep a new coordinator waiting up to its pace, rule 13), but never sooner
+                # than heartbeat_interval after the last one, whatever a flood of claims does.
+                await self._beat_now.wait()
+                await trio.sleep_until(sent + base)
 
     # -- clocks ------------------------------------------------------------------------------
     async def _timer_loop(self) -> None:

@@ -30,6 +30,7 @@ MAX_NUM_SAMPLES = 2**40
 MAX_BLOB_SIZE_LIMIT = 2**40
 MAX_TERM = 2**53
 MAX_REASON_CHARS = 200
+MAX_HEARTBEAT_INTERVAL_MS = 3_600_000  # a heartbeat may declare a pace of at most one hour (receivers cap it lower)
 
 
 VERSION = "`uint`; v1 sends `1` (others: IGNORE `unsupported_version`)"
@@ -107,6 +108,11 @@ class Heartbeat(Message):
                           doc="the sender has paused participation (e.g. its disk is full): a coordinator "
                           "does not wait for its update ([close early](#round-lifecycle)); it is still a live "
                           "member and a candidate (election-v1.md)")
+    interval_ms: int = f.wire("uint", 0, lo=0, hi=MAX_HEARTBEAT_INTERVAL_MS, omit_default=True,
+                              note="the key is absent when `0` (envelope-v1.md rule 1)",
+                              doc="the sender's heartbeat period in milliseconds when it paces slower than the "
+                              "community's `heartbeat_interval` (a member of a large community, election-v1.md "
+                              "rule 14); `0`: it beats every `heartbeat_interval`")
     version: int = _version()
     sig: bytes = f.wire("sig", b"", doc="Ed25519 signature of `node_id`")
 
