@@ -9,7 +9,7 @@ import trio
 
 from fednode.errors import LocalProtocolError, PeerUnavailable
 from fednode.identity import Identity
-from fednode.transport.memory import MemoryLimits, MemoryNetwork, open_memory_transport
+from fednode.transport.memory import MemoryLimits, MemoryNetwork, _Envelope, open_memory_transport
 from fednode.transport.testing import open_transports
 
 TOPIC = "fednode/test/1"
@@ -124,3 +124,16 @@ async def test_streams_add_gossip_links_only_below_the_mesh_degree_bound(autojum
         assert len(hub.peers()) == 3
         net.link(hub.local_peer_id, others[-1].local_peer_id)  # an explicit link is not bounded
         assert len(hub.peers()) == 4
+
+
+async def test_a_full_neighbour_queue_drops_and_counts(autojump_clock: trio.abc.Clock) -> None:
+    """A node's inbound queue (a per-peer send queue in libp2p) holds `inbound_queue` messages; what
+    arrives while it is full is dropped and counted by the sender."""
+    limits = MemoryLimits(inbound_queue=4)
+    async with open_transports("memory", 2, "mesh", limits=limits) as (a, b):
+        sub = await b.subscribe(TOPIC)
+        for i in range(10):  # no checkpoint in between: b's gossip task cannot drain its queue meanwhile
+            a._handle(_Envelope((a.local_peer_id, 1_000_000 + i), TOPIC, b"%d" % i, a.local_peer_id))
+        await trio.sleep(0.1)
+        assert a.statistics().dropped == 6
+        assert await drain(sub) == 4
