@@ -4,7 +4,12 @@ default config's 2 s heartbeats; the harness's round settings: a round waits for
 --sizes, --attempts runs each.
 
 Per run, measured side by side:
-  up_seconds       - from the process start (Popen) to its "running" line in log.txt, per daemon
+  up_seconds       - from the process start (Popen) to its "running" line in log.txt, per daemon.
+                     By default daemons start one at a time, each once the one before is up (members
+                     join a community one by one, each on its own machine): the figure is a daemon's
+                     start on a box that runs the others idle. --start together starts all but the
+                     two bootstrap peers at once: then it measures N start-ups sharing 2 cores
+                     (~2.3 s of CPU each), not one daemon's.
   up_cpu_seconds   - the CPU time (user + sys, /proc/<pid>/stat) the daemon had used by then
   rounds           - rounds every daemon installed within --round-timeout
   overhead         - per round: manifest created_at to the last daemon's record finished_at (merged
@@ -86,7 +91,8 @@ def start_timed(cluster: LocalCluster, nodes: list[NodeProcess], started: dict[i
         cluster.start([node])
 
 
-async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float, root: Path) -> dict[str, Any]:
+async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float, root: Path,
+                  together: bool = False) -> dict[str, Any]:
     opts = HarnessOptions(nodes=n, rounds=rounds)
     overrides = default_overrides(opts)
     # The issue measures the default config: drop the harness's 1 s heartbeats (a 2.5 s liveness that
@@ -100,8 +106,13 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
         start_timed(cluster, cluster.nodes[:2], started)  # the bootstrap peers first, as the harness does
         up: dict[int, tuple[float, float]] = {}
         await wait_up(cluster.nodes[:2], started, 60.0, up)
-        start_timed(cluster, cluster.nodes[2:], started)
-        await wait_up(cluster.nodes, started, 180.0, up)
+        if together:
+            start_timed(cluster, cluster.nodes[2:], started)
+            await wait_up(cluster.nodes, started, 180.0, up)
+        else:
+            for node in cluster.nodes[2:]:
+                start_timed(cluster, [node], started)
+                await wait_up([node], started, 60.0, up)
         out["up_seconds"] = [round(up[i][0], 2) for i in sorted(up)]
         out["up_cpu_seconds"] = [round(up[i][1], 2) for i in sorted(up)]
         t0 = time.monotonic()
@@ -197,6 +208,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--round-timeout", type=float, default=300.0, help="seconds for all rounds of one run")
+    ap.add_argument("--start", choices=("one-by-one", "together"), default="one-by-one",
+                    help="start daemons one at a time (each once the previous is up; the default) or all at once")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     by_n: dict[int, dict[str, Any]] = {}
@@ -206,7 +219,7 @@ def main() -> None:
             runs = runs_by_n.setdefault(n, [])
             for attempt in range(args.attempts):
                 run = trio.run(one_run, n, args.rounds, args.idle_seconds, args.round_timeout,
-                               Path(tmp) / f"n{n}-a{attempt}")
+                               Path(tmp) / f"n{n}-a{attempt}", args.start == "together")
                 runs.append(run)
                 print(f"N={n:3d} attempt {attempt + 1}/{args.attempts}: passed={run['passed']} "
                       f"rounds={run.get('rounds_completed')} overhead={run.get('overhead_seconds')} "
@@ -223,7 +236,7 @@ def main() -> None:
               f"{s['up_median_s']!s:>5}/{s['up_max_s']!s:<6} {s['up_cpu_median_s']!s:>11} "
               f"{s['idle_cpu_pct_median']!s:>9}/{s['idle_cpu_pct_max']!s:<9} {s['rss_mib_median']!s:>8} {s['terms']}")
     figures = {"sizes": {str(n): s for n, s in by_n.items()}, "rounds": args.rounds,
-               "idle_seconds": args.idle_seconds, "loadavg_at_end": list(os.getloadavg()),
+               "idle_seconds": args.idle_seconds, "start": args.start, "loadavg_at_end": list(os.getloadavg()),
                "runs": {str(n): r for n, r in runs_by_n.items()}}
     figures["goals"] = goals(by_n, args.rounds)
     print(f"goals: {figures['goals']}")
