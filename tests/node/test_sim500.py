@@ -7,9 +7,10 @@ re-trained by a fresh FakeTrainer, averaged in float64 by `checks.fedavg_float64
 fednode.aggregation).
 
 Settings (documented, chosen for wall time on 2 shared cores, not to hide anything):
-- heartbeats every 20 virtual s (liveness 50 s): every heartbeat is flooded to and verified by all
-  ~500 nodes, so at 1 s the simulation would spend its time on 250,000 signature checks a virtual
-  second; rounds still close early once every live member has submitted;
+- heartbeats every 20 virtual s (liveness 50 s) for the coordinator; the members pace theirs by the
+  community's size (election-v1 rule 14, the default heartbeat_fanin 8), i.e. every 30 s
+  (max_heartbeat_interval): every heartbeat is flooded to and handled by all ~500 nodes in this one
+  process; rounds still close early once every live member has submitted;
 - the coordinator is never among the leavers (an election costs a liveness timeout; test_fork,
   test_crash and tests/chaos cover coordinator loss);
 - sqlite without fsync (test_sim50's `no_fsync`): durability is test_crash's subject.
@@ -17,6 +18,7 @@ Settings (documented, chosen for wall time on 2 shared cores, not to hide anythi
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import time
@@ -37,6 +39,7 @@ CHURN_FRACTION = 0.10  # of the live nodes, after every round: this many leave a
 LINK_DEGREE = 3
 HEARTBEAT_SECONDS = 20.0
 ROUND_TIMEOUT_SECONDS = 600.0
+PROGRESS_SECONDS = 60.0  # virtual seconds between progress lines (run with -s to see them)
 PAUSE_SECONDS = 2 * HEARTBEAT_SECONDS  # between rounds: the churn happens here, and joiners hear the coordinator
 # A gross-regression guard, not a goal: every node handles every message, so one process does
 # O(nodes^2) work per round (200 nodes, 3 rounds: ~185 s alone on this 2-core box).
@@ -86,6 +89,7 @@ async def churn_sim(tmp_path: Path, autojump_clock: Any, n_nodes: int, n_rounds:
         # an announce naming up to max_participants contributions must fit in one message (~164 B each)
         "network": {"max_message_bytes": 4 * 65536}}
     async with cluster(tmp_path, auto_link_degree=LINK_DEGREE) as c:
+        c.nursery.start_soon(_report_progress, c, wall)
         for i in range(n_nodes):
             await c.start(i, ever, **sections)
         index_of = {node.node_id: i for i, node in c.nodes.items()}
@@ -119,6 +123,8 @@ async def churn_sim(tmp_path: Path, autojump_clock: Any, n_nodes: int, n_rounds:
                 raise AssertionError(f"round {number}: (node, joined before round, installed, opened) behind: "
                                      f"{behind}") from None
             assert installed(c.nodes[min(live)]) == number, "the next round opened before the churn"
+            print(f"churn sim: round {number}/{n_rounds} installed by {len(live)} live nodes after "
+                  f"{time.monotonic() - wall:.0f} s wall", flush=True)
         survivors = [c.nodes[i] for i in sorted(live)]
         final = check_round_agreement(survivors, n_rounds)  # every live node installed the same adapter
         # each round: the nodes that hold its record agree on it, and it is the FedAvg of its updates
@@ -140,6 +146,21 @@ async def churn_sim(tmp_path: Path, autojump_clock: Any, n_nodes: int, n_rounds:
     elapsed = time.monotonic() - wall
     print(f"churn sim: {n_nodes} nodes, {n_rounds} rounds, churn {churn}/round: {elapsed:.1f} s wall")
     assert elapsed < budget, elapsed
+
+
+async def _report_progress(c: Any, wall: float) -> None:
+    """Every PROGRESS_SECONDS of virtual time: what the live nodes agree on (a long run shows where it is)."""
+    while True:
+        await trio.sleep(PROGRESS_SECONDS)
+        nodes = [n for i, n in c.nodes.items() if not c.scopes[i].cancel_called]
+        coordinators = collections.Counter(n.driver.coordinator for n in nodes)
+        rounds = [installed(n) for n in nodes]
+        term = max((n.election.term for n in nodes), default=0)
+        working = sum(1 for n in nodes if n.driver.open_round())
+        print(f"churn sim: t={trio.current_time():.0f} s virtual, {time.monotonic() - wall:.0f} s wall: "
+              f"{len(nodes)} live, coordinators {len(coordinators) - (None in coordinators)} "
+              f"(+{coordinators[None]} none), max term {term}, in a round {working}, "
+              f"installed {min(rounds, default=0)}..{max(rounds, default=0)}", flush=True)
 
 
 def installed(node: Node) -> int:
