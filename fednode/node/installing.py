@@ -252,7 +252,7 @@ class Installing(BlobIO):
         job = self.jobs.get(state.round_id)
         for data in (row.outcome if row is not None else None, job.unsaved_outcome if job is not None else None):
             if data:
-                announce = codec.decode(data)
+                announce = self.decode_stored(data)
                 if isinstance(announce, AggregateAnnounce) and announce.merged_sha256 == sha:
                     return announce
         return None

@@ -12,7 +12,6 @@ from fednode.consensus import InstallAdapter, RoundState, SyncAnswered, Tick
 from fednode.consensus.round_book import PausedWork, resume_after_pause_effects
 from fednode.errors import DiskFull, FednodeError
 from fednode.node.aggregating import Aggregating
-from fednode.wire import codec
 from fednode.wire.messages import AggregateAnnounce, RoundFailed, RoundManifest
 
 if TYPE_CHECKING:
@@ -29,7 +28,7 @@ class Recovery(Aggregating):
         for row in self.db.unfinished_rounds():
             snap = self.db.load_snapshot(row.round_id)
             if snap is None:
-                manifest = codec.decode(row.manifest)
+                manifest = self.decode_stored(row.manifest)
                 assert isinstance(manifest, RoundManifest)
                 state = RoundState(manifest, node_id=self.me, reannounce_seconds=self._reannounce_seconds)
             else:
@@ -81,7 +80,7 @@ class Recovery(Aggregating):
         """A coordinator restarted after aggregating: announce again (same merged blob) and install."""
         row = self.db.get_round(state.round_id)
         if row is not None and row.outcome:
-            await self._publish_saved_outcome(codec.decode(row.outcome))
+            await self._publish_saved_outcome(self.decode_stored(row.outcome))
         else:
             await self._publish_aggregate(state)
         await self._install(InstallAdapter(state.round_id, state.merged_sha256, state.merged_size))
