@@ -157,10 +157,12 @@ async def _report_progress(c: Any, wall: float) -> None:
         rounds = [installed(n) for n in nodes]
         term = max((n.election.term for n in nodes), default=0)
         working = sum(1 for n in nodes if n.driver.open_round())
+        phases = collections.Counter(f"r{latest.manifest.round_number}:{latest.phase.name.lower()}"
+                                     for n in nodes if (latest := n.driver.book.latest()) is not None)
         print(f"churn sim: t={trio.current_time():.0f} s virtual, {time.monotonic() - wall:.0f} s wall: "
               f"{len(nodes)} live, coordinators {len(coordinators) - (None in coordinators)} "
               f"(+{coordinators[None]} none), max term {term}, in a round {working}, "
-              f"installed {min(rounds, default=0)}..{max(rounds, default=0)}", flush=True)
+              f"installed {min(rounds, default=0)}..{max(rounds, default=0)}, latest rounds {dict(phases)}", flush=True)
 
 
 def installed(node: Node) -> int:
