@@ -70,16 +70,12 @@ def is_fake_layout(data: bytes | bytearray | memoryview) -> bool:
 
 def fake_flat(data: bytes | bytearray | memoryview) -> np.ndarray:
     """The blob's tensors as one owned float32 vector (key order). Caller checked `is_fake_layout`."""
-
-
     import numpy as np
     return np.frombuffer(bytes(data), dtype="<f4", offset=len(FAKE_PREFIX), count=_NUMEL).astype(np.float32)
 
 
 def fake_dump(flat: np.ndarray) -> bytes:
     """Safetensors bytes of a float32 vector in the fake layout's key order."""
-
-
     import numpy as np
     return FAKE_PREFIX + np.ascontiguousarray(flat, dtype="<f4").tobytes()
 
@@ -120,7 +116,6 @@ class FakeTrainer:
         return TrainOutput(fake_dump(out), self.num_samples, {"loss": 1.0 / max(steps, 1)})
 
     def evaluate(self, adapter: bytes | None) -> dict[str, float]:
-
         import numpy as np
         if adapter is None:
             return {"accuracy": 0.0, "loss": 1.0, "n": 1}
@@ -129,7 +124,6 @@ class FakeTrainer:
         return {"accuracy": 1.0 / (1.0 + norm), "loss": norm, "n": 1}
 
     def check_update(self, delta_bytes: bytes, *, max_norm: float) -> None:
-
         import numpy as np
         if not is_fake_layout(delta_bytes):
             _torch_check(delta_bytes, max_norm)  # raises, naming the key and the problem
@@ -161,8 +155,6 @@ class FakeTrainer:
 
 
 def _torch_flat(data: bytes) -> np.ndarray:
-
-
     import numpy as np
 
     from fednode.aggregation.delta import load_delta
@@ -184,8 +176,6 @@ def fake_fedavg(datas: Sequence[bytes], weights: Sequence[float]) -> bytes | Non
     """FedAvg (sum_i w_i u_i / sum_i w_i, in float64, stored fp32) of fake-layout blobs, without
     torch; None when any blob is not of the fake layout or a weight is unusable (the caller then
     aggregates with `fednode.aggregation`, which raises the precise error)."""
-
-
     import numpy as np
     if not datas or len(datas) != len(weights) or not all(is_fake_layout(d) for d in datas):
         return None

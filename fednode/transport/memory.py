@@ -272,9 +272,8 @@ class MemoryTransport:
             other = self._network._node(other_id)
             # A neighbour that handled the message already would drop it as a duplicate: not sending
             # it saves a queue slot and a wake-up per link (most of a flood's cost in one process).
-            if other is None or env.msg_id in other._seen or not other._is_subscribed(env.topic):
-                continue
-            if other._halted is not None:
+            if (other is None or other._halted is not None or env.msg_id in other._seen
+                    or not other._is_subscribed(env.topic)):
                 continue
             if len(other._inbox) >= other.limits.inbound_queue:
                 self._counters.count_drop("send queue to %s is full", other_id)
