@@ -15,6 +15,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import trio
+import trio.testing
+
 from fednode.blobs.serve import DEFAULT_MAX_STREAMS_PER_PEER
 from fednode.identity import Identity
 from fednode.node.daemon import MAX_HOLDERS_TRACKED, Node
@@ -53,7 +56,13 @@ class Federation:
     adversary: Adversary | None
 
     async def wait_rounds(self, n: int = ROUNDS) -> None:
+        """Until every node completed n rounds and handled the gossip queued for it meanwhile.
+
+        The rounds can end before an attack's last messages leave the nodes' inbound queues; a test
+        that counts verdicts right after would miss them (seen: one Sybil heartbeat of 300).
+        """
         await wait_until(lambda: all(node.driver.progress.rounds_completed >= n for node in self.nodes))
+        await trio.testing.wait_all_tasks_blocked()
 
     def merged(self) -> list[str]:
         """Merged sha256 of every round, after checking that every node holds and installed it."""
