@@ -116,6 +116,7 @@ class Libp2pTransport:
         self._counters = GossipCounters()
         self._subscriptions: dict[str, list[BufferedSubscription]] = collections.defaultdict(list)
         self._nursery: trio.Nursery | None = None
+        self.discovery = DiscoveryState([])  # link upkeep's state (replaced when the transport opens)
         self._halted: str | None = None
         install_drop_counters(pubsub, router, self._counters, outbound_queue_size=limits.outbound_queue_size)
         replace_delivery(pubsub, self._deliver)
@@ -360,8 +361,9 @@ async def open_libp2p_transport(
             await pubsub.wait_until_ready()
             async with trio.open_nursery() as nursery:
                 transport._nursery = nursery
+                transport.discovery = DiscoveryState(bootstrap_infos)
                 await nursery.start(lambda task_status: maintain_links(
-                    host, DiscoveryState(bootstrap_infos),
+                    host, transport.discovery,
                     interval=limits.maintenance_interval, dial_timeout=limits.dial_timeout,
                     backoff_min=limits.reconnect_backoff_min, backoff_max=limits.reconnect_backoff_max,
                     target_peers=limits.target_peers, peer_exchange=limits.peer_exchange,

@@ -9,9 +9,10 @@ peers it is connected to, with the addresses their identify exchange announced (
 0.0.0.0 / :: is rewritten to the IP their connection comes from: `dialable_addrs`), then closes.
 
 Upkeep (`maintain_links`), every `interval` seconds: dial bootstrap addresses that are not
-connected, concurrently, each with exponential backoff (min..max) after a failure; ask one
-connected peer for its peers; while below `target_peers`, dial peers learned that way (same
-backoff). A dropped link to a bootstrap peer is therefore re-dialled with backoff.
+connected, concurrently, each with exponential backoff (min..max) after a failure; while below
+`target_peers`, ask one connected peer for its peers (less often while that teaches nothing new:
+`ExchangePacer`) and dial peers learned that way (same backoff). A dropped link to a bootstrap peer
+is therefore re-dialled with backoff.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ PEER_EXCHANGE_PROTOCOL = protocol("/fednode/peers/1.0.0")
 MAX_ADDRS_PER_PEER = 8
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_CONCURRENT_DIALS = 32
+# An exchange that taught nothing new doubles the wait before the next one, from `interval` up to
+# this; news or a lost link brings it back to `interval`. Asking every 2 s for ever in a community of
+# fewer than `target_peers` was a new stream every cycle: about 15% of an idle daemon's CPU (py-spy).
+PEER_EXCHANGE_MAX_INTERVAL = 60.0
 DIAL_FAILURE_LOG_EVERY = 10  # a peer's repeated dial failures are logged at INFO once per this many
 PEER_EXCHANGE_SERVE_TIMEOUT = 10.0  # seconds an answer may take to leave before the stream is reset
 
@@ -63,12 +68,37 @@ class _Backoff:
 
 
 @dataclass(slots=True)
+class ExchangePacer:
+    """When to ask for peers next: every `interval` while that teaches something, else less often."""
+
+    interval: float
+    max_interval: float = PEER_EXCHANGE_MAX_INTERVAL
+    wait: float = 0.0  # the current spacing; 0 until the first exchange
+    next_at: float = 0.0
+    connected: int = 0  # connected peers when last asked
+
+    def due(self, now: float, connected: int) -> bool:
+        if connected < self.connected:  # a link was lost: what others know may replace it
+            self.wait, self.next_at = 0.0, now
+        self.connected = connected
+        return now >= self.next_at
+
+    def asked(self, now: float, learned_something: bool) -> None:
+        if learned_something or self.wait == 0.0:
+            self.wait = self.interval
+        else:
+            self.wait = min(self.max_interval, 2.0 * self.wait)
+        self.next_at = now + self.wait
+
+
+@dataclass(slots=True)
 class DiscoveryState:
     bootstrap: list[PeerInfo]
     known: dict[ID, list[Multiaddr]] = field(default_factory=dict)
     backoff: dict[ID, _Backoff] = field(default_factory=dict)
     dials_ok: int = 0
     dials_failed: int = 0
+    exchanges: int = 0  # peer-exchange round trips asked for
 
 
 def parse_bootstrap(addrs: list[str]) -> list[PeerInfo]:
@@ -305,6 +335,7 @@ async def maintain_links(
         finally:
             running -= 1
 
+    pacer = ExchangePacer(interval)
     async with trio.open_nursery() as nursery:
         first = True
         while True:
@@ -312,8 +343,12 @@ async def maintain_links(
             connected = {p for p, conns in host.get_network().connections.items() if conns}
             to_dial = [i for i in state.bootstrap if due(i.peer_id)]
             if peer_exchange and connected and len(connected) < target_peers:
-                found = await ask_for_peers(host, random.choice(list(connected)), max_peers, dial_timeout)
-                state.known.update(found)
+                if pacer.due(trio.current_time(), len(connected)):
+                    found = await ask_for_peers(host, random.choice(list(connected)), max_peers, dial_timeout)
+                    state.exchanges += 1
+                    news = any(p != me and p not in connected and p not in state.known for p in found)
+                    state.known.update(found)
+                    pacer.asked(trio.current_time(), news)
                 room = target_peers - len(connected) - len(to_dial)
                 chosen = {i.peer_id for i in to_dial}
                 extra = [PeerInfo(p, a) for p, a in state.known.items() if due(p) and p not in chosen]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import time
@@ -27,6 +28,7 @@ from fednode.transport.libp2p_discovery import (
     DIAL_FAILURE_LOG_EVERY,
     PEER_EXCHANGE_PROTOCOL,
     PEER_EXCHANGE_SERVE_TIMEOUT,
+    ExchangePacer,
     ask_for_peers,
     dialable_addrs,
     make_peer_exchange_handler,
@@ -61,6 +63,35 @@ async def test_peer_exchange_links_beyond_bootstrap() -> None:
     limits = Libp2pLimits(maintenance_interval=0.2)
     async with open_transports("libp2p", 3, "line", limits=limits) as (a, _b, c):
         await wait_until(lambda: a.local_peer_id in c.peers(), timeout=20)
+
+
+def test_peer_exchange_slows_down_while_it_teaches_nothing_and_speeds_up_on_news_or_a_lost_link() -> None:
+    pacer = ExchangePacer(interval=2.0, max_interval=60.0)
+    now, asked = 0.0, []
+    while now < 300.0:
+        if pacer.due(now, connected=3):
+            asked.append(now)
+            pacer.asked(now, learned_something=False)
+        now += 2.0
+    assert asked[:6] == [0.0, 2.0, 6.0, 14.0, 30.0, 62.0]
+    assert all(b - a == 60.0 for a, b in itertools.pairwise(asked[5:]))  # capped
+    pacer.asked(now, learned_something=True)
+    assert pacer.due(now + 2.0, connected=3)
+    pacer.asked(now + 2.0, learned_something=False)
+    assert not pacer.due(now + 4.0, connected=3)
+    assert pacer.due(now + 4.0, connected=2)  # a link was lost: ask at once
+
+
+async def test_a_small_community_stops_asking_for_peers_every_cycle() -> None:
+    """Three nodes (fewer than target_peers) linked to each other: over 40 maintenance cycles each
+    asks a handful of times, not 40 (before: one new stream per cycle for ever)."""
+    limits = Libp2pLimits(maintenance_interval=0.1)
+    async with open_transports("libp2p", 3, "line", limits=limits) as ts:
+        await wait_until(lambda: all(len(t.peers()) == 2 for t in ts), timeout=20)
+        before = [t.discovery.exchanges for t in ts]  # type: ignore[attr-defined]
+        await trio.sleep(40 * 0.1)
+        asked = [t.discovery.exchanges - b for t, b in zip(ts, before, strict=True)]  # type: ignore[attr-defined]
+        assert all(a <= 8 for a in asked), asked
 
 
 async def test_dropped_bootstrap_link_is_redialled() -> None:
