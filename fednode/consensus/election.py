@@ -134,9 +134,11 @@ ElectionEvent = HeartbeatSeen | ClaimSeen | Tick
 
 @dataclass(frozen=True, slots=True)
 class PublishClaim(Effect):
-    """Sign and publish a CoordinatorClaim for `term` (we are its candidate)."""
+    """Sign and publish a CoordinatorClaim for `term` (we are its candidate); `reason`, in words,
+    is why we follow no live coordinator (for the log)."""
 
     term: int
+    reason: str = dataclasses.field(default="", compare=False)
 
 
 
@@ -543,8 +545,19 @@ class ElectionState:
             self._pending = (target, since)
         if self.federated and target <= MAX_TERM and (self.reclaim or self.candidate(target, now) == self.node_id):
             self.reclaim = False
-            effects.append(PublishClaim(target))
+            effects.append(PublishClaim(target, self.suspicion(now)))
             self._on_claim(target, self.node_id, now, effects)
+
+    def suspicion(self, now: float) -> str:
+        """Why this node follows no live coordinator now, in words (for the log line of a claim)."""
+        coord = self.coordinator
+        if coord is None:
+            return f"no coordinator known for term {self.term}"
+        member = self.members.get(coord)
+        if member is None:
+            return f"coordinator {coord[-8:]} of term {self.term} never heard"
+        return (f"coordinator {coord[-8:]} of term {self.term} last heard {now - member.last_seen:.1f} s ago "
+                f"(timeout {self.timeout_of(member):.1f} s); live members: {len(self.live_members(now))}")
 
     def heartbeat_fields(self) -> tuple[int, str]:
         """(term, coordinator_node_id) to put into our next Heartbeat."""

@@ -332,6 +332,7 @@ class Node:
         outcome = self.election.handle(event)
         for effect in outcome.effects:
             if isinstance(effect, PublishClaim):
+                logger.info("claiming term %d: %s", effect.term, effect.reason)
                 claim = codec.sign(CoordinatorClaim(
                     community_id=self.config.community.id, node_id=self.node_id, term=effect.term,
                     claimed_at=self.clock(), last_round_number=self._last_round_number()), self.identity)

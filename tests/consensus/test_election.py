@@ -532,3 +532,17 @@ def test_a_restarted_coordinator_with_an_open_round_claims_the_next_term_after_i
     for who in (a, b):
         plain.handle(HeartbeatSeen(hb(who, EPOCH + 2, term=3, coordinator=me), EPOCH + 2))
     assert PublishClaim(4) not in plain.handle(Tick(EPOCH + CONFIG.liveness_timeout + 0.1)).effects
+
+
+def test_a_claim_says_in_words_why_its_node_follows_no_live_coordinator() -> None:
+    """The daemon logs `PublishClaim.reason` ("claiming term 2: ..."): a run with many terms can be read."""
+    me, c = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    state.handle(HeartbeatSeen(hb(c, EPOCH, term=1, coordinator=c), EPOCH))
+    state.handle(ClaimSeen(claim(c, 1, EPOCH), EPOCH))
+    assert state.coordinator == c
+    out = state.handle(Tick(EPOCH + 3.0))
+    [published] = [e for e in out.effects if isinstance(e, PublishClaim)]
+    assert published == PublishClaim(2)
+    assert published.reason == f"coordinator {c[-8:]} of term 1 last heard 3.0 s ago (timeout 2.5 s); live members: 1"
+    assert ElectionState(me, CONFIG, now=EPOCH).suspicion(EPOCH) == "no coordinator known for term 0"
