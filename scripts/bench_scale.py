@@ -25,6 +25,7 @@ from them (issue 12): 32 daemons complete 5 rounds in every attempt; median over
 <= 0.5 s at 4; at most one election term per run; idle CPU <= 1 % of a core per daemon; start <= 3 s.
 
     python scripts/bench_scale.py [--sizes 4,8,16,32] [--attempts 5] [--rounds 5] [--idle-seconds 60]
+                                  [--start one-by-one|together] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -210,11 +211,14 @@ def main() -> None:
     ap.add_argument("--round-timeout", type=float, default=300.0, help="seconds for all rounds of one run")
     ap.add_argument("--start", choices=("one-by-one", "together"), default="one-by-one",
                     help="start daemons one at a time (each once the previous is up; the default) or all at once")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep each run's daemon configs, logs and data dirs under this folder (default: deleted)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     by_n: dict[int, dict[str, Any]] = {}
     runs_by_n: dict[int, list[dict[str, Any]]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_scale.") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_scale.") as scratch:
+        tmp = str(args.keep) if args.keep is not None else scratch
         for n in sizes:
             runs = runs_by_n.setdefault(n, [])
             for attempt in range(args.attempts):

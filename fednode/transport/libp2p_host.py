@@ -132,6 +132,27 @@ def bound_replays(router: GossipSub, cache: BoundedMessageCache) -> None:
     router.send_recent_messages = send_recent_bounded  # type: ignore[method-assign]
 
 
+def back_off_pruned_peers(router: GossipSub) -> None:
+    """Make the router's heartbeat back off from the peers it prunes, as gossipsub v1.1 says both
+    sides do ("both the pruned and the pruning peer add a backoff period from each other").
+
+    py-libp2p 0.8.1 adds the backoff only on the pruned side (`handle_prune`). The pruning side
+    grafts the same peer again as soon as its own mesh falls below D_lo; the pruned side, which
+    received the PRUNE less than 10 s before, calls that a "GRAFT flood", answers PRUNE and both back
+    off for 60 s. With 32 daemons (issue 12) the hubs' over-full meshes churned that way until late
+    members were left with no mesh peer and heard no heartbeat for 15 s: 12 election terms."""
+    mesh_heartbeat = router.mesh_heartbeat
+
+    def mesh_heartbeat_with_backoff() -> tuple[Any, Any]:
+        to_graft, to_prune = mesh_heartbeat()
+        for peer, topics in to_prune.items():
+            for topic in topics:
+                router._add_back_off(peer, topic, False)
+        return to_graft, to_prune
+
+    router.mesh_heartbeat = mesh_heartbeat_with_backoff  # type: ignore[method-assign]
+
+
 def skip_small_idontwant(router: GossipSub, threshold: int = IDONTWANT_MESSAGE_THRESHOLD_BYTES) -> None:
     """Make the router send IDONTWANT only for messages of at least `threshold` bytes.
     `GossipSub.publish` calls `self._emit_idontwant_for_message` at its first await, so a one-shot
@@ -239,6 +260,7 @@ def make_gossipsub(
     )
     bound_replays(router, BoundedMessageCache(gossip_window, gossip_history, gossip_max_age, clock))
     skip_small_idontwant(router)  # idle CPU: no IDONTWANT per heartbeat (go-libp2p's threshold)
+    back_off_pruned_peers(router)  # mesh churn at 32 daemons: the gossipsub v1.1 rule py-libp2p misses
     return router
 
 

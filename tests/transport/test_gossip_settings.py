@@ -178,3 +178,44 @@ def test_py_libp2p_publish_still_emits_idontwant_at_its_first_await() -> None:
     source = inspect.getsource(GossipSub.publish)
     first_await = source[source.index("await "):].split("\n", 1)[0]
     assert "self._emit_idontwant_for_message(" in first_await, first_await
+
+
+def _over_full_mesh(router: GossipSub, n: int) -> list[ID]:
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12
+
+    peers = [ID(Identity.from_seed(bytes([i]) * 32).node_id.encode()) for i in range(n)]
+    router.pubsub = SimpleNamespace(peer_topics={TOPIC: set(peers)})  # type: ignore[assignment]
+    router.peer_protocol = dict.fromkeys(peers, PROTOCOL_ID_V12)
+    router.mesh[TOPIC] = set(peers)
+    return peers
+
+
+def test_a_heartbeat_backs_off_from_the_peers_it_prunes_and_does_not_graft_them_again() -> None:
+    """gossipsub v1.1: the pruning side backs off too. py-libp2p 0.8.1 did not, re-grafted a pruned peer
+    as soon as its mesh fell below D_lo, and the pruned peer (within 10 s of the PRUNE) called it a
+    "GRAFT flood": at 32 daemons the meshes churned until late members heard nobody (issue 12)."""
+    router = router_for_test()
+    peers = _over_full_mesh(router, 14)  # > D_hi = 12: prune down to D = 6
+    _, to_prune = router.mesh_heartbeat()
+    pruned = set(to_prune)
+    assert len(pruned) == 8 and all(router._check_back_off(p, TOPIC) for p in pruned)
+    # all but one kept peer go away: below D_lo, the heartbeat grafts, but none of the pruned peers
+    stays = next(p for p in peers if p not in pruned)
+    router.mesh[TOPIC] = set()
+    router.pubsub.peer_topics[TOPIC] = pruned | {stays}  # type: ignore[union-attr]
+    to_graft, _ = router.mesh_heartbeat()
+    assert set(to_graft) == {stays}
+
+
+def test_control_py_libp2p_alone_grafts_the_peers_it_just_pruned() -> None:
+    """The same heartbeat on py-libp2p's own router (what the test above guards against)."""
+    router = GossipSub(protocols=[], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
+                       adaptive_gossip_enabled=False)
+    _over_full_mesh(router, 14)
+    _, to_prune = router.mesh_heartbeat()
+    pruned = set(to_prune)
+    assert len(pruned) == 8 and not any(router._check_back_off(p, TOPIC) for p in pruned)
+    router.mesh[TOPIC].clear()
+    router.pubsub.peer_topics[TOPIC] = set(pruned)  # type: ignore[union-attr]
+    to_graft, _ = router.mesh_heartbeat()
+    assert set(to_graft) & pruned
