@@ -268,6 +268,16 @@ async def ask_for_peers(host: IHost, peer_id: ID, max_peers: int, timeout: float
     return found
 
 
+def pick_peers_to_dial(candidates: list[PeerInfo], room: int, rng: random.Random | None = None) -> list[PeerInfo]:
+    """At most `room` of the learned peers, chosen at random. Taking the first ones learned made every
+    joiner dial the same earliest members: at 32 daemons the first 8 held 31 connections each and the
+    other 24 only links to them, so the hubs' gossip meshes (at most D_hi = 12) could not hold everyone
+    and late members went unheard for 15 s at a time (issue 12)."""
+    if room <= 0:
+        return []
+    return (rng or random).sample(candidates, min(room, len(candidates)))
+
+
 async def maintain_links(
     host: IHost,
     state: DiscoveryState,
@@ -352,7 +362,7 @@ async def maintain_links(
                 room = target_peers - len(connected) - len(to_dial)
                 chosen = {i.peer_id for i in to_dial}
                 extra = [PeerInfo(p, a) for p, a in state.known.items() if due(p) and p not in chosen]
-                to_dial += extra[:max(room, 0)]
+                to_dial += pick_peers_to_dial(extra, room)
             for info in to_dial[:max(MAX_CONCURRENT_DIALS - running, 0)]:
                 in_flight[info.peer_id] = trio.current_time()
                 nursery.start_soon(counted_dial, info)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
+import random
 import statistics
 import time
 from types import SimpleNamespace
@@ -15,7 +17,7 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.network.exceptions import SwarmDialAllFailedError
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from multiaddr import Multiaddr
@@ -32,6 +34,7 @@ from fednode.transport.libp2p_discovery import (
     ask_for_peers,
     dialable_addrs,
     make_peer_exchange_handler,
+    pick_peers_to_dial,
 )
 from fednode.transport.testing import open_transports, wait_topic_peers, wait_until
 
@@ -80,6 +83,21 @@ def test_peer_exchange_slows_down_while_it_teaches_nothing_and_speeds_up_on_news
     pacer.asked(now + 2.0, learned_something=False)
     assert not pacer.due(now + 4.0, connected=3)
     assert pacer.due(now + 4.0, connected=2)  # a link was lost: ask at once
+
+
+def test_joiners_dial_learned_peers_at_random_so_no_member_becomes_everyones_hub() -> None:
+    """32 members join one by one; each learns every earlier member (in the order they joined) and
+    dials 8 of them. Taking the first 8 learned gave the 8 earliest members 31 links each."""
+    rng = random.Random(12)
+    ids = [ID(Identity.from_seed(bytes([i]) * 32).node_id.encode()) for i in range(32)]
+    links = collections.Counter[ID]()
+    for j in range(1, 32):
+        learned = [PeerInfo(p, []) for p in ids[:j]]
+        for info in pick_peers_to_dial(learned, 8, rng):
+            links[info.peer_id] += 1
+            links[ids[j]] += 1
+    assert len(pick_peers_to_dial(learned, 0, rng)) == 0 and len(pick_peers_to_dial(learned[:3], 8, rng)) == 3
+    assert max(links.values()) <= 24, links.most_common(5)  # first-learned-first: 31 for each of the first 8
 
 
 async def test_a_small_community_stops_asking_for_peers_every_cycle() -> None:
