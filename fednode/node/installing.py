@@ -72,6 +72,8 @@ class Installing(BlobIO):
     async def _on_published(self, state: RoundState, announce: AggregateAnnounce) -> None:
         signed = codec.sign(announce, self.identity)
         self._save_outcome(state.round_id, codec.encode(signed))
+        logger.info("round %s: publishing merged adapter %s, %.1f s after the manifest", state.round_id,
+                    announce.merged_sha256[:16], self.clock() - state.manifest.created_at)
         await self._publish_saved_outcome(signed)
         await self._install(InstallAdapter(state.round_id, announce.merged_sha256, announce.merged_size))
 
@@ -138,7 +140,8 @@ class Installing(BlobIO):
             if number >= self.progress.last_merged.get("round_number", 0):  # an older round installed late
                 self.progress.last_merged = {"round_number": number, "sha256": effect.sha256, "path": str(target),
                                              "metrics": metrics.get("merged", {})}
-            logger.info("round %s installed: merged %s", state.round_id, effect.sha256[:16])
+            logger.info("round %s installed: merged %s, %.1f s after the manifest", state.round_id,
+                        effect.sha256[:16], self.clock() - state.manifest.created_at)
         finally:
             job.installing = False
         # Every node scores the same merged adapter on the same held-out split: the coordinator

@@ -109,10 +109,14 @@ class RoundDriver(Recovery):
         elif isinstance(effect, RepublishAndInstall):
             self._spawn(self._republish_and_install, state)
         elif isinstance(effect, TrainAndSubmit):
+            logger.info("round %s: opened by %s; training", state.round_id, effect.manifest.coordinator_node_id[-8:])
             self._spawn(self._train_and_submit, effect.manifest)
         elif isinstance(effect, StartAggregation):
             job = self.job(state.round_id)
             if not job.aggregating:
+                logger.info("round %s: aggregating %d contributions (%s), %.1f s after the manifest",
+                            state.round_id, len(effect.contributions), effect.method,
+                            self.clock() - state.manifest.created_at)
                 job.aggregating = True
                 self._spawn(self._aggregate, state, effect)
             else:  # the running aggregation is dropping a contribution: run the new plan after it

@@ -64,6 +64,8 @@ class Training(Installing):
                 delta_size=self.store.size(update.delta_sha256), train_loss=_finite(update.train_loss),
             ), self.identity)
             await self.publish(announce)
+            logger.info("round %s: submitted update %s (%d samples), %.1f s after the manifest", manifest.round_id,
+                        update.delta_sha256[:16], update.num_samples, self.clock() - manifest.created_at)
         if self.config.learning.evaluate:  # after submitting: scoring never holds a round up
             self._spawn(self._evaluate, manifest.round_id, "local", update.delta_sha256)
 
