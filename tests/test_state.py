@@ -47,3 +47,32 @@ def test_an_old_members_table_is_folded_into_the_stored_term(tmp_path: Path) -> 
     reopened = StateDB(path)
     assert reopened.highest_term() == 6  # the fold kept it in meta
     reopened.close()
+
+
+def _submission(db: StateDB, node: str, *, durable: bool) -> bool:
+    return db.add_submission(round_id="r1-t1", node_id=node, announce=b"a", delta_sha256="d" * 64, num_samples=3,
+                             status="accepted", reason="", now=1.0, durable=durable)
+
+
+def test_a_submission_recorded_without_fsync_survives_a_killed_process_and_leaves_full_sync_on(
+        tmp_path: Path) -> None:
+    """A member's copy of others' submissions is committed with synchronous=NORMAL (no fsync: at 32
+    daemons on one disk those fsyncs were most of a round). It must still survive a crash of the
+    process, and every other write must stay synchronous=FULL."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "state.sqlite"
+    code = ("import os, sys; from pathlib import Path; from fednode.state import StateDB\n"
+            "db = StateDB(Path(sys.argv[1]))\n"
+            "db.add_submission(round_id='r1-t1', node_id='other', announce=b'a', delta_sha256='d' * 64, num_samples=3,"
+            " status='accepted', reason='', now=1.0, durable=False)\n"
+            "os._exit(0)  # no close, no checkpoint: as a killed daemon\n")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    db = StateDB(path)
+    assert [s.node_id for s in db.submissions("r1-t1")] == ["other"]
+    assert db._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert _submission(db, "another", durable=False)
+    assert db._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # back to FULL after the fsync-free commit
+    assert not _submission(db, "another", durable=True)  # the first verdict still wins
+    db.close()

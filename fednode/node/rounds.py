@@ -174,10 +174,13 @@ class RoundDriver(Recovery):
         return Validation(Verdict.IGNORE, "not_a_round_message")
 
     def _record_submission(self, state: RoundState, a: SubmissionAnnounce, status: str, reason: str) -> None:
+        # The coordinator's verdicts and our own submission are kept through a power loss; a member's
+        # copy of others' submissions only through a crash (it learns them again by sync): fsync-free.
+        durable = self.coordinator == self.me or a.participant_node_id == self.me
         try:
             self.db.add_submission(round_id=state.round_id, node_id=a.participant_node_id, announce=codec.encode(a),
                                    delta_sha256=a.delta_sha256, num_samples=a.num_samples, status=status,
-                                   reason=reason, now=self.clock())
+                                   reason=reason, now=self.clock(), durable=durable)
         except DiskFull as exc:  # the verdict stands in memory (and in the coordinator's snapshot)
             self.disk.note(exc, f"recording a submission to round {state.round_id}")
 
