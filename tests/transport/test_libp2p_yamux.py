@@ -98,3 +98,40 @@ def test_go_yamux_window_updates_are_the_default_and_an_operator_may_override(
     monkeypatch.setenv(YAMUX_RELEASE_ON_READ_ENV, "1")
     use_go_yamux_window_updates()
     assert os.environ[YAMUX_RELEASE_ON_READ_ENV] == "1"
+
+
+async def test_small_messages_read_one_by_one_cost_no_window_update_per_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gossip is a stream of small messages, each read as it arrives. py-libp2p 0.8.1 answered most
+    reads with a WINDOW_UPDATE frame ("partial slack"), even with RELEASE_ON_READ=0: one extra
+    encrypted frame per message (issue 12, py-spy at 32 daemons). Now: one per half window read."""
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    updates = [0]
+    send_update = YamuxStream.send_window_update
+
+    async def counted(self: YamuxStream, *args: object, **kw: object) -> None:
+        updates[0] += 1
+        await send_update(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counted)
+    messages, size = 400, 300
+    async with open_transports("libp2p", 2, "line") as (a, b):
+        got = [0]
+        done = trio.Event()
+
+        async def sink(stream: Stream) -> None:
+            while data := await stream.receive_some(size):
+                got[0] += len(data)
+                if got[0] >= messages * size:
+                    done.set()
+
+        b.serve(SINK, sink)
+        stream = await a.open_stream(b.local_peer_id, SINK)
+        for _ in range(messages):
+            await stream.send_all(bytes(size))
+            await trio.sleep(0.001)  # each one read on its own, as gossip arrives
+        with trio.fail_after(TIMEOUT):
+            await done.wait()
+        await stream.aclose()
+    assert updates[0] <= 2, updates[0]  # 120 KB: under half of the 256 KiB window
