@@ -34,6 +34,7 @@ from fednode.transport.base import GossipMessage, StreamHandler, TransportStatis
 from fednode.transport.libp2p_discovery import (
     PEER_EXCHANGE_PROTOCOL,
     DiscoveryState,
+    find_addresses,
     maintain_links,
     make_peer_exchange_handler,
     parse_bootstrap,
@@ -241,6 +242,10 @@ class Libp2pTransport:
             raise PeerUnavailable(f"not a peer id: {peer_id!r}") from exc
         held = list(self._host.get_network().connections.get(target) or ())
         timeout = self.limits.stream_open_timeout if held else self.limits.dial_timeout
+        if not held and not await find_addresses(self._host, self.discovery, target,
+                                                 max_peers=self.limits.max_exchanged_peers, timeout=timeout):
+            raise PeerUnavailable(f"cannot open {protocol_id} to {peer_id}: not connected, and no address for it "
+                                  f"(none of our connected peers named it)")
         try:
             with trio.fail_after(timeout):
                 stream = await self._host.new_stream(target, [protocol(protocol_id)])

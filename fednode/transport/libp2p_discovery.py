@@ -42,6 +42,8 @@ PEER_EXCHANGE_PROTOCOL = protocol("/fednode/peers/1.0.0")
 MAX_ADDRS_PER_PEER = 8
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_CONCURRENT_DIALS = 32
+ADDRESS_LOOKUP_PEERS = 8  # connected peers asked at once for the address of a peer we must dial
+LEARNED_ADDR_TTL_SECONDS = 600  # how long the peerstore keeps an address learned by peer exchange
 # An exchange that taught nothing new doubles the wait before the next one, from `interval` up to
 # this; news or a lost link brings it back to `interval`. Asking every 2 s for ever in a community of
 # fewer than `target_peers` was a new stream every cycle: about 15% of an idle daemon's CPU (py-spy).
@@ -266,6 +268,42 @@ async def ask_for_peers(host: IHost, peer_id: ID, max_peers: int, timeout: float
         except Exception as exc:
             logger.debug("peer exchange with %s failed: %r", peer_id, exc)
     return found
+
+
+def _has_addrs(host: IHost, peer_id: ID) -> bool:
+    try:
+        return bool(host.get_peerstore().addrs(peer_id))
+    except Exception:  # py-libp2p raises PeerStoreError for a peer it has no record of
+        return False
+
+
+async def find_addresses(host: IHost, state: DiscoveryState, target: ID, *, max_peers: int, timeout: float,
+                         ask: int = ADDRESS_LOOKUP_PEERS) -> bool:
+    """Make sure the peerstore holds addresses for `target`, a peer we hold no connection to (so
+    that a stream to it can dial): from what peer exchange taught us, else by asking up to `ask`
+    connected peers at once whom they are connected to. False: nobody we asked knows it.
+
+    A node with `target_peers` connections never asks for peers, so it could not dial a member it
+    was not linked to: at 32 daemons the coordinator (16 links) could fetch no update from two
+    members, and every round failed (issue 12)."""
+    if _has_addrs(host, target):
+        return True
+    if target not in state.known:
+        me = host.get_id()
+        connected = [p for p, conns in host.get_network().connections.items() if conns and p not in (me, target)]
+
+        async def ask_one(peer: ID) -> None:
+            state.known.update(await ask_for_peers(host, peer, max_peers, timeout))
+
+        async with trio.open_nursery() as nursery:
+            for peer in random.sample(connected, min(ask, len(connected))):
+                nursery.start_soon(ask_one, peer)
+        state.exchanges += min(ask, len(connected))
+    addrs = state.known.get(target)
+    if not addrs:
+        return False
+    host.get_peerstore().add_addrs(target, addrs, LEARNED_ADDR_TTL_SECONDS)
+    return True
 
 
 def pick_peers_to_dial(candidates: list[PeerInfo], room: int, rng: random.Random | None = None) -> list[PeerInfo]:

@@ -112,6 +112,24 @@ async def test_a_small_community_stops_asking_for_peers_every_cycle() -> None:
         assert all(a <= 8 for a in asked), asked
 
 
+async def test_a_stream_to_a_peer_we_are_not_linked_to_dials_it_at_an_address_a_neighbour_names() -> None:
+    """A - B - C, no peer exchange upkeep: A never learned C's address. Before, A could not open a
+    stream to C (at 32 daemons: a coordinator that could fetch no update from two members it was not
+    linked to, every round failed). Now A asks its connected peers for C's address and dials."""
+    limits = Libp2pLimits(peer_exchange=False)
+    async with open_transports("libp2p", 3, "line", limits=limits) as (a, _b, c):
+        async def hello(stream: Any) -> None:
+            await stream.send_all(b"hello from c")
+            await stream.aclose()
+
+        c.serve("/fednode/test-hello/1", hello)
+        assert c.local_peer_id not in a.peers()
+        stream = await a.open_stream(c.local_peer_id, "/fednode/test-hello/1")
+        assert await stream.receive_some(100) == b"hello from c"
+        await stream.aclose()
+        assert c.local_peer_id in a.peers()
+
+
 async def test_dropped_bootstrap_link_is_redialled() -> None:
     limits = Libp2pLimits(maintenance_interval=0.2, reconnect_backoff_min=0.2, peer_exchange=False)
     async with open_transports("libp2p", 2, "line", limits=limits) as (a, b):
