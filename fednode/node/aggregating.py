@@ -106,6 +106,8 @@ class Aggregating(Training):
             return
         if bad:
             for a, exc in bad:
+                if not self._aggregation_wanted(state):  # a rejection before this one failed the round
+                    return
                 kind, reason = RejectionKind.of(exc).value, error_text(exc)
                 self._record_submission_rejected(state, a, kind, reason)
                 self._feed(state, ContributionRejected(a.participant_node_id, kind, self.clock(), reason))
