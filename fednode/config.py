@@ -52,6 +52,10 @@ class NetworkSection:
     listen: list[str] = _opt(["/ip4/0.0.0.0/tcp/4001"], doc="libp2p listen multiaddrs")
     bootstrap: list[str] = _opt([], doc="multiaddrs with /p2p/<peer id> dialled at start")
     gossip_heartbeat_seconds: float = _opt(1.0, lo=1.0, hi=60.0, doc="gossipsub mesh heartbeat (whole seconds)")
+    mesh_degree: int = _opt(6, lo=1, hi=1000, doc="gossipsub mesh degree D: peers each gossip message is "
+                            "forwarded to (fewer: less idle CPU, slower spread)")
+    mesh_degree_low: int = _opt(4, lo=1, hi=1000, doc="gossipsub D_low: graft peers when the mesh is smaller")
+    mesh_degree_high: int = _opt(12, lo=1, hi=1000, doc="gossipsub D_high: prune peers when the mesh is larger")
     max_message_bytes: int = _opt(65536, lo=1024, hi=1048576, doc="largest control message accepted")
     reconnect_backoff_max_seconds: float = _opt(30.0, lo=0.1, hi=3600.0, doc="cap of reconnect backoff")
     target_peers: int = _opt(8, lo=1, hi=10000, doc="dial peers learned by peer exchange until this many")
@@ -431,6 +435,11 @@ def _check_cross_fields(config: Config) -> None:
     if config.round.min_participants > config.round.max_participants:
         raise ConfigError(f"{where}: key 'round.min_participants' ({config.round.min_participants}) "
                           f"must not exceed 'round.max_participants' ({config.round.max_participants})")
+    net = config.network
+    if not net.mesh_degree_low <= net.mesh_degree <= net.mesh_degree_high:
+        raise ConfigError(f"{where}: keys 'network.mesh_degree_low' ({net.mesh_degree_low}) <= "
+                          f"'network.mesh_degree' ({net.mesh_degree}) <= 'network.mesh_degree_high' "
+                          f"({net.mesh_degree_high}) must hold")
     if config.coordinator.mode == "fixed" and not config.coordinator.fixed_peer_id:
         raise ConfigError(f"{where}: key 'coordinator.fixed_peer_id' is required when coordinator.mode = \"fixed\"")
     _check_aggregate_fits(config)

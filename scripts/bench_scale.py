@@ -14,6 +14,7 @@ Per run, measured side by side:
   rounds           - rounds every daemon installed within --round-timeout
   overhead         - per round: manifest created_at to the last daemon's record finished_at (merged
                      adapter installed everywhere); the fake task trains in ~0 s, so this is protocol cost
+  round_cpu_seconds - per daemon: CPU seconds from the first round's start to the last, per round
   idle_cpu_pct     - after the rounds: CPU ticks over --idle-seconds, per daemon, in % of one core
   terms            - the highest election term any daemon reached (1 = one election, no failover)
 A run passes when all rounds completed with one merged adapter per round on every daemon and no
@@ -25,7 +26,10 @@ from them (issue 12): 32 daemons complete 5 rounds in every attempt; median over
 <= 0.5 s at 4; at most one election term per run; idle CPU <= 1 % of a core per daemon; start <= 3 s.
 
     python scripts/bench_scale.py [--sizes 4,8,16,32] [--attempts 5] [--rounds 5] [--idle-seconds 60]
-                                  [--start one-by-one|together] [--keep DIR]
+                                  [--start one-by-one|together] [--keep DIR] [--set SECTION.KEY=VALUE ...]
+
+--set changes one config key on every daemon (an A/B of one knob); the goals are about the default
+config, so a run with --set reports "settings" in its JSON and its goals are all false.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import os
 import statistics
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +98,29 @@ def start_timed(cluster: LocalCluster, nodes: list[NodeProcess], started: dict[i
         cluster.start([node])
 
 
+def parse_setting(text: str) -> tuple[str, str, Any]:
+    """'section.key=value' (value in TOML syntax: 4, 2.0, true, "x") -> (section, key, value)."""
+    name, sep, value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected section.key=value, e.g. network.mesh_degree=4")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: the value is not TOML: {exc}") from None
+    return section, key, parsed
+
+
 async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float, root: Path,
-                  together: bool = False) -> dict[str, Any]:
+                  together: bool = False, settings: tuple[tuple[str, str, Any], ...] = ()) -> dict[str, Any]:
     opts = HarnessOptions(nodes=n, rounds=rounds)
     overrides = default_overrides(opts)
     # The issue measures the default config: drop the harness's 1 s heartbeats (a 2.5 s liveness that
     # 16+ daemons sharing 2 cores cannot keep) for the default's 2 s; the round settings stay.
     overrides.pop("coordinator", None)
     overrides.setdefault("learning", {}).update(task="fake")
+    for section, key, value in settings:
+        overrides.setdefault(section, {})[key] = value
     cluster = LocalCluster.create(root, federated=n, gate_off=0, template={}, overrides=overrides)
     started: dict[int, float] = {}
     out: dict[str, Any] = {"n": n, "passed": False, "problems": []}
@@ -118,6 +138,7 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
         out["up_seconds"] = [round(up[i][0], 2) for i in sorted(up)]
         out["up_cpu_seconds"] = [round(up[i][1], 2) for i in sorted(up)]
         t0 = time.monotonic()
+        cpu_at_rounds = {nd.index: cpu_seconds(nd.process.pid) for nd in cluster.nodes if nd.process is not None}
         statuses: dict[int, NodeStatus] = {}
         with trio.move_on_after(round_timeout):
             while True:
@@ -147,6 +168,14 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
                 overheads.append(round(max(finished) - created, 3))
         out["overhead_seconds"] = overheads
         out["terms"] = max((s.term for s in statuses.values()), default=0)
+        # CPU per daemon per completed round (the rounds' work plus whatever else ran meanwhile)
+        if out["rounds_completed"]:
+            per_round = []
+            for nd in cluster.nodes:
+                b, a = cpu_at_rounds.get(nd.index), cpu_seconds(nd.process.pid) if nd.process is not None else None
+                if a is not None and b is not None:
+                    per_round.append(round((a - b) / out["rounds_completed"], 3))
+            out["round_cpu_seconds"] = per_round
         # idle: every round done (max_rounds reached), nothing left to do but heartbeats
         before = {nd.index: cpu_seconds(nd.process.pid) for nd in cluster.nodes if nd.process is not None}
         t_idle = time.monotonic()
@@ -183,6 +212,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "overhead_median_s": med("overhead_seconds"), "overhead_max_s": mx("overhead_seconds"),
             "up_median_s": med("up_seconds"), "up_max_s": mx("up_seconds"),
             "up_cpu_median_s": med("up_cpu_seconds"), "up_cpu_max_s": mx("up_cpu_seconds"),
+            "round_cpu_median_s": med("round_cpu_seconds"), "round_cpu_max_s": mx("round_cpu_seconds"),
             "idle_cpu_pct_median": med("idle_cpu_pct"), "idle_cpu_pct_max": mx("idle_cpu_pct"),
             "rss_mib_median": med("rss_mib"), "terms": [r.get("terms", 0) for r in runs]}
 
@@ -216,6 +246,10 @@ def main() -> None:
                     help="start daemons one at a time (each once the previous is up; the default) or all at once")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each run's daemon configs, logs and data dirs under this folder (default: deleted)")
+    ap.add_argument("--set", dest="settings", action="append", type=parse_setting, default=[],
+                    metavar="SECTION.KEY=VALUE",
+                    help="a config setting for every daemon, over the default config (repeatable; an A/B "
+                         "of one knob, e.g. --set network.mesh_degree=4); the goals are about the default")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     by_n: dict[int, dict[str, Any]] = {}
@@ -226,7 +260,8 @@ def main() -> None:
             runs = runs_by_n.setdefault(n, [])
             for attempt in range(args.attempts):
                 run = trio.run(one_run, n, args.rounds, args.idle_seconds, args.round_timeout,
-                               Path(tmp) / f"n{n}-a{attempt}", args.start == "together")
+                               Path(tmp) / f"n{n}-a{attempt}", args.start == "together",
+                               tuple(args.settings))
                 runs.append(run)
                 print(f"N={n:3d} attempt {attempt + 1}/{args.attempts}: passed={run['passed']} "
                       f"rounds={run.get('rounds_completed')} overhead={run.get('overhead_seconds')} "
@@ -244,8 +279,10 @@ def main() -> None:
               f"{s['idle_cpu_pct_median']!s:>9}/{s['idle_cpu_pct_max']!s:<9} {s['rss_mib_median']!s:>8} {s['terms']}")
     figures = {"sizes": {str(n): s for n, s in by_n.items()}, "rounds": args.rounds,
                "idle_seconds": args.idle_seconds, "start": args.start, "loadavg_at_end": list(os.getloadavg()),
-               "runs": {str(n): r for n, r in runs_by_n.items()}}
-    figures["goals"] = goals(by_n, args.rounds)
+               "runs": {str(n): r for n, r in runs_by_n.items()},
+               "settings": {f"{section}.{key}": value for section, key, value in args.settings}}
+    # the issue's goals are about the default config: an A/B run with --set cannot meet them
+    figures["goals"] = {k: v and not args.settings for k, v in goals(by_n, args.rounds).items()}
     print(f"goals: {figures['goals']}")
     print(json.dumps(figures, sort_keys=True))
 

@@ -36,6 +36,8 @@ def test_gate_defaults_to_false_when_missing() -> None:
         ("[coordinator]\nmode = \"vote\"\n", ["coordinator.mode", "'elect'", "'fixed'"]),
         ("[coordinator]\nmode = \"fixed\"\n", ["coordinator.fixed_peer_id"]),
         ("[network]\nlisten = \"/ip4/0.0.0.0/tcp/1\"\n", ["network.listen", "list of strings"]),
+        ("[network]\nmesh_degree = 3\n", ["bad.toml", "network.mesh_degree_low", "(4)", "network.mesh_degree", "(3)"]),
+        ("[network]\nmesh_degree = 14\n", ["network.mesh_degree_high", "(12)", "(14)"]),
         ("[nosuch]\nx = 1\n", ["unknown section [nosuch]"]),
         ("research = 1\n", ["[research] must be a table"]),
         ("[round\n", ["not valid TOML"]),

@@ -77,7 +77,9 @@ def libp2p_factory(config: Config) -> TransportFactory:
                               peer_exchange=net.peer_exchange, dial_timeout=net.dial_timeout_seconds,
                               reconnect_backoff_max=net.reconnect_backoff_max_seconds,
                               subscription_buffer=net.subscription_buffer,
-                              max_messages_per_topic_per_second=net.max_messages_per_second)
+                              max_messages_per_topic_per_second=net.max_messages_per_second,
+                              mesh_degree=net.mesh_degree, mesh_degree_low=net.mesh_degree_low,
+                              mesh_degree_high=net.mesh_degree_high)
         return open_libp2p_transport(identity, listen_addrs=config.network.listen,
                                      bootstrap=config.network.bootstrap, limits=limits)
 
