@@ -56,6 +56,8 @@ class NetworkSection:
                             "forwarded to (fewer: less idle CPU, slower spread)")
     mesh_degree_low: int = _opt(4, lo=1, hi=1000, doc="gossipsub D_low: graft peers when the mesh is smaller")
     mesh_degree_high: int = _opt(12, lo=1, hi=1000, doc="gossipsub D_high: prune peers when the mesh is larger")
+    gossip_lazy_degree: int = _opt(6, lo=0, hi=1000, doc="gossipsub D_lazy: peers outside the mesh sent IHAVE "
+                                   "each gossip heartbeat (at least; 1/4 of them when more)")
     max_message_bytes: int = _opt(65536, lo=1024, hi=1048576, doc="largest control message accepted")
     reconnect_backoff_max_seconds: float = _opt(30.0, lo=0.1, hi=3600.0, doc="cap of reconnect backoff")
     target_peers: int = _opt(8, lo=1, hi=10000, doc="dial peers learned by peer exchange until this many")

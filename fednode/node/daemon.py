@@ -79,7 +79,7 @@ def libp2p_factory(config: Config) -> TransportFactory:
                               subscription_buffer=net.subscription_buffer,
                               max_messages_per_topic_per_second=net.max_messages_per_second,
                               mesh_degree=net.mesh_degree, mesh_degree_low=net.mesh_degree_low,
-                              mesh_degree_high=net.mesh_degree_high)
+                              mesh_degree_high=net.mesh_degree_high, gossip_lazy_degree=net.gossip_lazy_degree)
         return open_libp2p_transport(identity, listen_addrs=config.network.listen,
                                      bootstrap=config.network.bootstrap, limits=limits)
 

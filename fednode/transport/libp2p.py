@@ -40,6 +40,7 @@ from fednode.transport.libp2p_discovery import (
     parse_bootstrap,
 )
 from fednode.transport.libp2p_host import (
+    DEFAULT_GOSSIP_LAZY_DEGREE,
     install_drop_counters,
     make_gossipsub,
     make_host,
@@ -94,6 +95,7 @@ class Libp2pLimits:
     mesh_degree: int = DEFAULT_MESH_DEGREE
     mesh_degree_low: int = DEFAULT_MESH_DEGREE_LOW
     mesh_degree_high: int = DEFAULT_MESH_DEGREE_HIGH
+    gossip_lazy_degree: int = DEFAULT_GOSSIP_LAZY_DEGREE
     seen_ttl: int = DEFAULT_SEEN_TTL
     dial_timeout: float = DEFAULT_DIAL_TIMEOUT
     stream_open_timeout: float = DEFAULT_STREAM_OPEN_TIMEOUT
@@ -348,7 +350,7 @@ async def open_libp2p_transport(
     host = make_host(identity)
     router = make_gossipsub(
         degree=limits.mesh_degree, degree_low=limits.mesh_degree_low, degree_high=limits.mesh_degree_high,
-        heartbeat_interval=limits.heartbeat_interval,
+        heartbeat_interval=limits.heartbeat_interval, lazy_degree=limits.gossip_lazy_degree,
         max_messages_per_topic_per_second=limits.max_messages_per_topic_per_second,
     )
     pubsub = make_pubsub(host, router, max_rpc_size=4 * limits.max_message_size + 65536,

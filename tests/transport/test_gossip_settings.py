@@ -219,3 +219,27 @@ def test_control_py_libp2p_alone_grafts_the_peers_it_just_pruned() -> None:
     router.pubsub.peer_topics[TOPIC] = set(pruned)  # type: ignore[union-attr]
     to_graft, _ = router.mesh_heartbeat()
     assert set(to_graft) & pruned
+
+
+def _gossip_targets(router: GossipSub) -> int:
+    """Peers sent IHAVE by one gossip heartbeat: 14 subscribed peers, a mesh of 4, one message in the
+    window (an idle community always has heartbeats there)."""
+    peers = _over_full_mesh(router, 14)
+    router.mesh[TOPIC] = set(peers[:4])
+    router.mcache.put(rpc_pb2.Message(from_id=peers[0].to_bytes(), seqno=b"\x00" * 8, data=b"hb",
+                                      topicIDs=[TOPIC]))
+    assert router.mcache.window(TOPIC)
+    return len(router.gossip_heartbeat())
+
+
+def test_gossip_goes_to_the_configured_lazy_degree() -> None:
+    """IHAVE goes to max(D_lazy, 1/4 of the 10 non-mesh peers) = max(2, 2) peers per heartbeat; it was
+    about half of an idle node's frames at 32 daemons with py-libp2p's fixed 6."""
+    assert _gossip_targets(router_for_test(lazy_degree=2)) == 2
+    assert _gossip_targets(router_for_test()) == 6  # the default keeps go-libp2p's D_lazy
+
+
+def test_control_py_libp2p_gossips_to_six_peers() -> None:
+    router = GossipSub(protocols=[], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
+                       adaptive_gossip_enabled=False)
+    assert _gossip_targets(router) == 6

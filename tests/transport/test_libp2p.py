@@ -49,15 +49,16 @@ async def test_peer_id_is_node_id() -> None:
         assert all(a.endswith(f"/p2p/{identity.node_id}") for a in t.listen_addrs())
 
 
-async def test_network_config_sets_the_gossipsub_mesh_degree() -> None:
+async def test_network_config_sets_the_gossipsub_degrees() -> None:
     from fednode.config import parse_config
     from fednode.node.daemon import libp2p_factory
 
     config = parse_config('[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\n'
-                          'mesh_degree = 5\nmesh_degree_low = 3\nmesh_degree_high = 9\n')
+                          'mesh_degree = 5\nmesh_degree_low = 3\nmesh_degree_high = 9\ngossip_lazy_degree = 2\n')
     async with libp2p_factory(config)(Identity.generate()) as t:
         router = t._router  # type: ignore[attr-defined]
         assert (router.degree, router.degree_low, router.degree_high) == (5, 3, 9)
+        assert router._get_adaptive_gossip_peers_count("t", 4) == 2
 
 
 async def test_plaintext_dialer_is_refused() -> None:
