@@ -35,6 +35,7 @@ from fednode.transport.libp2p_discovery import (
     PEER_EXCHANGE_PROTOCOL,
     DiscoveryState,
     find_addresses,
+    forget_addresses,
     maintain_links,
     make_peer_exchange_handler,
     parse_bootstrap,
@@ -254,11 +255,24 @@ class Libp2pTransport:
         except trio.TooSlowError as exc:
             if held:
                 await self._drop_stale_connections(target, held, protocol_id)
+            else:
+                self._forget_if_unreachable(target)
             raise PeerUnavailable(f"opening {protocol_id} to {peer_id} timed out after {timeout:g} s "
                                   f"({len(held)} connection(s) held{', closed to redial' if held else ''})") from exc
         except Exception as exc:  # py-libp2p raises many unrelated types for "could not"
+            if not held:
+                self._forget_if_unreachable(target)
             raise PeerUnavailable(f"cannot open {protocol_id} to {peer_id}: {exc!r}") from exc
         return Libp2pStream(stream, peer_id, self._count_stream_bytes)
+
+    def _forget_if_unreachable(self, target: ID) -> None:
+        """A dial to `target` failed and we still hold no connection to it: the addresses we had
+        (learned by peer exchange, or its last connection's) may be stale (a daemon restarted on
+        another port). Forget them, so that the next stream asks our neighbours again
+        (find_addresses) instead of redialling the same dead address until its peerstore TTL ends."""
+        if self._host.get_network().connections.get(target):
+            return
+        forget_addresses(self._host, self.discovery, target)
 
     async def _drop_stale_connections(self, target: ID, held: list[Any], protocol_id: str) -> None:
         """A stream that cannot be opened on a connection we hold means the connection is dead

@@ -306,6 +306,15 @@ async def find_addresses(host: IHost, state: DiscoveryState, target: ID, *, max_
     return True
 
 
+def forget_addresses(host: IHost, state: DiscoveryState, target: ID) -> None:
+    """Drop what we know of `target`'s addresses (peerstore and peer exchange), after a failed dial."""
+    state.known.pop(target, None)
+    try:
+        host.get_peerstore().clear_addrs(target)
+    except Exception:  # py-libp2p raises PeerStoreError for a peer it has no record of
+        pass
+
+
 def pick_peers_to_dial(candidates: list[PeerInfo], room: int, rng: random.Random | None = None) -> list[PeerInfo]:
     """At most `room` of the learned peers, chosen at random. Taking the first ones learned made every
     joiner dial the same earliest members: at 32 daemons the first 8 held 31 connections each and the

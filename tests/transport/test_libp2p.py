@@ -142,6 +142,30 @@ async def test_a_stream_to_a_peer_we_are_not_linked_to_dials_it_at_an_address_a_
         assert c.local_peer_id in a.peers()
 
 
+async def test_a_failed_dial_forgets_a_stale_address_and_asks_the_neighbours_again() -> None:
+    """A - B - C, A holds a dead address for C (C restarted on another port, say). The first stream
+    fails; before, A kept dialling that address until its peerstore TTL (600 s) ended, since
+    find_addresses asks only for peers it has no address of. Now the failed dial forgets it, and
+    the next stream finds C's real address through B."""
+    limits = Libp2pLimits(peer_exchange=False, dial_timeout=3.0)
+    async with open_transports("libp2p", 3, "line", limits=limits) as (a, _b, c):
+        async def hello(stream: Any) -> None:
+            await stream.send_all(b"hello from c")
+            await stream.aclose()
+
+        c.serve("/fednode/test-hello/1", hello)
+        target = ID.from_base58(c.local_peer_id)
+        dead = [Multiaddr(f"/ip4/127.0.0.1/tcp/{free_port()}")]
+        a._host.get_peerstore().add_addrs(target, dead, 600)  # type: ignore[attr-defined]
+        a.discovery.known[target] = dead  # type: ignore[attr-defined]
+        with pytest.raises(PeerUnavailable):
+            await a.open_stream(c.local_peer_id, "/fednode/test-hello/1")
+        assert target not in a.discovery.known  # type: ignore[attr-defined]
+        stream = await a.open_stream(c.local_peer_id, "/fednode/test-hello/1")
+        assert await stream.receive_some(100) == b"hello from c"
+        await stream.aclose()
+
+
 async def test_dropped_bootstrap_link_is_redialled() -> None:
     limits = Libp2pLimits(maintenance_interval=0.2, reconnect_backoff_min=0.2, peer_exchange=False)
     async with open_transports("libp2p", 2, "line", limits=limits) as (a, b):
