@@ -309,10 +309,8 @@ async def find_addresses(host: IHost, state: DiscoveryState, target: ID, *, max_
 def forget_addresses(host: IHost, state: DiscoveryState, target: ID) -> None:
     """Drop what we know of `target`'s addresses (peerstore and peer exchange), after a failed dial."""
     state.known.pop(target, None)
-    try:
+    with contextlib.suppress(Exception):  # py-libp2p raises PeerStoreError for a peer it has no record of
         host.get_peerstore().clear_addrs(target)
-    except Exception:  # py-libp2p raises PeerStoreError for a peer it has no record of
-        pass
 
 
 def pick_peers_to_dial(candidates: list[PeerInfo], room: int, rng: random.Random | None = None) -> list[PeerInfo]:
