@@ -292,8 +292,9 @@ def make_pubsub(host: IHost, router: GossipSub, *, max_rpc_size: int, seen_ttl: 
 
 
 class _CountingQueues(dict[ID, RpcQueue]):
-    """pubsub.peer_queues replacement: each new per-peer queue gets our size limit, and a
-    rejected push (queue full or closed) is counted and logged instead of vanishing."""
+    """pubsub.peer_queues replacement: each new per-peer queue gets our size limit, a rejected push
+    (queue full or closed) is counted and logged instead of vanishing, and the data of the gossip
+    messages queued for sending counts in `bytes_sent` (before, only stream bytes did)."""
 
     def __init__(self, counters: GossipCounters, max_size: int) -> None:
         super().__init__()
@@ -307,7 +308,9 @@ class _CountingQueues(dict[ID, RpcQueue]):
 
         def counting_push(rpc: rpc_pb2.RPC, priority: bool = False) -> bool:
             ok = push(rpc, priority)
-            if not ok and not queue.closed:
+            if ok:  # gossip sent: the messages' data, as bytes_received counts it (not RPC framing)
+                counters.bytes_sent += sum(len(m.data) for m in rpc.publish)
+            elif not queue.closed:
                 counters.count_drop("outbound queue to %s is full (%d messages)", peer_id, len(rpc.publish))
             return ok
 

@@ -58,6 +58,9 @@ async def test_delivery_to_all_subscribers(make_transports: MakeTransports) -> N
             assert message == GossipMessage(TOPIC, b"hello", nodes[0].local_peer_id)
             assert t.statistics().delivered == 1
         assert nodes[0].statistics().published == 1
+        # gossip counts in bytes_sent (libp2p counted only stream bytes before): sent to 2 peers
+        assert nodes[0].statistics().bytes_sent >= 2 * len(b"hello")
+        assert all(t.statistics().bytes_received >= len(b"hello") for t in nodes[1:])
 
 
 async def test_late_joiner_receives_later_messages(make_transports: MakeTransports) -> None:
