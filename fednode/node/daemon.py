@@ -49,7 +49,7 @@ from fednode.node.rounds import RoundDriver
 from fednode.node.sync import request_sync, serve_sync
 from fednode.node.trainers import Trainer
 from fednode.state import StateDB
-from fednode.transport.base import Transport
+from fednode.transport.base import Subscription, Transport
 from fednode.wire import codec
 from fednode.wire.messages import CoordinatorClaim, Heartbeat, Message, RoundManifest
 from fednode.wire.validate import MessageValidator, ValidationPolicy
@@ -98,6 +98,8 @@ class Node:
         codec.SHARED_DECODE_CACHE.resize(config.network.decode_cache_entries, config.network.decode_cache_bytes)
         self.transport_factory = transport_factory or libp2p_factory(config)
         self.transport: Transport | None = None
+        self._subscription: Subscription | None = None  # the topic's (set by _read_gossip)
+        self._last_gossip_from_peer: float | None = None  # when a peer last handed us a message
         self.enabled = config.research.federated_learning
         self.trainer = trainer if self.enabled else None
         data = config.data_dir
@@ -224,8 +226,11 @@ class Node:
             self.counters["accepted"][checked.message.TYPE if checked.message else "?"] += 1
         return v
 
-    async def _read_gossip(self, subscription: Any) -> None:
+    async def _read_gossip(self, subscription: Subscription) -> None:
+        self._subscription = subscription
         async for gossip in subscription:
+            if gossip.received_from != self.node_id:
+                self._last_gossip_from_peer = self.clock()
             try:
                 # decoded by the validator already: from the shared decode cache (issue 12)
                 message = codec.decode_cached(gossip.data, max_bytes=self.config.network.max_message_bytes)
@@ -319,6 +324,18 @@ class Node:
             out.append(row.outcome)
         return out
 
+    def _gossip_health(self) -> str:
+        """What our side of gossip looks like, for the log line of a claim: a node that hears no
+        coordinator while holding connections has a gossip problem, not a dead coordinator (issue 12:
+        at 16 daemons a bootstrap peer heard nobody for 50 s and claimed a term)."""
+        if self.transport is None:
+            return "no transport"
+        last = self._last_gossip_from_peer
+        heard = "never" if last is None else f"{self.clock() - last:.1f} s ago"
+        backlog = self._subscription.backlog() if self._subscription is not None else 0
+        return (f"we hold {len(self.transport.peers())} connection(s), {len(self.transport.topic_peers(self.topic))} "
+                f"gossip peer(s) on the topic; last gossip from a peer {heard}; {backlog} message(s) not read yet")
+
     def _save_term(self, term: int) -> None:
         """election-v1 rule 12: store a term higher than any stored (one small write per new term;
         the member table is no longer written to state.sqlite, so members' terms are stored here)."""
@@ -334,7 +351,7 @@ class Node:
         outcome = self.election.handle(event)
         for effect in outcome.effects:
             if isinstance(effect, PublishClaim):
-                logger.info("claiming term %d: %s", effect.term, effect.reason)
+                logger.info("claiming term %d: %s; %s", effect.term, effect.reason, self._gossip_health())
                 claim = codec.sign(CoordinatorClaim(
                     community_id=self.config.community.id, node_id=self.node_id, term=effect.term,
                     claimed_at=self.clock(), last_round_number=self._last_round_number()), self.identity)

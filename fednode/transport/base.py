@@ -66,6 +66,9 @@ class Subscription(Protocol):
 
     async def aclose(self) -> None: ...
 
+    def backlog(self) -> int:
+        """Messages delivered to this subscription and not read yet."""
+
 
 @dataclass(frozen=True, slots=True)
 class TransportStatistics:

@@ -106,6 +106,10 @@ class BufferedSubscription:
         self._send, self._receive = trio.open_memory_channel[GossipMessage](capacity)
         self._closed = False
 
+    def backlog(self) -> int:
+        """Messages delivered to this subscription and not read yet."""
+        return self._send.statistics().current_buffer_used
+
     def offer(self, message: GossipMessage) -> bool:
         """Put a message in the buffer without blocking; a full buffer drops and counts it."""
         if self._closed:

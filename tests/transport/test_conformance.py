@@ -63,6 +63,20 @@ async def test_delivery_to_all_subscribers(make_transports: MakeTransports) -> N
         assert all(t.statistics().bytes_received >= len(b"hello") for t in nodes[1:])
 
 
+async def test_backlog_counts_delivered_messages_not_read_yet(make_transports: MakeTransports) -> None:
+    async with make_transports(2, "mesh") as (a, b):
+        await a.subscribe(TOPIC)
+        sub = await b.subscribe(TOPIC)
+        await wait_topic_peers((a, b), TOPIC)
+        assert sub.backlog() == 0
+        await a.publish(TOPIC, b"one")
+        await a.publish(TOPIC, b"two")
+        await wait_until(lambda: b.statistics().delivered == 2)
+        assert sub.backlog() == 2
+        assert (await next_message(sub)).data == b"one"
+        assert sub.backlog() == 1
+
+
 async def test_late_joiner_receives_later_messages(make_transports: MakeTransports) -> None:
     async with make_transports(3, "mesh") as nodes:
         early = [await t.subscribe(TOPIC) for t in nodes[:2]]
