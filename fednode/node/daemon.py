@@ -333,8 +333,10 @@ class Node:
         last = self._last_gossip_from_peer
         heard = "never" if last is None else f"{self.clock() - last:.1f} s ago"
         backlog = self._subscription.backlog() if self._subscription is not None else 0
-        return (f"we hold {len(self.transport.peers())} connection(s), {len(self.transport.topic_peers(self.topic))} "
-                f"gossip peer(s) on the topic; last gossip from a peer {heard}; {backlog} message(s) not read yet")
+        out = (f"we hold {len(self.transport.peers())} connection(s), {len(self.transport.topic_peers(self.topic))} "
+               f"gossip peer(s) on the topic; last gossip from a peer {heard}; {backlog} message(s) not read yet")
+        describe = getattr(self.transport, "describe_gossip", None)  # the libp2p transport's details
+        return out if describe is None else f"{out}; {describe(self.topic)}"
 
     def _save_term(self, term: int) -> None:
         """election-v1 rule 12: store a term higher than any stored (one small write per new term;

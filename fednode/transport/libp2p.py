@@ -218,6 +218,18 @@ class Libp2pTransport:
         connected = self._host.get_network().connections
         return frozenset(p.to_base58() for p in candidates if p in connected)
 
+    def describe_gossip(self, topic: str) -> str:
+        """gossipsub's side of `topic` in words, for a log line when a node hears nobody: pubsub peers
+        (py-libp2p drops a peer whose stream failed while keeping its connection), mesh peers, peers
+        we back off from, and the longest outbound queue (a sending task that died leaves one full)."""
+        connected = self._host.get_network().connections
+        pubsub_peers = set(self._pubsub.peers)
+        mesh = self._router.mesh.get(topic, set())
+        backoff = self._router.back_off.get(topic, {})
+        queues = [len(q._queue) for q in self._pubsub.peer_queues.values()]
+        return (f"gossipsub: {len(pubsub_peers)} pubsub peer(s) of {len(connected)} connected, "
+                f"{len(mesh)} in the mesh, {len(backoff)} backed off, longest outbound queue {max(queues, default=0)}")
+
     # -- streams --------------------------------------------------------------------------
     def serve(self, protocol_id: str, handler: StreamHandler) -> None:
         self._check_alive()

@@ -166,6 +166,17 @@ async def test_a_failed_dial_forgets_a_stale_address_and_asks_the_neighbours_aga
         await stream.aclose()
 
 
+async def test_describe_gossip_names_pubsub_peers_mesh_backoff_and_queues() -> None:
+    async with open_transports("libp2p", 2, "line") as (a, b):
+        await a.subscribe(TOPIC)
+        await b.subscribe(TOPIC)
+        await wait_topic_peers((a, b), TOPIC)
+        await wait_until(lambda: len(a._router.mesh.get(TOPIC, ())) == 1, timeout=10)  # type: ignore[attr-defined]
+        text = a.describe_gossip(TOPIC)  # type: ignore[attr-defined]
+        assert text == ("gossipsub: 1 pubsub peer(s) of 1 connected, 1 in the mesh, 0 backed off, "
+                        "longest outbound queue 0"), text
+
+
 async def test_dropped_bootstrap_link_is_redialled() -> None:
     limits = Libp2pLimits(maintenance_interval=0.2, reconnect_backoff_min=0.2, peer_exchange=False)
     async with open_transports("libp2p", 2, "line", limits=limits) as (a, b):
