@@ -68,6 +68,17 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15 of the line)
 
 
+def cpu_by_node(cluster: LocalCluster) -> dict[int, float | None]:
+    """Node index -> CPU seconds used so far (None: no process, or it is gone)."""
+    return {nd.index: cpu_seconds(nd.process.pid) for nd in cluster.nodes if nd.process is not None}
+
+
+def cpu_used_since(cluster: LocalCluster, before: dict[int, float | None]) -> list[float]:
+    """CPU seconds each daemon used since `before` (daemons measured at both ends only)."""
+    now = cpu_by_node(cluster)
+    return [a - b for i, b in before.items() if b is not None and (a := now.get(i)) is not None]
+
+
 def rss_mib(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -138,7 +149,7 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
         out["up_seconds"] = [round(up[i][0], 2) for i in sorted(up)]
         out["up_cpu_seconds"] = [round(up[i][1], 2) for i in sorted(up)]
         t0 = time.monotonic()
-        cpu_at_rounds = {nd.index: cpu_seconds(nd.process.pid) for nd in cluster.nodes if nd.process is not None}
+        cpu_at_rounds = cpu_by_node(cluster)
         statuses: dict[int, NodeStatus] = {}
         with trio.move_on_after(round_timeout):
             while True:
@@ -170,23 +181,14 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
         out["terms"] = max((s.term for s in statuses.values()), default=0)
         # CPU per daemon per completed round (the rounds' work plus whatever else ran meanwhile)
         if out["rounds_completed"]:
-            per_round = []
-            for nd in cluster.nodes:
-                b, a = cpu_at_rounds.get(nd.index), cpu_seconds(nd.process.pid) if nd.process is not None else None
-                if a is not None and b is not None:
-                    per_round.append(round((a - b) / out["rounds_completed"], 3))
-            out["round_cpu_seconds"] = per_round
+            out["round_cpu_seconds"] = [round(used / out["rounds_completed"], 3)
+                                        for used in cpu_used_since(cluster, cpu_at_rounds)]
         # idle: every round done (max_rounds reached), nothing left to do but heartbeats
-        before = {nd.index: cpu_seconds(nd.process.pid) for nd in cluster.nodes if nd.process is not None}
+        before = cpu_by_node(cluster)
         t_idle = time.monotonic()
         await trio.sleep(idle_seconds)
         span = time.monotonic() - t_idle
-        idle = []
-        for nd in cluster.nodes:
-            b, a = before.get(nd.index), cpu_seconds(nd.process.pid) if nd.process is not None else None
-            if a is not None and b is not None:
-                idle.append(round(100.0 * (a - b) / span, 2))
-        out["idle_cpu_pct"] = idle
+        out["idle_cpu_pct"] = [round(100.0 * used / span, 2) for used in cpu_used_since(cluster, before)]
         out["rss_mib"] = [round(rss_mib(nd.process.pid) or 0.0, 1) for nd in cluster.nodes if nd.process is not None]
         statuses = await poll(cluster, timeout=10.0)
         out["terms"] = max([out["terms"], *(s.term for s in statuses.values())])
