@@ -220,8 +220,9 @@ class Libp2pTransport:
 
     def describe_gossip(self, topic: str) -> str:
         """gossipsub's side of `topic` in words, for a log line when a node hears nobody: pubsub peers
-        (py-libp2p drops a peer whose stream failed while keeping its connection), mesh peers, peers
-        we back off from, and the longest outbound queue (a sending task that died leaves one full)."""
+        out of connected ones, mesh peers, peers we back off from, and the longest outbound queue
+        (a queue nobody drains grows). Diagnostics only: which of these explains a deaf node is not
+        known yet (issue 12)."""
         connected = self._host.get_network().connections
         pubsub_peers = set(self._pubsub.peers)
         mesh = self._router.mesh.get(topic, set())
