@@ -23,6 +23,10 @@ Late heartbeats (r2): a member's timeout stretches with the gaps its heartbeats 
 (a slow member is not a dead one), and a node that was itself not running (no event for longer than a
 heartbeat interval: a CPU stall, a suspended laptop) suspects nobody until it has been running for a
 heartbeat interval again, so the heartbeats queued meanwhile are read before anyone is judged.
+
+Joiners (r6, rule 15): while the candidate for the term a node waits for was first heard less than
+startup_grace ago, it may still be in its own start-up grace, so the wait for its claim counts from
+the end of that grace: daemons started one after another elect term 1, not term 2.
 """
 
 from __future__ import annotations
@@ -179,6 +183,7 @@ class _Member:
     heartbeat_at: float = -1.0  # reception time of the last fresh heartbeat (-1: none yet)
     interval: float = 0.0  # the pace its latest heartbeat declared (rule 14; 0: heartbeat_interval)
     heard: Heard | None = None  # its newest heartbeat (None: known from a claim only)
+    joined_at: float = -math.inf  # rule 15: when it was first heard, or heard again after it was not live
 
 
 def unendorsed_members(heard: Mapping[str, Heard | None], live: Iterable[str], me: str, term: int, *,
@@ -435,9 +440,11 @@ class ElectionState:
                 evicted = min(stale, key=lambda n: self.members[n].last_seen)
                 del self.members[evicted]
                 self.paused.discard(evicted)
-            self.members[node_id] = _Member(now, federated)
+            self.members[node_id] = _Member(now, federated, joined_at=now)
             self._live = None
         else:
+            if not self._is_live(member, now):
+                member.joined_at = now  # back after a silence: it may have restarted (rule 15)
             member.last_seen = max(member.last_seen, now)
             member.federated = federated
             self._member_changed(node_id)
@@ -539,6 +546,10 @@ class ElectionState:
         if self._pending is None or self._pending[0] <= self.term:
             self._pending = (self.term + 1, now)
         target, since = self._pending
+        held = self._held_until(target, now)
+        if held > since:
+            since = held
+            self._pending = (target, since)
         steps = int((now - since) // self.config.effective_claim_timeout)
         if steps > 0:
             target, since = target + steps, since + steps * self.config.effective_claim_timeout
@@ -547,6 +558,16 @@ class ElectionState:
             self.reclaim = False
             effects.append(PublishClaim(target, self.suspicion(now)))
             self._on_claim(target, self.node_id, now, effects)
+
+    def _held_until(self, target: int, now: float) -> float:
+        """Rule 15: while `target`'s candidate is another member first heard less than startup_grace
+        ago, it may still be in its own start-up grace (and so not claim yet): the wait for a claim for
+        `target` counts from when that member has been heard for startup_grace. -inf: no hold."""
+        candidate = self.candidate(target, now)
+        member = self.members.get(candidate) if candidate is not None and candidate != self.node_id else None
+        if member is None:
+            return -math.inf
+        return member.joined_at + self.config.effective_startup_grace
 
     def suspicion(self, now: float) -> str:
         """Why this node follows no live coordinator now, in words (for the log line of a claim)."""

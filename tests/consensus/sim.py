@@ -25,20 +25,27 @@ class Simulation:
     phases: list[float]
     crash_at: dict[str, float] = field(default_factory=dict)
     paused: Callable[[str, float], bool] | None = None  # (node, time) -> its heartbeat says `paused`
+    start_at: dict[str, float] = field(default_factory=dict)  # a node absent here starts at 0
     now: float = 0.0
     queue: list[tuple[float, int, str, str, object]] = field(default_factory=list)
     seq: itertools.count = field(default_factory=itertools.count)
     sent: int = 0
 
     def __post_init__(self) -> None:
-        self.nodes = {n: ElectionState(n, self.config, now=EPOCH) for n in self.node_ids}
+        self.nodes: dict[str, ElectionState] = {}
         self.hb_seq = dict.fromkeys(self.node_ids, 0)
         for n, phase in zip(self.node_ids, self.phases, strict=True):
+            if self.start_at.get(n, 0.0) > 0:
+                self._push(self.start_at[n], "start", n, phase)
+                continue
+            self.nodes[n] = ElectionState(n, self.config, now=EPOCH)
             self._push(phase, "heartbeat", n, None)
             self._schedule_timer(n)
 
     def alive(self, n: str, at: float | None = None) -> bool:
-        return (at if at is not None else self.now) < self.crash_at.get(n, float("inf"))
+        """Started and not crashed: a message to a node that has not started yet is lost."""
+        at = at if at is not None else self.now
+        return self.start_at.get(n, 0.0) <= at < self.crash_at.get(n, float("inf"))
 
     def _push(self, when: float, kind: str, node: str, payload: object) -> None:
         heapq.heappush(self.queue, (when, next(self.seq), kind, node, payload))
@@ -67,7 +74,13 @@ class Simulation:
             self.now = when
             if not self.alive(n):
                 continue
-            state, now = self.nodes[n], EPOCH + when
+            now = EPOCH + when
+            if kind == "start":
+                self.nodes[n] = ElectionState(n, self.config, now=now)
+                self._push(when + float(payload), "heartbeat", n, None)  # type: ignore[arg-type]
+                self._schedule_timer(n)
+                continue
+            state = self.nodes[n]
             if kind == "heartbeat":
                 term, coordinator = state.heartbeat_fields()
                 self.hb_seq[n] += 1

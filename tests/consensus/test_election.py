@@ -546,3 +546,61 @@ def test_a_claim_says_in_words_why_its_node_follows_no_live_coordinator() -> Non
     assert published == PublishClaim(2)
     assert published.reason == f"coordinator {c[-8:]} of term 1 last heard 3.0 s ago (timeout 2.5 s); live members: 1"
     assert ElectionState(me, CONFIG, now=EPOCH).suspicion(EPOCH) == "no coordinator known for term 0"
+
+
+# ---- rule 15: a member that has just joined gets its start-up grace --------------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(2, 8),
+    starts=st.lists(st.floats(0.0, 3.0 * CONFIG.liveness_timeout, allow_nan=False), min_size=8, max_size=8),
+    phases=st.lists(st.floats(0.0, INTERVAL, allow_nan=False), min_size=8, max_size=8),
+    latency=st.floats(0.0, 0.2 * INTERVAL, allow_nan=False),
+)
+def test_members_starting_one_by_one_elect_once(n: int, starts: list[float], phases: list[float],
+                                                latency: float) -> None:
+    """Members that start at different times (a community brought up one daemon after another, over
+    up to 3 liveness timeouts) elect one coordinator for term 1: nobody steps to term 2 because term
+    1's candidate was still in its own start-up grace (bench_scale, 8 daemons: "claiming term 2")."""
+    node_ids = [i.node_id for i in IDS[:n]]
+    start_at = dict(zip(node_ids, starts, strict=False))
+    sim = Simulation(node_ids, CONFIG, lambda _i, _t: latency, phases[:n], start_at=start_at)
+    sim.run_until(max(starts[:n]) + CONFIG.effective_startup_grace + 10 * INTERVAL)
+    assert {(s.term, s.coordinator) for s in sim.live()} == {(1, sim.live()[0].coordinator)}
+    assert sim.live()[0].coordinator is not None
+
+
+def test_the_start_up_skip_the_bench_saw_is_gone() -> None:
+    """The chain behind bench_scale's "claiming term 2: no coordinator known for term 0" (8 daemons):
+    A's grace ends while B, better for term 1, is in its own grace; before B's grace ends C, better
+    still, joins, so B waits for C; A's claim_timeout for term 1 ends before C's grace does, and
+    before rule 15 A stepped to term 2. Now everyone waits for C, and term 1 is the only term."""
+    node_ids = [i.node_id for i in IDS[:3]]
+    a, b, c = sorted(node_ids, key=lambda n: rank(1, n), reverse=True)  # c is best for term 1
+    lt = CONFIG.liveness_timeout  # = startup_grace = claim_timeout here
+    starts = {a: 0.0, b: 0.4 * lt, c: 1.2 * lt}
+    sim = Simulation(node_ids, CONFIG, lambda _i, _t: 0.05, [0.1] * 3, start_at=starts)
+    sim.run_until(max(starts.values()) + CONFIG.effective_startup_grace + 10 * INTERVAL)
+    assert {(s.term, s.coordinator) for s in sim.live()} == {(1, c)}
+
+
+def test_a_new_candidate_that_never_claims_holds_the_others_for_its_grace_only() -> None:
+    """Rule 15 is bounded: a member first heard at t delays a step past the term it is candidate
+    for until t + startup_grace + claim_timeout, no longer, if it never claims."""
+    me, other = IDS[0].node_id, IDS[1].node_id
+    t = 1
+    while rank(t, other) > rank(t, me):  # a term the silent member is candidate for
+        t += 1
+    state = ElectionState(me, CONFIG, now=EPOCH, known_term=t - 1)
+    grace, claim_wait = CONFIG.effective_startup_grace, CONFIG.effective_claim_timeout
+    first = EPOCH + 1.0  # heard first during our own grace
+    now, stepped_at = EPOCH, None
+    while stepped_at is None and now < first + grace + claim_wait + 3 * INTERVAL:
+        now = round(now + 0.25, 6)
+        if now >= first:
+            state.handle(HeartbeatSeen(hb(other, now), now))  # live, silent about claims
+        state.handle(Tick(now))
+        if state.term > t or (state._pending is not None and state._pending[0] > t):
+            stepped_at = now  # waits for t + 1 (or already claimed it)
+    assert stepped_at is not None, "the hold never ended"
+    assert first + grace + claim_wait <= stepped_at <= first + grace + claim_wait + 0.25
