@@ -172,6 +172,35 @@ def gossip_to_lazy_degree(router: GossipSub, lazy_degree: int) -> None:
     router._get_adaptive_gossip_peers_count = gossip_peers_count  # type: ignore[method-assign]
 
 
+def gossip_to_backed_off_peers(router: GossipSub) -> None:
+    """Let IHAVE go to peers we back off from, as go-libp2p's emitGossip does: backoff is about the
+    mesh (whom we GRAFT), not about gossip.
+
+    py-libp2p 0.8.1 picks IHAVE targets with its backoff filter on. A hub that every member grafted
+    at start-up prunes most of them (both sides back off for 60 s), and the members it kept prune it
+    later when their own meshes fill: its mesh empties with every peer backed off, and then neither
+    mesh nor IHAVE reaches it. At 16 daemons a bootstrap peer logged "15 pubsub peer(s) of 15
+    connected, 0 in the mesh, 15 backed off", heard no heartbeat for 20 s and claimed a term (issue
+    12). `_handle_topic_heartbeat` asks `_get_adaptive_gossip_peers_count` for the IHAVE count right
+    before it selects the IHAVE targets, in one synchronous stretch, so a one-shot flag set by the
+    first turns the filter off for that selection and for no other (mesh grafting keeps it)."""
+    count, select = router._get_adaptive_gossip_peers_count, router._get_in_topic_gossipsub_peers_from_minus
+    ihave_selection = [False]
+
+    def gossip_count(topic: str, total_peers: int) -> int:
+        ihave_selection[0] = True
+        return count(topic, total_peers)
+
+    def select_peers(topic: str, num_to_select: int, minus: Any, backoff_check: bool = False) -> list[ID]:
+        if ihave_selection[0]:
+            ihave_selection[0] = False
+            backoff_check = False
+        return select(topic, num_to_select, minus, backoff_check)
+
+    router._get_adaptive_gossip_peers_count = gossip_count  # type: ignore[method-assign]
+    router._get_in_topic_gossipsub_peers_from_minus = select_peers  # type: ignore[method-assign]
+
+
 def skip_small_idontwant(router: GossipSub, threshold: int = IDONTWANT_MESSAGE_THRESHOLD_BYTES) -> None:
     """Make the router send IDONTWANT only for messages of at least `threshold` bytes.
     `GossipSub.publish` calls `self._emit_idontwant_for_message` at its first await, so a one-shot
@@ -283,6 +312,7 @@ def make_gossipsub(
     skip_small_idontwant(router)  # idle CPU: no IDONTWANT per heartbeat (go-libp2p's threshold)
     gossip_to_lazy_degree(router, lazy_degree)  # idle CPU: IHAVE to fewer peers outside the mesh
     back_off_pruned_peers(router)  # mesh churn at 32 daemons: the gossipsub v1.1 rule py-libp2p misses
+    gossip_to_backed_off_peers(router)  # deaf hubs at 16 daemons: IHAVE ignores backoff, as in go-libp2p
     return router
 
 

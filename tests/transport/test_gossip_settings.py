@@ -243,3 +243,37 @@ def test_control_py_libp2p_gossips_to_six_peers() -> None:
     router = GossipSub(protocols=[], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
                        adaptive_gossip_enabled=False)
     assert _gossip_targets(router) == 6
+
+
+def _deaf_hub(router: GossipSub) -> int:
+    """Peers sent IHAVE by a hub whose mesh is empty and which backs off from all 14 of its peers
+    (what the claim line of a deaf bootstrap peer showed at 16 daemons), one message in its window."""
+    peers = _gossip_setup(router)
+    router.mesh[TOPIC] = set()
+    for peer in peers:
+        router._add_back_off(peer, TOPIC, False)
+    return len(router.gossip_heartbeat())
+
+
+def _gossip_setup(router: GossipSub) -> list[ID]:
+    peers = _over_full_mesh(router, 14)
+    router.mcache.put(rpc_pb2.Message(from_id=peers[0].to_bytes(), seqno=b"\x01" * 8, data=b"hb",
+                                      topicIDs=[TOPIC]))
+    return peers
+
+
+def test_ihave_reaches_peers_we_back_off_from() -> None:
+    """Backoff keeps a peer out of our mesh, not out of our gossip (go-libp2p's emitGossip): a hub with
+    no mesh peer and every peer backed off still sends IHAVE to D_lazy of them, and they to it, so
+    it hears every message within a heartbeat or two instead of after the 60 s backoff (issue 12)."""
+    assert _deaf_hub(router_for_test()) == 6
+    router = router_for_test()
+    _deaf_hub(router)
+    to_graft, _ = router.mesh_heartbeat()  # the mesh still respects the backoff
+    assert not to_graft
+
+
+def test_control_py_libp2p_sends_no_ihave_to_backed_off_peers() -> None:
+    router = GossipSub(protocols=[], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
+                       adaptive_gossip_enabled=False)
+    assert _deaf_hub(router) == 0
