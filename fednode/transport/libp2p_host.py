@@ -51,7 +51,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from fednode.identity import Identity
-from fednode.transport.libp2p_records import install_signed_record_memo
+from fednode.transport.libp2p_records import install_sender_record_memo, install_signed_record_memo
 from fednode.transport.libp2p_tasks import index_running_tasks
 from fednode.transport.libp2p_yamux import install_yamux_nonblocking_reader, use_go_yamux_window_updates
 from fednode.transport.subscription import GossipCounters
@@ -238,6 +238,7 @@ def make_host(identity: Identity) -> IHost:
     install_yamux_nonblocking_reader()
     use_go_yamux_window_updates()  # idle CPU: no WINDOW_UPDATE frame per gossip message read
     install_signed_record_memo()  # idle CPU: a peer's record is verified once, not per RPC
+    install_sender_record_memo()  # idle CPU: our own record is built once, not per RPC
     index_running_tasks()  # round CPU: run_task (once per gossip message) finds its parent by a map
     key_pair = key_pair_from_identity(identity)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
