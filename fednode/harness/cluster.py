@@ -8,6 +8,7 @@ the same daemon a community member runs, configured the way an operator would.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,10 +26,45 @@ LOOPBACK = "127.0.0.1"
 STOP_GRACE_SECONDS = 10.0
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+DEFAULT_EPHEMERAL_LOW = 32768  # Linux's default start of the range the kernel picks outbound ports from
+LISTEN_PORT_LOW = 20000  # free_port draws from [this, the ephemeral range's start)
+MAX_PORT_TRIES = 200
+MAX_REMEMBERED_PORTS = 10_000
+_handed_out: set[int] = set()
+
+
+def ephemeral_port_low() -> int:
+    """The first port of the kernel's ephemeral range (outbound connections and port-0 binds)."""
+    try:
+        return int(EPHEMERAL_RANGE_FILE.read_text(encoding="ascii").split()[0])
+    except (OSError, ValueError, IndexError):
+        return DEFAULT_EPHEMERAL_LOW
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and that no outbound connection can take later: drawn below
+    the kernel's ephemeral range, never handed out twice by this process. A port-0 port lies *in*
+    that range: in bench_scale's 32-daemon run the 30th daemon, started a minute after its port was
+    chosen, found it taken by another daemon's outbound connection and exited ("already in use").
+    Where the range leaves no room below it, the kernel picks (port 0), as before."""
+    high = ephemeral_port_low()
+    rng = random.SystemRandom()
+    if len(_handed_out) >= MAX_REMEMBERED_PORTS:
+        _handed_out.clear()
+    for _ in range(MAX_PORT_TRIES):
+        wanted = rng.randrange(LISTEN_PORT_LOW, high) if high - LISTEN_PORT_LOW >= MAX_PORT_TRIES else 0
+        if wanted in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, wanted))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port below {high} after {MAX_PORT_TRIES} tries")
 
 
 @dataclass
