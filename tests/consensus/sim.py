@@ -37,10 +37,14 @@ class Simulation:
         for n, phase in zip(self.node_ids, self.phases, strict=True):
             if self.start_at.get(n, 0.0) > 0:
                 self._push(self.start_at[n], "start", n, phase)
-                continue
-            self.nodes[n] = ElectionState(n, self.config, now=EPOCH)
-            self._push(phase, "heartbeat", n, None)
-            self._schedule_timer(n)
+            else:
+                self._start(n, 0.0, phase)
+
+    def _start(self, n: str, when: float, phase: float) -> None:
+        """Node n comes up at `when`: its state, its first heartbeat `phase` later, its timer."""
+        self.nodes[n] = ElectionState(n, self.config, now=EPOCH + when)
+        self._push(when + phase, "heartbeat", n, None)
+        self._schedule_timer(n)
 
     def alive(self, n: str, at: float | None = None) -> bool:
         """Started and not crashed: a message to a node that has not started yet is lost."""
@@ -74,13 +78,10 @@ class Simulation:
             self.now = when
             if not self.alive(n):
                 continue
-            now = EPOCH + when
             if kind == "start":
-                self.nodes[n] = ElectionState(n, self.config, now=now)
-                self._push(when + float(payload), "heartbeat", n, None)  # type: ignore[arg-type]
-                self._schedule_timer(n)
+                self._start(n, when, float(payload))  # type: ignore[arg-type]
                 continue
-            state = self.nodes[n]
+            state, now = self.nodes[n], EPOCH + when
             if kind == "heartbeat":
                 term, coordinator = state.heartbeat_fields()
                 self.hb_seq[n] += 1

@@ -15,7 +15,6 @@ from fednode.node.daemon import Node
 from fednode.wire import CoordinatorClaim, Heartbeat, Message, codec
 from tests.node.checks import check_round_agreement
 from tests.node.conftest import cluster, seed_identity, wait_until
-from tests.node.test_sim500 import inline_threads  # noqa: F401  (fixture: blob I/O inline, so the clock jumps at once)
 
 N = 12
 INTERVAL = 1.0  # the test cluster's heartbeat_interval_seconds
@@ -46,7 +45,7 @@ async def _idle_heartbeat_rate(tmp: Path, fanin: int) -> float:
 
 
 async def test_paced_members_halve_the_idle_heartbeat_rate(tmp_path: Path, autojump_clock,  # type: ignore[no-untyped-def]
-                                                          inline_threads) -> None:  # noqa: F811
+                                                          inline_threads) -> None:
     autojump_clock.autojump_threshold = 0.0
     unpaced = await _idle_heartbeat_rate(tmp_path / "off", 0)
     paced = await _idle_heartbeat_rate(tmp_path / "on", 4)
@@ -56,7 +55,7 @@ async def test_paced_members_halve_the_idle_heartbeat_rate(tmp_path: Path, autoj
 
 
 async def test_paced_members_still_fail_over_and_finish_rounds(tmp_path: Path, autojump_clock,  # type: ignore[no-untyped-def]
-                                                              inline_threads) -> None:  # noqa: F811
+                                                              inline_threads) -> None:
     autojump_clock.autojump_threshold = 0.0
     async with cluster(tmp_path, auto_link_degree=3) as c:
         nodes = [await c.start(i, N, **_sections(4, 3)) for i in range(N)]
@@ -84,7 +83,7 @@ async def test_paced_members_still_fail_over_and_finish_rounds(tmp_path: Path, a
 
 
 async def test_a_paced_member_names_a_new_coordinator_within_an_interval(tmp_path: Path, autojump_clock,  # type: ignore[no-untyped-def]
-                                                                         inline_threads) -> None:  # noqa: F811
+                                                                         inline_threads) -> None:
     """A coordinator change while the old one is live (a later term's claim): a member pacing every ~3
     intervals answers it in a heartbeat one interval after its last, not at its pace (rule 14), so a
     new coordinator is not held back by rule 13 for a whole pace."""

@@ -47,18 +47,6 @@ WALL_BUDGET_SECONDS = float(os.environ.get("FEDNODE_SIM_WALL_BUDGET", "3600"))
 SMALL_WALL_BUDGET_SECONDS = 600.0  # 100 nodes: 73 s alone; a gross-regression guard under CI load
 
 
-@pytest.fixture
-def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run `trio.to_thread.run_sync` work (blob store I/O) inline, so that the virtual clock may jump
-    the moment every task waits (autojump threshold 0). With worker threads the clock has to wait
-    for real idleness (test_sim50's 50 ms) at every distinct timer deadline, and 500 nodes' timers
-    made the simulation idle most of its wall time (100 nodes, 3 rounds: 2.3 min of CPU in 10 min)."""
-    async def run_sync(fn: Any, *args: Any, **_: Any) -> Any:
-        return fn(*args)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
-
-
 @pytest.mark.scale_open
 @pytest.mark.timeout(WALL_BUDGET_SECONDS + 300)
 async def test_five_hundred_nodes_ten_rounds_with_churn(tmp_path: Path, autojump_clock, no_fsync,  # type: ignore[no-untyped-def]  # noqa: F811

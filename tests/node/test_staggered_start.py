@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -23,16 +22,6 @@ CANDIDATES = 10
 # node_config's 1 s heartbeats: liveness_timeout = claim_timeout = 2.5 s, startup_grace = 2.5 + 1 s (gossip heartbeat)
 STARTS = (0.0, 1.2, 4.0)  # A; B while A is in its grace; C after A's grace, before B's grace ends
 SECTIONS = {"round": {"max_rounds": 0}}
-
-
-@pytest.fixture
-def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Thread work (state.sqlite, the blob store) runs inline, so the virtual clock never jumps while
-    real I/O is under way: the schedule is the same on an idle and on a loaded machine."""
-    async def run_sync(fn: Any, *args: Any, **_: Any) -> Any:
-        return fn(*args)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
 
 
 def chain() -> list[int]:

@@ -224,10 +224,8 @@ def test_control_py_libp2p_alone_grafts_the_peers_it_just_pruned() -> None:
 def _gossip_targets(router: GossipSub) -> int:
     """Peers sent IHAVE by one gossip heartbeat: 14 subscribed peers, a mesh of 4, one message in the
     window (an idle community always has heartbeats there)."""
-    peers = _over_full_mesh(router, 14)
+    peers = _gossip_setup(router)
     router.mesh[TOPIC] = set(peers[:4])
-    router.mcache.put(rpc_pb2.Message(from_id=peers[0].to_bytes(), seqno=b"\x00" * 8, data=b"hb",
-                                      topicIDs=[TOPIC]))
     assert router.mcache.window(TOPIC)
     return len(router.gossip_heartbeat())
 
@@ -256,6 +254,7 @@ def _deaf_hub(router: GossipSub) -> int:
 
 
 def _gossip_setup(router: GossipSub) -> list[ID]:
+    """14 subscribed peers, all in the mesh, and one message in the gossip window."""
     peers = _over_full_mesh(router, 14)
     router.mcache.put(rpc_pb2.Message(from_id=peers[0].to_bytes(), seqno=b"\x01" * 8, data=b"hb",
                                       topicIDs=[TOPIC]))
