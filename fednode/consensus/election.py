@@ -546,7 +546,8 @@ class ElectionState:
         if self._pending is None or self._pending[0] <= self.term:
             self._pending = (self.term + 1, now)
         target, since = self._pending
-        held = self._held_until(target, now)
+        candidate = self.candidate(target, now)
+        held = self._held_until(candidate)
         if held > since:
             since = held
             self._pending = (target, since)
@@ -554,16 +555,16 @@ class ElectionState:
         if steps > 0:
             target, since = target + steps, since + steps * self.config.effective_claim_timeout
             self._pending = (target, since)
-        if self.federated and target <= MAX_TERM and (self.reclaim or self.candidate(target, now) == self.node_id):
+            candidate = self.candidate(target, now)
+        if self.federated and target <= MAX_TERM and (self.reclaim or candidate == self.node_id):
             self.reclaim = False
             effects.append(PublishClaim(target, self.suspicion(now)))
             self._on_claim(target, self.node_id, now, effects)
 
-    def _held_until(self, target: int, now: float) -> float:
-        """Rule 15: while `target`'s candidate is another member first heard less than startup_grace
-        ago, it may still be in its own start-up grace (and so not claim yet): the wait for a claim for
-        `target` counts from when that member has been heard for startup_grace. -inf: no hold."""
-        candidate = self.candidate(target, now)
+    def _held_until(self, candidate: str | None) -> float:
+        """Rule 15: while the awaited term's `candidate` is another member first heard less than
+        startup_grace ago, it may still be in its own start-up grace (and so not claim yet): the wait
+        for a claim for that term counts from when it has been heard for startup_grace. -inf: no hold."""
         member = self.members.get(candidate) if candidate is not None and candidate != self.node_id else None
         if member is None:
             return -math.inf

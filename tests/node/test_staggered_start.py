@@ -56,6 +56,6 @@ async def test_members_started_one_after_another_elect_term_1(tmp_path: Path, au
 
 async def test_control_without_rule_15_the_same_schedule_skips_to_term_2(  # type: ignore[no-untyped-def]
         tmp_path: Path, autojump_clock, inline_threads, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(election.ElectionState, "_held_until", lambda self, target, now: float("-inf"))
+    monkeypatch.setattr(election.ElectionState, "_held_until", lambda self, candidate: float("-inf"))
     views, _ = await staggered_terms(tmp_path)
     assert max(term for term, _ in views.values()) >= 2, views
