@@ -16,6 +16,8 @@ Per run, measured side by side:
                      adapter installed everywhere); the fake task trains in ~0 s, so this is protocol cost
   round_cpu_seconds - per daemon: CPU seconds from the first round's start to the last, per round
   idle_cpu_pct     - after the rounds: CPU ticks over --idle-seconds, per daemon, in % of one core
+  idle_copies_per_message - over the same span, per daemon: gossip copies received per new message
+                     (status gossip_copies_received / gossip_delivered_from_peers), about its mesh size
   terms            - the highest election term any daemon reached (1 = one election, no failover)
 A run passes when all rounds completed with one merged adapter per round on every daemon and no
 daemon exited. The machine is shared, so wall times (up_seconds, overhead) read high under load;
@@ -109,6 +111,18 @@ def start_timed(cluster: LocalCluster, nodes: list[NodeProcess], started: dict[i
         cluster.start([node])
 
 
+def copies_per_message(before: dict[int, NodeStatus], after: dict[int, NodeStatus]) -> list[float]:
+    """Per daemon answering both polls: gossip copies neighbours handed it per new message it
+    delivered, between the polls (gossipsub sends each message to a node once per mesh peer that has
+    it first, so this is about the node's mesh size; each copy costs a read, a decrypt and a parse)."""
+    out = []
+    for i in sorted(set(before) & set(after)):
+        delivered = after[i].gossip_delivered_from_peers - before[i].gossip_delivered_from_peers
+        if delivered > 0:
+            out.append(round((after[i].gossip_copies_received - before[i].gossip_copies_received) / delivered, 2))
+    return out
+
+
 def parse_setting(text: str) -> tuple[str, str, Any]:
     """'section.key=value' (value in TOML syntax: 4, 2.0, true, "x") -> (section, key, value)."""
     name, sep, value = text.partition("=")
@@ -184,6 +198,7 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
             out["round_cpu_seconds"] = [round(used / out["rounds_completed"], 3)
                                         for used in cpu_used_since(cluster, cpu_at_rounds)]
         # idle: every round done (max_rounds reached), nothing left to do but heartbeats
+        idle_from = await poll(cluster, timeout=10.0)
         before = cpu_by_node(cluster)
         t_idle = time.monotonic()
         await trio.sleep(idle_seconds)
@@ -191,6 +206,7 @@ async def one_run(n: int, rounds: int, idle_seconds: float, round_timeout: float
         out["idle_cpu_pct"] = [round(100.0 * used / span, 2) for used in cpu_used_since(cluster, before)]
         out["rss_mib"] = [round(rss_mib(nd.process.pid) or 0.0, 1) for nd in cluster.nodes if nd.process is not None]
         statuses = await poll(cluster, timeout=10.0)
+        out["idle_copies_per_message"] = copies_per_message(idle_from, statuses)
         out["terms"] = max([out["terms"], *(s.term for s in statuses.values())])
         out["passed"] = (out["rounds_completed"] >= rounds and not out["problems"] and len(records) >= rounds
                          and all(nd.alive for nd in cluster.nodes))
@@ -216,6 +232,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "up_cpu_median_s": med("up_cpu_seconds"), "up_cpu_max_s": mx("up_cpu_seconds"),
             "round_cpu_median_s": med("round_cpu_seconds"), "round_cpu_max_s": mx("round_cpu_seconds"),
             "idle_cpu_pct_median": med("idle_cpu_pct"), "idle_cpu_pct_max": mx("idle_cpu_pct"),
+            "idle_copies_per_message_median": med("idle_copies_per_message"),
             "rss_mib_median": med("rss_mib"), "terms": [r.get("terms", 0) for r in runs]}
 
 
@@ -270,15 +287,17 @@ def main() -> None:
                       f"terms={run.get('terms')} up_max={max(run.get('up_seconds') or [0]):.2f}s "
                       f"up_cpu_max={max(run.get('up_cpu_seconds') or [0]):.2f}s "
                       f"idle_cpu_max={max(run.get('idle_cpu_pct') or [0]):.2f}% "
+                      f"copies_med={statistics.median(run.get('idle_copies_per_message') or [0]):.1f} "
                       f"rss_med={statistics.median(run.get('rss_mib') or [0]):.0f}MiB "
                       f"problems={run['problems']}", flush=True)
             by_n[n] = summarize(runs)
     print(f"{'N':>4} {'passed':>7} {'overhead med':>13} {'up med/max':>12} {'up CPU med':>11} "
-          f"{'idle CPU med/max %':>19} {'RSS MiB':>8} terms")
+          f"{'idle CPU med/max %':>19} {'copies/msg':>10} {'RSS MiB':>8} terms")
     for n, s in by_n.items():
         print(f"{n:>4} {s['passed']:>3}/{s['attempts']:<3} {s['overhead_median_s']!s:>13} "
               f"{s['up_median_s']!s:>5}/{s['up_max_s']!s:<6} {s['up_cpu_median_s']!s:>11} "
-              f"{s['idle_cpu_pct_median']!s:>9}/{s['idle_cpu_pct_max']!s:<9} {s['rss_mib_median']!s:>8} {s['terms']}")
+              f"{s['idle_cpu_pct_median']!s:>9}/{s['idle_cpu_pct_max']!s:<9} "
+              f"{s['idle_copies_per_message_median']!s:>10} {s['rss_mib_median']!s:>8} {s['terms']}")
     figures = {"sizes": {str(n): s for n, s in by_n.items()}, "rounds": args.rounds,
                "idle_seconds": args.idle_seconds, "start": args.start, "loadavg_at_end": list(os.getloadavg()),
                "runs": {str(n): r for n, r in runs_by_n.items()},

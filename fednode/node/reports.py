@@ -308,6 +308,11 @@ class NodeStatus(JsonForm):
     streams_refused: dict[str, dict[str, int]]  # refused before served, by server and reason
     handler_errors: dict[str, dict[str, int]]  # clients that failed or misbehaved, by server and reason
     progress: RoundProgress = _opt(flatten=True)
+    # gossip messages neighbours handed this node, duplicates included, and the new, accepted ones
+    # among them: copies / delivered is what one message costs this node in copies (its mesh size)
+    # (both absent from a status written before they were counted)
+    gossip_copies_received: int = _opt(0, omit_default=True)
+    gossip_delivered_from_peers: int = _opt(0, omit_default=True)
 
     def alive_members(self) -> list[MemberStatus]:
         return [m for m in self.members if m.alive]

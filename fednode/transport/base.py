@@ -81,6 +81,10 @@ class TransportStatistics:
     dropped: int = 0  # messages lost to a full queue/buffer: always counted and logged
     bytes_sent: int = 0
     bytes_received: int = 0
+    # gossip messages from neighbours, duplicates included, and the new, accepted ones among them
+    # (copies_received / delivered_from_peers: the copies each message costs a node)
+    copies_received: int = 0
+    delivered_from_peers: int = 0
     peers: int = 0
     # inbound streams that ended in an error, keyed "<protocol>:<reason>" (e.g. a peer-exchange
     # asker that closed early, or "internal_error": a handler that raised, caught by the transport)

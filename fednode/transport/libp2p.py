@@ -126,7 +126,11 @@ class Libp2pTransport:
         replace_delivery(pubsub, self._deliver)
         push_msg = pubsub.push_msg
 
+        local_id = host.get_id()
+
         async def push_msg_with_forwarder(msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+            if msg_forwarder != local_id:
+                self._counters.copies_received += 1
             token = _forwarder.set(msg_forwarder)
             try:
                 await push_msg(msg_forwarder, msg)
@@ -203,6 +207,8 @@ class Libp2pTransport:
     def _deliver(self, msg: rpc_pb2.Message) -> None:
         forwarder = _forwarder.get()
         received_from = forwarder.to_base58() if forwarder is not None else self._peer_id
+        if received_from != self._peer_id:
+            self._counters.delivered_from_peers += 1
         for topic in msg.topicIDs:
             message = GossipMessage(topic, msg.data, received_from)
             if received_from != self._peer_id:

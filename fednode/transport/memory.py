@@ -239,6 +239,8 @@ class MemoryTransport:
         return bool(self._subscriptions.get(topic))
 
     def _handle(self, env: _Envelope) -> None:
+        if env.forwarder != self._peer_id:
+            self._counters.copies_received += 1
         if env.msg_id in self._seen:
             return
         self._seen[env.msg_id] = None
@@ -260,6 +262,8 @@ class MemoryTransport:
                              validation.reason)
             return
         message = GossipMessage(env.topic, env.data, env.forwarder)
+        if not is_origin:
+            self._counters.delivered_from_peers += 1
         for sub in subs:
             sub.offer(message)
         self._forward(env)

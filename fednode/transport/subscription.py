@@ -37,6 +37,11 @@ class GossipCounters:
     dropped: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    # gossip messages neighbours handed us, duplicates included, and those of them we delivered (new
+    # and accepted): their ratio is what each message costs in copies (gossipsub's mesh sends every
+    # message to a node once per mesh peer that has it before we do)
+    copies_received: int = 0
+    delivered_from_peers: int = 0
     streams_failed: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def count_stream_failure(self, protocol: str, reason: str) -> None:
@@ -63,6 +68,8 @@ class GossipCounters:
             dropped=self.dropped,
             bytes_sent=self.bytes_sent,
             bytes_received=self.bytes_received,
+            copies_received=self.copies_received,
+            delivered_from_peers=self.delivered_from_peers,
             peers=peers,
             streams_failed=dict(self.streams_failed),
         )

@@ -78,6 +78,7 @@ async def test_status_over_the_control_socket(tmp_path: Path, autojump_clock: tr
             assert sum(rejected.values()) >= 1 and all(isinstance(k, str) and k for k in rejected)
             b = s["bytes"]
             assert b["transport_sent"] > 0 and b["transport_received"] > 0
+            assert s["gossip_copies_received"] >= s["gossip_delivered_from_peers"] > 0
             if node.node_id == coordinator:  # it pulled every participant's delta
                 assert b["blob_fetched"] > 0
             else:  # it served its delta to the coordinator and pulled the merged adapter

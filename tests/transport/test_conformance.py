@@ -63,6 +63,27 @@ async def test_delivery_to_all_subscribers(make_transports: MakeTransports) -> N
         assert all(t.statistics().bytes_received >= len(b"hello") for t in nodes[1:])
 
 
+async def test_copies_received_count_every_copy_and_delivered_from_peers_each_message_once(
+        make_transports: MakeTransports) -> None:
+    """The two counters behind status's gossip_copies_received / gossip_delivered_from_peers: a
+    message from a neighbour counts once as delivered however many neighbours hand it over, and at
+    least once (at most once per neighbour) as a copy; our own publish counts in neither."""
+    async with make_transports(3, "mesh") as nodes:
+        subs = [await t.subscribe(TOPIC) for t in nodes]
+        await wait_topic_peers(nodes, TOPIC)
+        for i in range(3):
+            await nodes[0].publish(TOPIC, b"copy %d" % i)
+        for sub in subs[1:]:
+            for _ in range(3):
+                await next_message(sub)
+        await trio.sleep(0.5)  # room for duplicates forwarded by the third node
+        stats = [t.statistics() for t in nodes]
+        assert stats[0].delivered_from_peers == 0 and stats[0].copies_received == 0  # never sent back to the origin
+        for s in stats[1:]:
+            assert s.delivered_from_peers == 3
+            assert 3 <= s.copies_received <= 2 * 3  # one per neighbour at most
+
+
 async def test_backlog_counts_delivered_messages_not_read_yet(make_transports: MakeTransports) -> None:
     async with make_transports(2, "mesh") as (a, b):
         await a.subscribe(TOPIC)
