@@ -52,11 +52,11 @@ class NetworkSection:
     listen: list[str] = _opt(["/ip4/0.0.0.0/tcp/4001"], doc="libp2p listen multiaddrs")
     bootstrap: list[str] = _opt([], doc="multiaddrs with /p2p/<peer id> dialled at start")
     gossip_heartbeat_seconds: float = _opt(1.0, lo=1.0, hi=60.0, doc="gossipsub mesh heartbeat (whole seconds)")
-    mesh_degree: int = _opt(6, lo=1, hi=1000, doc="gossipsub mesh degree D: peers each gossip message is "
+    mesh_degree: int = _opt(4, lo=1, hi=1000, doc="gossipsub mesh degree D: peers each gossip message is "
                             "forwarded to (fewer: less idle CPU, slower spread)")
-    mesh_degree_low: int = _opt(4, lo=1, hi=1000, doc="gossipsub D_low: graft peers when the mesh is smaller")
-    mesh_degree_high: int = _opt(12, lo=1, hi=1000, doc="gossipsub D_high: prune peers when the mesh is larger")
-    gossip_lazy_degree: int = _opt(6, lo=0, hi=1000, doc="gossipsub D_lazy: peers outside the mesh sent IHAVE "
+    mesh_degree_low: int = _opt(3, lo=1, hi=1000, doc="gossipsub D_low: graft peers when the mesh is smaller")
+    mesh_degree_high: int = _opt(6, lo=1, hi=1000, doc="gossipsub D_high: prune peers when the mesh is larger")
+    gossip_lazy_degree: int = _opt(3, lo=0, hi=1000, doc="gossipsub D_lazy: peers outside the mesh sent IHAVE "
                                    "each gossip heartbeat (at least; 1/4 of them when more)")
     max_message_bytes: int = _opt(65536, lo=1024, hi=1048576, doc="largest control message accepted")
     reconnect_backoff_max_seconds: float = _opt(30.0, lo=0.1, hi=3600.0, doc="cap of reconnect backoff")
@@ -93,7 +93,7 @@ class CoordinatorSection:
     heartbeat_interval_seconds: float = _opt(2.0, lo=0.05, hi=600.0, doc="signed heartbeat period")
     liveness_timeout_heartbeats: float = _opt(2.5, lo=1.5, hi=100.0,
                                               doc="heartbeat intervals of silence before a peer counts as dead")
-    heartbeat_fanin: int = _opt(8, lo=0, hi=100000,
+    heartbeat_fanin: int = _opt(4, lo=0, hi=100000,
                                 doc="members per heartbeat interval before a member that is not the coordinator "
                                     "slows its heartbeats: it beats every heartbeat_interval_seconds x live members "
                                     "/ this (election-v1 rule 14), so a node's inbound heartbeat rate stays near "

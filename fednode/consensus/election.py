@@ -63,7 +63,7 @@ LIVE_CACHE_MARGIN_ULPS = 8
 # slower than max_heartbeat_interval), which holds each node's inbound heartbeat rate near
 # fanin / heartbeat_interval; the coordinator, and everyone while no coordinator is known, keep
 # heartbeat_interval, so failover is as fast as in a small community.
-DEFAULT_HEARTBEAT_FANIN = 8  # live members per heartbeat_interval before members slow down (0: never)
+DEFAULT_HEARTBEAT_FANIN = 4  # live members per heartbeat_interval before members slow down (0: never)
 DEFAULT_MAX_HEARTBEAT_INTERVAL_SECONDS = 30.0  # the slowest pace a member takes, and the most a receiver believes
 
 

@@ -66,8 +66,9 @@ DEFAULT_GOSSIP_MAX_AGE_SECONDS = 5.0  # and never older than this, whatever the 
 # message; for a ~300-byte heartbeat the IDONTWANT costs as much as the message it saves.
 IDONTWANT_MESSAGE_THRESHOLD_BYTES = 1024
 # gossipsub's IHAVE fan-out per heartbeat: max(D_lazy, GOSSIP_FACTOR x peers outside the mesh), as
-# go-libp2p computes it. py-libp2p 0.8.1 hard-codes D_lazy = 6 (when adaptive gossip is off).
-DEFAULT_GOSSIP_LAZY_DEGREE = 6
+# go-libp2p computes it. py-libp2p 0.8.1 hard-codes D_lazy = 6 (when adaptive gossip is off); 3 goes
+# with the smaller mesh (libp2p.DEFAULT_MESH_DEGREE).
+DEFAULT_GOSSIP_LAZY_DEGREE = 3
 GOSSIP_FACTOR = 0.25
 
 
