@@ -11,6 +11,8 @@ from fednode.blobs.fetch import FetchLimits, fetch_blob
 from fednode.blobs.protocol import ERR_BUSY, ERR_NOT_MEMBER, GET_MANIFEST, PROTOCOL_ID, StreamChannel
 from fednode.blobs.serve import ServeLimits
 from fednode.errors import TransferError
+from fednode.transport.base import Stream
+from fednode.transport.memory import MemoryNetwork, open_memory_transport
 
 from .conftest import CHUNK, CorruptingStore, blob, make_store, memory_nodes
 
@@ -241,3 +243,38 @@ async def test_lane_falls_back_to_the_stream(tmp_path: Path) -> None:
             m["c"].store.put_bytes(data)
             r2 = await fetch_blob(m["me2"].transport, sha, ["c"], m["me2"].store, lane_host=_loopback)
             assert r2.lanes_opened == 0 and r2.chunks_fetched == 13
+
+
+async def _silent_holder(network: MemoryNetwork, name: str, task_status: trio.TaskStatus[None]) -> None:
+    """A peer that takes blob streams and never answers (a member still being dialled, or too busy)."""
+    async with open_memory_transport(network, name) as transport:
+        async def never_answer(stream: Stream) -> None:
+            await trio.sleep_forever()
+
+        transport.serve(PROTOCOL_ID, never_answer)
+        task_status.started()
+        await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("silent_first", [False, True])
+async def test_other_holders_get_only_the_manifest_grace(tmp_path: Path, silent_first: bool) -> None:
+    """Issue 12: a fetch waited for every asked holder's manifest, so it was as slow as the slowest
+    (up to manifest_timeout). Once a manifest is in, the holders other than the caller's first
+    choice get `manifest_grace`; the first choice is awaited as before (control: silent_first)."""
+    data, sha = blob(3)
+    limits = FetchLimits(manifest_timeout=3.0, manifest_grace=0.2, busy_retries=0)
+    async with memory_nodes(tmp_path, ["a", "me"]) as (network, n), trio.open_nursery() as nursery:
+        await nursery.start(_silent_holder, network, "silent")
+        n["a"].store.put_bytes(data)
+        holders = ["silent", "a"] if silent_first else ["a", "silent"]
+        started = trio.current_time()
+        r = await fetch_blob(n["me"].transport, sha, holders, n["me"].store, limits=limits)
+        took = trio.current_time() - started
+        assert n["me"].store.read(sha) == data and r.chunks_by_peer == {"a": 4}
+        if silent_first:
+            assert took >= limits.manifest_timeout
+            assert r.dropped_peers["silent"].startswith("manifest: TooSlowError")
+        else:
+            assert took < limits.manifest_timeout / 2
+            assert r.dropped_peers == {"silent": "manifest: no answer within the grace after the first"}
+        nursery.cancel_scope.cancel()

@@ -8,7 +8,7 @@ fednode.aggregation).
 
 Settings (documented, chosen for wall time on 2 shared cores, not to hide anything):
 - heartbeats every 20 virtual s (liveness 50 s) for the coordinator; the members pace theirs by the
-  community's size (election-v1 rule 14, the default heartbeat_fanin 8), i.e. every 30 s
+  community's size (election-v1 rule 14, the default heartbeat_fanin 4), i.e. every 30 s
   (max_heartbeat_interval): every heartbeat is flooded to and handled by all ~500 nodes in this one
   process; rounds still close early once every live member has submitted;
 - the coordinator is never among the leavers (an election costs a liveness timeout; test_fork,
