@@ -78,6 +78,10 @@ DEFAULT_MAX_SOURCES = 8
 # member not connected to us is dialled first; at 16 daemons on 2 cores a 1.3 kB adapter took 3-5 s
 # to install after its coordinator published it (issue 12).
 DEFAULT_MANIFEST_GRACE = 0.5
+# Blobs smaller than this are fetched on the stream only: a lane (its own TCP connection, and a
+# listener on the holder) pays off for bulk data, not for a 1.3 kB adapter that 31 members fetch from
+# one coordinator at once (bench_scale, 32 daemons: 31 lane listeners and connections per round).
+DEFAULT_LANE_MIN_BYTES = 256 * 1024
 
 Progress = Callable[[int, int], None]  # (verified bytes, total bytes)
 
@@ -98,6 +102,7 @@ class FetchLimits:
     max_sources: int = DEFAULT_MAX_SOURCES
     manifest_grace: float = DEFAULT_MANIFEST_GRACE
     use_lane: bool = True
+    lane_min_bytes: int = DEFAULT_LANE_MIN_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +170,11 @@ class _Fetch:
         stream = await self.transport.open_stream(peer, PROTOCOL_ID)
         return StreamChannel(stream)
 
-    async def upgrade(self, channel: FrameChannel, peer: str) -> tuple[FrameChannel, FrameChannel | None]:
+    async def upgrade(self, channel: FrameChannel, peer: str,
+                      manifest: BlobManifest) -> tuple[FrameChannel, FrameChannel | None]:
         """(channel to use, stream channel to close afterwards). Falls back to the stream."""
-        if not self.limits.use_lane or self.lane_host is None or peer in self.lane_failed:
+        if (not self.limits.use_lane or self.lane_host is None or peer in self.lane_failed
+                or manifest.size < self.limits.lane_min_bytes):
             return channel, None
         if not isinstance(channel, StreamChannel):
             return channel, None
@@ -304,7 +311,7 @@ class _Fetch:
         busy = 0
         try:
             if channel is not None:
-                channel, extra = await self.upgrade(channel, peer)
+                channel, extra = await self.upgrade(channel, peer, manifest)
             while not self.done:
                 # `done` and `pending` are only current between awaits: test them and, when
                 # there is nothing to do, wait on the event, with no checkpoint in between, or
@@ -315,7 +322,7 @@ class _Fetch:
                 try:
                     if channel is None:  # a stream only once there is work for it
                         channel = await self.open_channel(peer)
-                        channel, extra = await self.upgrade(channel, peer)  # may be refused busy
+                        channel, extra = await self.upgrade(channel, peer, manifest)  # may be refused busy
                         continue  # awaited: the blob may be complete or the queue empty by now
                     n = self.limits.chunks_per_request
                     batch = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,23 @@ async def test_fast_lane_carries_the_chunks(tmp_path: Path) -> None:
         assert r.chunks_fetched == 31
         # the memory stream carried the manifest and lane set-up only, not the chunks
         assert n["me"].transport.statistics().bytes_received < len(data) // 10
+
+
+async def test_a_small_blob_takes_no_lane(tmp_path: Path) -> None:
+    """Issue 12: a lane (a TCP connection, and a listener on the holder) was opened for every fetch,
+    a 1.3 kB merged adapter too; blobs under lane_min_bytes stay on the stream, larger ones still
+    take the lane (control)."""
+    small, small_sha = os.urandom(1320), ""
+    large, large_sha = blob(4)
+    async with memory_nodes(tmp_path, ["a", "me"], lane_bind_host=_loopback) as (_, n):
+        small_sha = n["a"].store.put_bytes(small)
+        n["a"].store.put_bytes(large)
+        r = await fetch_blob(n["me"].transport, small_sha, ["a"], n["me"].store, lane_host=_loopback)
+        assert n["me"].store.read(small_sha) == small and r.lanes_opened == 0
+        assert n["a"].server.statistics().lanes == 0
+        limits = FetchLimits(lane_min_bytes=len(large))
+        r = await fetch_blob(n["me"].transport, large_sha, ["a"], n["me"].store, lane_host=_loopback, limits=limits)
+        assert n["me"].store.read(large_sha) == large and r.lanes_opened >= 1
 
 
 async def test_lane_falls_back_to_the_stream(tmp_path: Path) -> None:
