@@ -22,6 +22,7 @@ from fednode.consensus.election import (
     ElectionState,
     HeartbeatSeen,
     PublishClaim,
+    SignOfLife,
     rank,
 )
 from fednode.consensus.outcome import OutcomeConflict, SignedOutcome
@@ -52,6 +53,6 @@ __all__ = [
     "ContributionRejected", "CoordinatorChanged", "Effect", "ElectionConfig", "ElectionState", "FailureSeen",
     "HeartbeatSeen", "InstallAdapter", "ManifestSeen", "Outcome", "OutcomeConflict", "Phase",
     "PublishAggregate", "PublishClaim", "PublishFailure", "QueryOutcome", "Reannounce", "Rejection", "Resumed", "Role",
-    "RoundState", "RoundStatistics", "SignedOutcome", "StartAggregation", "SubmissionReceived", "Superseded",
-    "SyncAnswered", "Tick", "TrainAndSubmit", "Trigger", "rank",
+    "RoundState", "RoundStatistics", "SignOfLife", "SignedOutcome", "StartAggregation", "SubmissionReceived",
+    "Superseded", "SyncAnswered", "Tick", "TrainAndSubmit", "Trigger", "rank",
 ]

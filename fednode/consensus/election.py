@@ -133,7 +133,17 @@ class ClaimSeen:
     now: float
 
 
-ElectionEvent = HeartbeatSeen | ClaimSeen | Tick
+@dataclass(frozen=True, slots=True)
+class SignOfLife:
+    """Rule 16: a signed round message from `node_id` (timestamped `sent_at`) that the round layer
+    accepted. It shows its author alive as a heartbeat would, and says nothing else."""
+
+    node_id: str
+    sent_at: float
+    now: float
+
+
+ElectionEvent = HeartbeatSeen | ClaimSeen | SignOfLife | Tick
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +435,8 @@ class ElectionState:
             validation = self._on_heartbeat(event.heartbeat, event.now, effects)
         elif isinstance(event, ClaimSeen):
             validation = self._on_claim_message(event.claim, event.now, effects)
+        elif isinstance(event, SignOfLife):
+            validation = self._on_sign_of_life(event.node_id, event.sent_at, event.now)
         else:
             validation = ACCEPTED
         self._on_tick(event.now, effects)
@@ -474,6 +486,18 @@ class ElectionState:
         member.heartbeat_at = max(member.heartbeat_at, now)
         if hb.term >= 1 and hb.coordinator_node_id == hb.node_id:  # a coordinator's heartbeat
             return self._on_claim(hb.term, hb.node_id, now, effects, seen=seen)  # renews its claim
+        return ACCEPTED
+
+    def _on_sign_of_life(self, node_id: str, sent_at: float, now: float) -> Validation:
+        """Rule 16: a known member's accepted round message renews its liveness (last_seen, at
+        min(receipt, timestamp + skew) as for a heartbeat), not its heartbeat gap, pace or term.
+        Unknown authors are not added: membership comes from heartbeats and claims."""
+        member = self.members.get(node_id)
+        if node_id == self.node_id or member is None:
+            return Validation(Verdict.IGNORE, "not_a_member_sign")
+        seen = self._alive_at(sent_at, now)
+        if seen > member.last_seen:  # an older message (a sync replay) shows nothing new
+            self._see(node_id, seen, member.federated)
         return ACCEPTED
 
     def _on_claim_message(self, claim: CoordinatorClaim, now: float, effects: list[Effect]) -> Validation:

@@ -35,9 +35,10 @@ from fednode.consensus import (
     HeartbeatSeen,
     PublishClaim,
     Role,
+    SignOfLife,
     Tick,
 )
-from fednode.consensus.election import DEFAULT_MAX_MEMBERS, Heard
+from fednode.consensus.election import DEFAULT_MAX_MEMBERS, ElectionEvent, Heard
 from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom
 from fednode.consensus.round_state import TERMINAL
 from fednode.errors import DiskFull, FednodeError
@@ -253,6 +254,10 @@ class Node:
         if isinstance(message, CoordinatorClaim):
             return self._election_event(ClaimSeen(message, now))
         verdict = self.driver.on_message(message)
+        if verdict.accepted and message.signer != self.node_id:
+            # election-v1 rule 16: a coordinator busy serving a round (at 32 daemons, its heartbeats
+            # were 5 s apart right after it published) is shown alive by its round messages too
+            self._election_event(SignOfLife(message.signer, message.timestamp, now))
         if not verdict.accepted and verdict.reason not in ("duplicate",):
             kind = "ignored" if verdict.verdict is Verdict.IGNORE else "rejected"
             self.counters[kind][f"round:{verdict.reason}"] += 1
@@ -349,7 +354,7 @@ class Node:
         except DiskFull as exc:  # tried again with the next heartbeat; rounds carry terms too
             self.disk.note(exc, "saving the term")
 
-    def _election_event(self, event: HeartbeatSeen | ClaimSeen | Tick) -> Validation:
+    def _election_event(self, event: ElectionEvent) -> Validation:
         outcome = self.election.handle(event)
         for effect in outcome.effects:
             if isinstance(effect, PublishClaim):

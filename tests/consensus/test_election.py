@@ -18,6 +18,7 @@ from fednode.consensus import (
     ElectionState,
     HeartbeatSeen,
     PublishClaim,
+    SignOfLife,
     Tick,
     rank,
 )
@@ -604,3 +605,43 @@ def test_a_new_candidate_that_never_claims_holds_the_others_for_its_grace_only()
             stepped_at = now  # waits for t + 1 (or already claimed it)
     assert stepped_at is not None, "the hold never ended"
     assert first + grace + claim_wait <= stepped_at <= first + grace + claim_wait + 0.25
+
+
+@pytest.mark.parametrize("with_sign", [True, False])
+def test_a_coordinators_round_message_is_a_sign_of_life(with_sign: bool) -> None:
+    """Rule 16 (bench_scale, 32 daemons: a member claimed term 2 with "coordinator last heard 5.0 s
+    ago" 1.3 s after it accepted that coordinator's round manifest; the coordinator, serving 31
+    fetches, had sent no heartbeat for 5 s). An accepted round message renews its author's liveness
+    like a heartbeat; the control (no message) suspects the coordinator at the plain timeout."""
+    coord, me = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    t = EPOCH + CONFIG.effective_startup_grace
+    state.handle(HeartbeatSeen(hb(coord, t, term=1, coordinator=coord), t))
+    assert state.coordinator == coord
+    sign_at = t + 0.8 * CONFIG.liveness_timeout
+    if with_sign:
+        assert state.handle(SignOfLife(coord, sign_at, sign_at)).validation.accepted
+    suspected = None
+    for k in range(1, 40):
+        now = t + 0.25 * k
+        state.handle(Tick(now))
+        if state._pending is not None or state.term > 1:
+            suspected = now
+            break
+    due = (sign_at if with_sign else t) + CONFIG.liveness_timeout
+    assert suspected is not None and due <= suspected <= due + 0.25
+    assert state.members[coord].gap == 0.0  # a round message is not a heartbeat: rule 10's gap is untouched
+
+
+def test_a_sign_of_life_adds_no_member_and_an_old_one_renews_nothing() -> None:
+    coord, me, stranger = IDS[0].node_id, IDS[1].node_id, IDS[2].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    out = state.handle(SignOfLife(stranger, EPOCH, EPOCH))
+    assert out.validation.verdict is Verdict.IGNORE and stranger not in state.members
+    assert state.handle(SignOfLife(me, EPOCH, EPOCH)).validation.verdict is Verdict.IGNORE
+    state.handle(HeartbeatSeen(hb(coord, EPOCH, term=1, coordinator=coord), EPOCH))
+    later = EPOCH + CONFIG.max_clock_skew + 10 * CONFIG.liveness_timeout
+    # a replayed (synced) message signed long ago shows its author alive only at sent_at + skew
+    state.handle(SignOfLife(coord, EPOCH + 1.0, later))
+    assert state.members[coord].last_seen == EPOCH + 1.0 + CONFIG.max_clock_skew
+    assert not state.is_live(coord, later)
