@@ -27,6 +27,12 @@ heartbeat interval again, so the heartbeats queued meanwhile are read before any
 Joiners (r6, rule 15): while the candidate for the term a node waits for was first heard less than
 startup_grace ago, it may still be in its own start-up grace, so the wait for its claim counts from
 the end of that grace: daemons started one after another elect term 1, not term 2.
+
+Round messages (r7, rule 16): a round message the round layer accepted (`SignOfLife`) renews its
+signer's last_seen like a heartbeat, at min(receipt, timestamp + skew), and nothing else: a
+coordinator busy serving a merged adapter to every member (32 daemons, 2 cores: no heartbeat for
+5 s) is still alive by its next manifest. A replay is no sign: the round layer does not accept a
+message twice, and an old one counts at its timestamp plus the skew.
 """
 
 from __future__ import annotations
