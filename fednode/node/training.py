@@ -11,7 +11,7 @@ import trio
 
 from fednode.consensus import Phase
 from fednode.errors import BlobIntegrityError, TransportError, is_disk_full
-from fednode.node.installing import Installing
+from fednode.node.installing import DEFAULT_INSTALL_RETRY_MAX_SECONDS, DEFAULT_INSTALL_RETRY_SECONDS, Installing
 from fednode.state import OwnUpdate
 from fednode.wire import codec
 from fednode.wire.messages import RoundManifest, SubmissionAnnounce
@@ -138,11 +138,28 @@ class Training(Installing):
         return update
 
     async def _start_adapter(self, manifest: RoundManifest) -> bytes | None:
+        """The round's start adapter (the last merged one), fetched if we lack it, and fetched again
+        with backoff while the round is open: a fetch that fails once must not leave the round without
+        our update. At 32 daemons on 2 cores every holder of a just-published merged adapter was
+        unreachable for 8 s once (its coordinator too busy to open a stream); the member gave up
+        training for that round, and the round, which waited for every member, never closed (issue 12).
+        Meanwhile the install of the same adapter, retried, may already have brought it."""
         sha = manifest.start_adapter_sha256
         if not sha:
             return None
-        return await self._read_blob(sha, lambda: self._fetch(
-            sha, manifest.start_adapter_size, [manifest.coordinator_node_id, *self.holders(sha)]))
+        delay = DEFAULT_INSTALL_RETRY_SECONDS
+        while True:
+            try:
+                return await self._read_blob(sha, lambda: self._fetch(
+                    sha, manifest.start_adapter_size, [manifest.coordinator_node_id, *self.holders(sha)]))
+            except (TransportError, trio.TooSlowError) as exc:
+                state = self.rounds.get(manifest.round_id)
+                if state is None or not state.is_open:
+                    raise
+                logger.warning("round %s: start adapter %s not fetched (%s); retrying in %.0f s",
+                               manifest.round_id, sha[:16], str(exc)[:200], delay)
+            await trio.sleep(delay)
+            delay = min(2 * delay, DEFAULT_INSTALL_RETRY_MAX_SECONDS)
 
 
 def _finite(x: float) -> float:
