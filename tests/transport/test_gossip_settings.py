@@ -20,6 +20,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from fednode.identity import Identity
 from fednode.transport.libp2p import DEFAULT_HEARTBEAT_INTERVAL
 from fednode.transport.libp2p_host import (
+    DEFAULT_GOSSIP_LAZY_DEGREE,
     DEFAULT_GOSSIP_MAX_AGE_SECONDS,
     BoundedMessageCache,
     make_gossipsub,
@@ -234,7 +235,8 @@ def test_gossip_goes_to_the_configured_lazy_degree() -> None:
     """IHAVE goes to max(D_lazy, 1/4 of the 10 non-mesh peers) = max(2, 2) peers per heartbeat; it was
     about half of an idle node's frames at 32 daemons with py-libp2p's fixed 6."""
     assert _gossip_targets(router_for_test(lazy_degree=2)) == 2
-    assert _gossip_targets(router_for_test()) == 6  # the default keeps go-libp2p's D_lazy
+    # the default, 3 (go-libp2p's D_lazy is 6), is above 1/4 of the 10 non-mesh peers
+    assert DEFAULT_GOSSIP_LAZY_DEGREE == 3 and _gossip_targets(router_for_test()) == 3
 
 
 def test_control_py_libp2p_gossips_to_six_peers() -> None:
@@ -265,7 +267,7 @@ def test_ihave_reaches_peers_we_back_off_from() -> None:
     """Backoff keeps a peer out of our mesh, not out of our gossip (go-libp2p's emitGossip): a hub with
     no mesh peer and every peer backed off still sends IHAVE to D_lazy of them, and they to it, so
     it hears every message within a heartbeat or two instead of after the 60 s backoff (issue 12)."""
-    assert _deaf_hub(router_for_test()) == 6
+    assert _deaf_hub(router_for_test()) == max(DEFAULT_GOSSIP_LAZY_DEGREE, 14 // 4) == 3
     router = router_for_test()
     _deaf_hub(router)
     to_graft, _ = router.mesh_heartbeat()  # the mesh still respects the backoff
