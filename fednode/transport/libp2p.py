@@ -31,6 +31,7 @@ from multiaddr import Multiaddr
 from fednode.errors import LocalProtocolError, PeerUnavailable, TransportError
 from fednode.identity import Identity
 from fednode.transport.base import GossipMessage, StreamHandler, TransportStatistics, Validator
+from fednode.transport.deadline import DEFAULT_MAX_PENDING_CALLS, PendingCalls, TooManyPendingCalls, call_by_deadline
 from fednode.transport.libp2p_discovery import (
     PEER_EXCHANGE_PROTOCOL,
     DiscoveryState,
@@ -110,6 +111,7 @@ class Libp2pLimits:
     target_peers: int = DEFAULT_TARGET_PEERS
     peer_exchange: bool = True
     max_exchanged_peers: int = DEFAULT_MAX_EXCHANGED_PEERS
+    max_pending_stream_opens: int = DEFAULT_MAX_PENDING_CALLS
 
 
 class Libp2pTransport:
@@ -124,6 +126,7 @@ class Libp2pTransport:
         self._counters = GossipCounters()
         self._subscriptions: dict[str, list[BufferedSubscription]] = collections.defaultdict(list)
         self._nursery: trio.Nursery | None = None
+        self._pending_opens = PendingCalls(limit=limits.max_pending_stream_opens)
         self.discovery = DiscoveryState([])  # link upkeep's state (replaced when the transport opens)
         self._halted: str | None = None
         install_drop_counters(pubsub, router, self._counters, outbound_queue_size=limits.outbound_queue_size)
@@ -272,9 +275,16 @@ class Libp2pTransport:
                                                  max_peers=self.limits.max_exchanged_peers, timeout=timeout):
             raise PeerUnavailable(f"cannot open {protocol_id} to {peer_id}: not connected, and no address for it "
                                   f"(none of our connected peers named it)")
+        if self._nursery is None:
+            raise PeerUnavailable(f"cannot open {protocol_id} to {peer_id}: the transport is not running")
         try:
-            with trio.fail_after(timeout):
-                stream = await self._host.new_stream(target, [protocol(protocol_id)])
+            # not `fail_after` around new_stream: py-libp2p can ignore it (fednode/transport/deadline.py)
+            stream = await call_by_deadline(self._nursery, self._pending_opens,
+                                            lambda: self._host.new_stream(target, [protocol(protocol_id)]),
+                                            timeout, release=_reset_quietly)
+        except TooManyPendingCalls as exc:
+            self._counters.count_stream_failure(protocol_id, "too_many_pending_opens")
+            raise PeerUnavailable(f"cannot open {protocol_id} to {peer_id}: {exc}") from exc
         except trio.TooSlowError as exc:
             if held:
                 await self._drop_stale_connections(target, held, protocol_id)
@@ -352,6 +362,11 @@ class Libp2pTransport:
                 sub.close()
 
 
+async def _reset_quietly(stream: INetStream) -> None:
+    """A stream that opened after its caller stopped waiting: nobody will use it."""
+    await stream.reset()
+
+
 async def _close_network(host: IHost) -> None:
     """Close connections and listeners before the host stops. py-libp2p's swarm does it in a
     `finally` that runs already cancelled, so its awaits fail: dialled sockets leak (a
@@ -406,6 +421,7 @@ async def open_libp2p_transport(
             async with trio.open_nursery() as nursery:
                 transport._nursery = nursery
                 transport.discovery = DiscoveryState(bootstrap_infos)
+                transport.discovery.runner = functools.partial(call_by_deadline, nursery, transport._pending_opens)
                 await nursery.start(lambda task_status: maintain_links(
                     host, transport.discovery,
                     interval=limits.maintenance_interval, dial_timeout=limits.dial_timeout,

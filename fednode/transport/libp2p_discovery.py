@@ -32,11 +32,16 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from multiaddr import Multiaddr
 
+from fednode.transport.deadline import TooManyPendingCalls
 from fednode.transport.libp2p_host import protocol
 from fednode.transport.libp2p_stream import PEER_GONE as _PEER_GONE
 
 if TYPE_CHECKING:  # trio-typing's stubs shadow trio's own annotations under mypy
     from trio_typing import TaskStatus
+
+# call_by_deadline bound to the transport's nursery and pending calls: (call, timeout) -> result
+DeadlineRunner = Callable[[Callable[[], Awaitable[dict[ID, list[Multiaddr]]]], float],
+                          Awaitable[dict[ID, list[Multiaddr]]]]
 
 PEER_EXCHANGE_PROTOCOL = protocol("/fednode/peers/1.0.0")
 MAX_ADDRS_PER_PEER = 8
@@ -101,6 +106,7 @@ class DiscoveryState:
     dials_ok: int = 0
     dials_failed: int = 0
     exchanges: int = 0  # peer-exchange round trips asked for
+    runner: DeadlineRunner | None = None  # the transport's call_by_deadline, once it runs
 
 
 def parse_bootstrap(addrs: list[str]) -> list[PeerInfo]:
@@ -248,10 +254,13 @@ def _peer_id(text: str) -> ID:
     return peer
 
 
-async def ask_for_peers(host: IHost, peer_id: ID, max_peers: int, timeout: float) -> dict[ID, list[Multiaddr]]:
-    """One peer-exchange round trip; {} on any failure (bad answers are the peer's problem)."""
-    found: dict[ID, list[Multiaddr]] = {}
-    with trio.move_on_after(timeout):
+async def ask_for_peers(host: IHost, peer_id: ID, max_peers: int, timeout: float,
+                        runner: DeadlineRunner | None = None) -> dict[ID, list[Multiaddr]]:
+    """One peer-exchange round trip; {} on any failure (bad answers are the peer's problem).
+    With `runner` (the transport's `call_by_deadline`), a py-libp2p call that ignores the deadline
+    cannot hold the caller, which may be link upkeep itself (fednode/transport/deadline.py)."""
+
+    async def exchange() -> dict[ID, list[Multiaddr]]:
         try:
             stream = await host.new_stream(peer_id, [PEER_EXCHANGE_PROTOCOL])
             data = b""
@@ -264,10 +273,20 @@ async def ask_for_peers(host: IHost, peer_id: ID, max_peers: int, timeout: float
                     break
                 data += chunk
             await stream.close()
-            found = parse_peer_exchange(data, max_peers)
+            return parse_peer_exchange(data, max_peers)
         except Exception as exc:
             logger.debug("peer exchange with %s failed: %r", peer_id, exc)
-    return found
+            return {}
+
+    if runner is None:
+        with trio.move_on_after(timeout):
+            return await exchange()
+        return {}
+    try:
+        return await runner(exchange, timeout)
+    except (trio.TooSlowError, trio.ClosedResourceError, TooManyPendingCalls) as exc:
+        logger.debug("peer exchange with %s failed: %r", peer_id, exc)
+        return {}
 
 
 def _has_addrs(host: IHost, peer_id: ID) -> bool:
@@ -293,7 +312,7 @@ async def find_addresses(host: IHost, state: DiscoveryState, target: ID, *, max_
         connected = [p for p, conns in host.get_network().connections.items() if conns and p not in (me, target)]
 
         async def ask_one(peer: ID) -> None:
-            state.known.update(await ask_for_peers(host, peer, max_peers, timeout))
+            state.known.update(await ask_for_peers(host, peer, max_peers, timeout, state.runner))
 
         async with trio.open_nursery() as nursery:
             for peer in random.sample(connected, min(ask, len(connected))):
@@ -399,7 +418,8 @@ async def maintain_links(
             to_dial = [i for i in state.bootstrap if due(i.peer_id)]
             if peer_exchange and connected and len(connected) < target_peers:
                 if pacer.due(trio.current_time(), len(connected)):
-                    found = await ask_for_peers(host, random.choice(list(connected)), max_peers, dial_timeout)
+                    found = await ask_for_peers(host, random.choice(list(connected)), max_peers, dial_timeout,
+                                                state.runner)
                     state.exchanges += 1
                     news = any(p != me and p not in connected and p not in state.known for p in found)
                     state.known.update(found)

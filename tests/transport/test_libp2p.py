@@ -346,6 +346,35 @@ async def test_a_connection_that_opens_no_stream_is_closed_and_the_next_stream_r
             await stream.aclose()
 
 
+async def test_a_stream_open_that_ignores_its_deadline_does_not_hang_the_caller() -> None:
+    """Issue 12 (32 daemons): py-libp2p resets a stream that failed to open in a shielded scope
+    with no deadline, and on a connection closed under it that wait never ended; a new
+    coordinator's outcome query hung there for 4.5 minutes and the round with it. Here the muxer
+    hangs shielded: open_stream still gives up at stream_open_timeout, and the call it left behind
+    is counted until it lets go."""
+    limits = Libp2pLimits(stream_open_timeout=1.0, maintenance_interval=0.2, peer_exchange=False)
+    async with open_transports("libp2p", 2, "line", limits=limits) as (a, b):
+        await wait_until(lambda: b.local_peer_id in a.peers(), timeout=20)
+        target = ID.from_base58(b.local_peer_id)
+        release = trio.Event()
+
+        async def hang_shielded() -> Any:
+            with trio.CancelScope(shield=True):
+                await release.wait()
+            raise ConnectionError("let go")
+
+        for conn in a._host.get_network().connections[target]:  # type: ignore[attr-defined]
+            conn.muxed_conn.open_stream = hang_shielded
+        started = trio.current_time()
+        with pytest.raises(PeerUnavailable):
+            await a.open_stream(b.local_peer_id, str(PEER_EXCHANGE_PROTOCOL))
+        assert trio.current_time() - started < 5.0
+        pending = a._pending_opens  # type: ignore[attr-defined]
+        assert pending.lingering == 1 and pending.abandoned == 1
+        release.set()
+        await wait_until(lambda: pending.lingering == 0, timeout=5)
+
+
 def test_peer_exchange_passes_on_the_observed_ip_for_a_wildcard_announcement() -> None:
     """Before: a node listening on 0.0.0.0 was passed on as /ip4/0.0.0.0/tcp/<port>; across
     machines its peers could then reach it only through the node that told them."""
