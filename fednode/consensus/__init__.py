@@ -18,11 +18,13 @@ carry the clock value and performs the effects it gets back:
 from fednode.consensus.common import CoordinatorChanged, Effect, Outcome, Tick
 from fednode.consensus.election import (
     ClaimSeen,
+    ClaimWithheld,
     ElectionConfig,
     ElectionState,
     HeartbeatSeen,
     PublishClaim,
     SignOfLife,
+    TopicReach,
     rank,
 )
 from fednode.consensus.outcome import OutcomeConflict, SignedOutcome
@@ -49,10 +51,11 @@ from fednode.consensus.round_events import (
 from fednode.consensus.round_state import TRANSITIONS, Phase, Rejection, Role, RoundState, RoundStatistics, Trigger
 
 __all__ = [
-    "TRANSITIONS", "AggregateSeen", "AggregationDone", "AggregationFailed", "ClaimSeen", "CloseSubmissions",
+    "TRANSITIONS", "AggregateSeen", "AggregationDone", "AggregationFailed", "ClaimSeen", "ClaimWithheld",
+    "CloseSubmissions",
     "ContributionRejected", "CoordinatorChanged", "Effect", "ElectionConfig", "ElectionState", "FailureSeen",
     "HeartbeatSeen", "InstallAdapter", "ManifestSeen", "Outcome", "OutcomeConflict", "Phase",
     "PublishAggregate", "PublishClaim", "PublishFailure", "QueryOutcome", "Reannounce", "Rejection", "Resumed", "Role",
     "RoundState", "RoundStatistics", "SignOfLife", "SignedOutcome", "StartAggregation", "SubmissionReceived",
-    "Superseded", "SyncAnswered", "Tick", "TrainAndSubmit", "Trigger", "rank",
+    "Superseded", "SyncAnswered", "Tick", "TopicReach", "TrainAndSubmit", "Trigger", "rank",
 ]

@@ -149,13 +149,33 @@ class SignOfLife:
     now: float
 
 
-ElectionEvent = HeartbeatSeen | ClaimSeen | SignOfLife | Tick
+@dataclass(frozen=True, slots=True)
+class TopicReach:
+    """Rule 17: how many peers on the community topic the transport says our gossip reaches now
+    (gossipsub: our mesh peers), out of how many peers we hold a connection to. The host feeds it
+    before its ticks; never fed = the rule is off."""
+
+    peers: int
+    connected: int
+    now: float
+
+
+ElectionEvent = HeartbeatSeen | ClaimSeen | SignOfLife | TopicReach | Tick
 
 
 @dataclass(frozen=True, slots=True)
 class PublishClaim(Effect):
     """Sign and publish a CoordinatorClaim for `term` (we are its candidate); `reason`, in words,
     is why we follow no live coordinator (for the log)."""
+
+    term: int
+    reason: str = dataclasses.field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimWithheld(Effect):
+    """Rule 17: we are the candidate for `term` but no peer on the topic hears us, so we do not
+    claim it (said once per term, for the log)."""
 
     term: int
     reason: str = dataclasses.field(default="", compare=False)
@@ -312,6 +332,8 @@ class ElectionState:
         # rule 12: restarted holding an open round as its coordinator: claim the next term after the
         # start-up grace even if another node is the candidate (set by the host after restoring rounds)
         self.reclaim = False
+        self.deaf = False  # rule 17: connected, yet no peer on the topic hears us (TopicReach)
+        self._withheld = 0  # the last term rule 17 kept us from claiming (said once)
 
     @property
     def coordinator(self) -> str | None:
@@ -443,6 +465,9 @@ class ElectionState:
             validation = self._on_claim_message(event.claim, event.now, effects)
         elif isinstance(event, SignOfLife):
             validation = self._on_sign_of_life(event.node_id, event.sent_at, event.now)
+        elif isinstance(event, TopicReach):
+            self.deaf = event.peers <= 0 < event.connected
+            validation = ACCEPTED
         else:
             validation = ACCEPTED
         self._on_tick(event.now, effects)
@@ -587,6 +612,12 @@ class ElectionState:
             self._pending = (target, since)
             candidate = self.candidate(target, now)
         if self.federated and target <= MAX_TERM and (self.reclaim or candidate == self.node_id):
+            if self.deaf:  # rule 17: nobody would hear the claim, nor what we then publish
+                if self._withheld != target:
+                    self._withheld = target
+                    effects.append(ClaimWithheld(target, f"{self.suspicion(now)}; but no peer on the community "
+                                                         f"topic hears us, so we do not claim"))
+                return
             self.reclaim = False
             effects.append(PublishClaim(target, self.suspicion(now)))
             self._on_claim(target, self.node_id, now, effects)

@@ -29,6 +29,7 @@ from fednode.blobs.store import BlobStore
 from fednode.config import Config
 from fednode.consensus import (
     ClaimSeen,
+    ClaimWithheld,
     CoordinatorChanged,
     ElectionConfig,
     ElectionState,
@@ -37,6 +38,7 @@ from fednode.consensus import (
     Role,
     SignOfLife,
     Tick,
+    TopicReach,
 )
 from fednode.consensus.election import DEFAULT_MAX_MEMBERS, ElectionEvent, Heard
 from fednode.consensus.round_book import DEFAULT_SYNC_RETRY_SECONDS, SyncFrom
@@ -363,6 +365,8 @@ class Node:
                     community_id=self.config.community.id, node_id=self.node_id, term=effect.term,
                     claimed_at=self.clock(), last_round_number=self._last_round_number()), self.identity)
                 self._publish_soon(claim)
+            elif isinstance(effect, ClaimWithheld):
+                logger.info("not claiming term %d: %s; %s", effect.term, effect.reason, self._gossip_health())
             elif isinstance(effect, CoordinatorChanged):
                 logger.info("coordinator is now %s (term %d)", effect.coordinator_node_id[-8:], effect.term)
                 self._save_term(effect.term)
@@ -423,6 +427,9 @@ class Node:
     async def _timer_loop(self) -> None:
         while True:
             now = self.clock()
+            if self.transport is not None:  # election-v1 rule 17: a node nobody on the topic hears does not claim
+                self._election_event(TopicReach(len(self.transport.topic_peers(self.topic)),
+                                                len(self.transport.peers()), now))
             self._election_event(Tick(now))
             if self.enabled:
                 self.driver.tick(now)

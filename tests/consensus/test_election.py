@@ -17,8 +17,10 @@ from fednode.consensus import (
     ElectionConfig,
     ElectionState,
     HeartbeatSeen,
+    ClaimWithheld,
     PublishClaim,
     SignOfLife,
+    TopicReach,
     Tick,
     rank,
 )
@@ -645,3 +647,33 @@ def test_a_sign_of_life_adds_no_member_and_an_old_one_renews_nothing() -> None:
     state.handle(SignOfLife(coord, EPOCH + 1.0, later))
     assert state.members[coord].last_seen == EPOCH + 1.0 + CONFIG.max_clock_skew
     assert not state.is_live(coord, later)
+
+
+@pytest.mark.parametrize("reach", [(0, 2), (0, 0), (1, 2)])
+def test_a_node_that_no_topic_peer_hears_does_not_claim(reach: tuple[int, int]) -> None:
+    """Rule 17 (bench_scale, 32 daemons): a member 9 s after its start, 2 connections, 0 peers in its
+    gossip mesh (both had pruned it), heard the coordinator of term 1 late and claimed term 2 while
+    the coordinator was aggregating all 32 updates; everyone followed it, and it heard nobody. A node
+    that holds connections but no topic peer withholds its claim, once said, until a peer hears it.
+    Controls: alone (no connection at all) it claims, and with one topic peer it claims."""
+    coord, me = IDS[0].node_id, IDS[1].node_id
+    state = ElectionState(me, CONFIG, now=EPOCH)
+    t = EPOCH + CONFIG.effective_startup_grace
+    state.handle(HeartbeatSeen(hb(coord, t, term=1, coordinator=coord), t))
+    peers, connected = reach
+    state.handle(TopicReach(peers, connected, t))
+    claims, withheld = [], []
+    for k in range(1, 80):
+        now = t + 0.25 * k
+        for effect in state.handle(Tick(now)).effects:
+            (claims if isinstance(effect, PublishClaim) else withheld if isinstance(effect, ClaimWithheld)
+             else []).append(effect)
+    if reach == (0, 2):
+        assert claims == [] and state.term == 1
+        assert len(withheld) >= 1 and len({w.term for w in withheld}) == len(withheld)  # each term said once
+        assert "no peer on the community topic hears us" in withheld[0].reason
+        later = t + 0.25 * 80
+        effects = [*state.handle(TopicReach(1, 2, later)).effects, *state.handle(Tick(later + 0.25)).effects]
+        assert [e for e in effects if isinstance(e, PublishClaim)] and state.coordinator == me
+    else:
+        assert claims and claims[0].term == 2 and withheld == [] and state.coordinator == me
