@@ -91,6 +91,13 @@ class FakeTrainer:
         self.num_samples = num_samples if num_samples is not None else 10 + 7 * node_index
         self.step_seconds = step_seconds
 
+    def warm_up(self) -> None:
+        """Import what training and merging need, in a worker thread once the node is up. Else every
+        daemon of a community imports numpy (0.16-0.35 s of CPU) the moment round 1 opens: at 32
+        daemons on 2 cores that burst starved the coordinator's heartbeats for 5 s and a member
+        claimed term 2 (issue 12, bench_scale)."""
+        import numpy  # noqa: F401
+
     def train(self, start_adapter: bytes | None, *, round_number: int, steps: int, learning_rate: float,
               seed: int, progress: ProgressCallback | None = None, deadline: float | None = None) -> TrainOutput:
         import numpy as np

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from fednode.identity import load_key_file
 from fednode.node.control import check_socket_path
 from fednode.node.daemon import Node
 from fednode.node.diskfull import DISK_FULL_RETRY_SECONDS
+from fednode.node.jobs import run_blocking
 from fednode.node.ownership import check_listen_addrs_free, data_dir_lock
 from fednode.node.trainers import Trainer, make_trainer
 from fednode.state import StateDB
@@ -66,6 +68,9 @@ async def _run_locked(config: Config) -> None:
                         config.control_socket_path)
             print(f"fednode: node {node.node_id} running (status: fednode status --config {config.source})",
                   file=sys.stderr, flush=True)
+            warm_up = getattr(trainer, "warm_up", None)
+            if warm_up is not None:  # after "up", off the event loop (fake_task.FakeTrainer.warm_up says why)
+                nursery.start_soon(functools.partial(run_blocking, warm_up, inline=False, abandon=True))
             async for signum in signals:
                 logger.info("signal %s: shutting down", signal.Signals(signum).name)
                 started = time.monotonic()

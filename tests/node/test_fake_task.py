@@ -50,3 +50,34 @@ def test_numpy_fedavg_matches_the_torch_aggregation() -> None:
     assert fake_fedavg([*blobs[:2], b"not safetensors"], weights[:3]) is None
     merged, discarded = merge_updates(blobs, weights, "fedavg", rank=4, alpha=8.0, options=lambda: None, fake=True)
     assert merged == ours and discarded is None
+
+
+def test_a_fake_task_daemon_imports_numpy_in_the_background_once_up(tmp_path: Path) -> None:
+    """Issue 12 (32 daemons, 2 cores): when round 1 opened, every daemon imported numpy at once
+    (0.16-0.35 s of CPU each), the coordinator sent no heartbeat for 5 s and a member claimed term 2.
+    A fake-task daemon now imports it in a worker thread once it is up, before any round: here no
+    round can start (it waits for a second member), yet numpy is loaded. Control: the daemon's own
+    import graph does not load numpy (test_a_fake_task_round_imports_no_torch)."""
+    import time
+
+    from fednode.harness.cluster import LocalCluster
+
+    cluster = LocalCluster.create(tmp_path / "run", federated=1, gate_off=0, template={},
+                                  overrides={"round": {"wait_for_members": 2, "min_participants": 2},
+                                             "learning": {"task": "fake"}})
+    node = cluster.nodes[0]
+    cluster.start()
+    try:
+        deadline = time.monotonic() + 90
+        log = node.folder / "log.txt"
+        while " up; community " not in log.read_text(errors="replace"):
+            assert node.alive and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            time.sleep(0.2)
+        assert node.process is not None
+        maps = Path(f"/proc/{node.process.pid}/maps")
+        while "_multiarray_umath" not in maps.read_text():
+            assert time.monotonic() < deadline, "numpy was not imported after the daemon came up"
+            time.sleep(0.2)
+        assert "round r1" not in log.read_text(errors="replace")  # no round ran: the warm-up loaded it
+    finally:
+        cluster.stop()
