@@ -63,6 +63,9 @@ class NetworkSection:
     target_peers: int = _opt(8, lo=1, hi=10000, doc="dial peers learned by peer exchange until this many")
     peer_exchange: bool = _opt(True, doc="learn peers beyond the bootstrap list (/fednode/peers/1.0.0)")
     dial_timeout_seconds: float = _opt(10.0, lo=0.1, hi=600.0, doc="give up one dial after this long")
+    max_pending_stream_opens: int = _opt(256, lo=1, hi=1_000_000,  # transport.deadline.DEFAULT_MAX_PENDING_CALLS
+                                         doc="stream opens and peer exchanges running at once, those py-libp2p "
+                                             "still holds past their deadline included; more are refused")
     subscription_buffer: int = _opt(1024, lo=16, hi=1_000_000, doc="gossip messages buffered per topic "
                                     "before drops (always counted and logged)")
     max_messages_per_second: float = _opt(500.0, lo=1.0, hi=1e6, doc="gossipsub spam limit per forwarding peer")

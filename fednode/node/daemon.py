@@ -78,6 +78,7 @@ def libp2p_factory(config: Config) -> TransportFactory:
         limits = Libp2pLimits(heartbeat_interval=max(1, round(net.gossip_heartbeat_seconds)),
                               max_message_size=net.max_message_bytes, target_peers=net.target_peers,
                               peer_exchange=net.peer_exchange, dial_timeout=net.dial_timeout_seconds,
+                              max_pending_stream_opens=net.max_pending_stream_opens,
                               reconnect_backoff_max=net.reconnect_backoff_max_seconds,
                               subscription_buffer=net.subscription_buffer,
                               max_messages_per_topic_per_second=net.max_messages_per_second,

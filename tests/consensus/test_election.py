@@ -13,15 +13,15 @@ from hypothesis import strategies as st
 
 from fednode.consensus import (
     ClaimSeen,
+    ClaimWithheld,
     CoordinatorChanged,
     ElectionConfig,
     ElectionState,
     HeartbeatSeen,
-    ClaimWithheld,
     PublishClaim,
     SignOfLife,
-    TopicReach,
     Tick,
+    TopicReach,
     rank,
 )
 from fednode.errors import ConfigError

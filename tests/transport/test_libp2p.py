@@ -54,11 +54,15 @@ async def test_network_config_sets_the_gossipsub_degrees() -> None:
     from fednode.node.daemon import libp2p_factory
 
     config = parse_config('[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\n'
-                          'mesh_degree = 5\nmesh_degree_low = 3\nmesh_degree_high = 9\ngossip_lazy_degree = 2\n')
+                          'mesh_degree = 5\nmesh_degree_low = 3\nmesh_degree_high = 9\ngossip_lazy_degree = 2\n'
+                          'max_pending_stream_opens = 7\n')
     async with libp2p_factory(config)(Identity.generate()) as t:
         router = t._router  # type: ignore[attr-defined]
         assert (router.degree, router.degree_low, router.degree_high) == (5, 3, 9)
         assert router._get_adaptive_gossip_peers_count("t", 4) == 2
+        assert t._pending_opens.limit == 7  # type: ignore[attr-defined]
+    from fednode.transport.deadline import DEFAULT_MAX_PENDING_CALLS
+    assert parse_config("").network.max_pending_stream_opens == DEFAULT_MAX_PENDING_CALLS
 
 
 async def test_plaintext_dialer_is_refused() -> None:
