@@ -146,6 +146,7 @@ class Node:
         # peers ignore a heartbeat whose seq is not above the last they heard (replays, N8).
         self._seq = min(max(0, int(clock() * 1_000_000)), MAX_HEARTBEAT_SEQ_START)
         self._wake = trio.Event()
+        self._reach: tuple[int, int] | None = None  # (topic peers, connections) last fed to the election
         self._beat_now = trio.Event()  # set when the next heartbeat should go out early (a new coordinator)
         self._syncing: set[str] = set()
         self.started = trio.Event()
@@ -429,8 +430,10 @@ class Node:
         while True:
             now = self.clock()
             if self.transport is not None:  # election-v1 rule 17: a node nobody on the topic hears does not claim
-                self._election_event(TopicReach(len(self.transport.topic_peers(self.topic)),
-                                                len(self.transport.peers()), now))
+                reach = (len(self.transport.topic_peers(self.topic)), len(self.transport.peers()))
+                if reach != self._reach:  # fed on change only: a tick is the daemon's most frequent event
+                    self._reach = reach
+                    self._election_event(TopicReach(*reach, now))
             self._election_event(Tick(now))
             if self.enabled:
                 self.driver.tick(now)
