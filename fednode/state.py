@@ -1,6 +1,5 @@
 """Durable node state in `state.sqlite` (stdlib sqlite3, WAL, synchronous=FULL; a member's record of
-others' submissions, and the round snapshot saved with it, are committed without an fsync, see
-`StateDB._tx`).
+others' submissions is committed without an fsync, see `StateDB._tx`).
 
 What a node must not lose across a crash: the highest election term it has seen, every round it took part
 in (the signed manifest, state, outcome), every submission it accepted or rejected (with the
@@ -189,10 +188,9 @@ class StateDB:
             c.execute("UPDATE rounds SET state = ?, updated_at = ? WHERE round_id = ?", (state, now, round_id))
 
     def save_snapshot(self, round_id: str, *, state: str, term: int, coordinator: str, snapshot: dict[str, Any],
-                      now: float, durable: bool = True) -> None:
-        """Persist a round state machine's snapshot (and its phase) in one transaction.
-        `durable=False`: see `_tx`."""
-        with self._tx(durable=durable) as c:
+                      now: float) -> None:
+        """Persist a round state machine's snapshot (and its phase) in one transaction."""
+        with self._tx() as c:
             c.execute("UPDATE rounds SET state = ?, term = ?, coordinator = ?, snapshot = ?, updated_at = ? "
                       "WHERE round_id = ?", (state, term, coordinator, json.dumps(snapshot), now, round_id))
 

@@ -104,11 +104,6 @@ class DriverBase:
         self._prefetch_limiter = trio.CapacityLimiter(DEFAULT_PREFETCH_CONCURRENCY)
         self.jobs: dict[str, RoundJob] = {}  # round id -> the work this node does for it (one per round in the book)
         self._fetch_locks: dict[str, trio.Lock] = {}
-        # False while a member (not the coordinator) takes in another participant's submission: its
-        # snapshot then, like the submission's row (rounds._record_submission), is kept through a
-        # crash but not fsynced (it learns them again by sync). At 16 daemons a member fsynced once
-        # per submission received, and those commits were the largest fednode cost of its rounds.
-        self._snapshot_durable = True
         self._started_at = clock()
         self._rejoin_known: frozenset[str] = frozenset()  # our latest published round's members (set by restore)
         self._reannounce_seconds = config.round.reannounce_seconds
@@ -172,8 +167,7 @@ class DriverBase:
                               coordinator=state.coordinator_node_id, manifest=codec.encode(state.manifest),
                               state=state.phase.value, now=now)
         self.db.save_snapshot(state.round_id, state=state.phase.value, term=state.term,
-                              coordinator=state.coordinator_node_id, snapshot=state.snapshot(), now=now,
-                              durable=self._snapshot_durable or new)
+                              coordinator=state.coordinator_node_id, snapshot=state.snapshot(), now=now)
 
     def rejoin_unheard(self) -> frozenset[str]:
         """Members of our latest published round not heard since this restart, within the rejoin

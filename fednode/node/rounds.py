@@ -154,11 +154,7 @@ class RoundDriver(Recovery):
         if state is None:
             return Validation(Verdict.IGNORE, "unknown_round", round_id)
         if isinstance(message, SubmissionAnnounce):
-            self._snapshot_durable = self.coordinator == self.me or message.participant_node_id == self.me
-            try:
-                verdict = self._feed(state, SubmissionReceived(message, now))
-            finally:
-                self._snapshot_durable = True
+            verdict = self._feed(state, SubmissionReceived(message, now))
             # Every role keeps its verdicts: a participant that inherits the round after a failover
             # must find in state.sqlite what it had accepted, like the coordinator it replaces.
             self._record_submission(state, message, "accepted" if verdict.accepted else "rejected",

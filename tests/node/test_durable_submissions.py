@@ -41,28 +41,3 @@ async def test_only_a_members_copy_of_others_submissions_skips_the_fsync(
             for who, durable in mine:
                 assert durable == (node.node_id == coordinator or who == node.node_id), (node.node_id, who, durable)
         assert any(not durable for _, _, durable in seen)  # members did skip some fsyncs
-
-
-async def test_a_members_snapshot_after_anothers_submission_skips_the_fsync_too(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The round snapshot saved right after a submission was still fsynced on every member: at 16
-    daemons those commits were the largest fednode cost of a member's rounds (py-spy:
-    StateDB._tx under save_snapshot). Now it follows the submission row's rule; every other
-    snapshot (a new round, our own submission, any coordinator's save) stays durable."""
-    autojump_clock.autojump_threshold = 0.01
-    calls: list[tuple[Path, bool]] = []
-    save = StateDB.save_snapshot
-
-    def spy(self: StateDB, round_id: str, **kw: Any) -> None:
-        calls.append((self.path, kw.get("durable", True)))
-        save(self, round_id, **kw)
-
-    monkeypatch.setattr(StateDB, "save_snapshot", spy)
-    async with cluster(tmp_path) as c:
-        nodes = [await c.start(i, N, round={"max_rounds": 1}) for i in range(N)]
-        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes))
-        coordinator = next(n for n in nodes if n.node_id == n.driver.coordinator)
-        members = [n for n in nodes if n is not coordinator]
-        assert all(durable for path, durable in calls if path == coordinator.db.path)
-        flags = [durable for path, durable in calls if path in {n.db.path for n in members}]
-        assert flags.count(False) >= 1 and flags.count(True) >= 1, flags  # e.g. the manifest's save is durable
