@@ -13,13 +13,17 @@ from tests.node.conftest import cluster
 
 
 @pytest.mark.parametrize("linked", [True, False])
+@pytest.mark.usefixtures("inline_threads")  # no real-time waits: the link is made inside node 0's start-up grace
 async def test_a_node_linked_only_outside_its_topic_does_not_claim(tmp_path: Path, autojump_clock: trio.abc.Clock,
                                                                    linked: bool) -> None:
+    """(Under load in CI, without inline_threads, the stranger's start took worker-thread time, the
+    virtual clock jumped past node 0's start-up grace, and node 0, still alone, claimed term 1.)"""
     async with cluster(tmp_path, auto_link_degree=0) as c:
         node = await c.start(0, 2)
         stranger = await c.start(1, 2, community={"id": "another-community"})
         if linked:  # a connection, but not to anyone on node 0's topic
             c.network.link(node.node_id, stranger.node_id)
+            assert node.election.term == 0  # still in its start-up grace: it has claimed nothing yet
         await trio.sleep(10 * node.election.config.liveness_timeout)
         assert node.transport is not None and bool(node.transport.peers()) is linked
         if linked:
