@@ -70,22 +70,23 @@ async def call_by_deadline(nursery: trio.Nursery, pending: PendingCalls, call: C
             with trio.move_on_after(LATE_CLEANUP_TIMEOUT), contextlib.suppress(Exception):
                 await release(box[0].value)
 
-    nursery.start_soon(run)
-    try:
-        with trio.move_on_after(timeout):
-            await done.wait()
-    except BaseException:  # we were cancelled: stop the call, don't wait for it
+    def abandon() -> None:  # stop the call, don't wait for it
+        nonlocal abandoned
         if not done.is_set():
             abandoned = True
             pending.abandoned += 1
             pending.lingering += 1
             scope.cancel()
+
+    nursery.start_soon(run)
+    try:
+        with trio.move_on_after(timeout):
+            await done.wait()
+    except BaseException:  # we were cancelled
+        abandon()
         raise
     if not done.is_set():
-        abandoned = True
-        pending.abandoned += 1
-        pending.lingering += 1
-        scope.cancel()
+        abandon()
         raise trio.TooSlowError
     result = box[0]
     if isinstance(result, outcome.Error) and isinstance(result.error, trio.Cancelled):
