@@ -50,6 +50,11 @@ class BlobIntegrityError(FednodeError):
     """Stored or received bytes do not match their content address."""
 
 
+class BlobMissing(FednodeError, KeyError):
+    """A blob is not (or no longer) in the store: never written, collected, quarantined, or removed
+    from the disk by someone else between a check and its use. A KeyError too, for lookups."""
+
+
 class InconsistentUpdates(FednodeError):
     """Client updates disagree on keys, shapes or dtypes and cannot be aggregated."""
 

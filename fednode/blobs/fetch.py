@@ -53,6 +53,7 @@ from fednode.blobs.protocol import (
 from fednode.blobs.store import BlobStore, PartialBlob
 from fednode.errors import (
     BlobIntegrityError,
+    BlobMissing,
     DecodeError,
     LimitExceeded,
     PeerUnavailable,
@@ -417,7 +418,7 @@ async def fetch_blob(
     if expected_size is not None and expected_size > max_size:
         raise TransferError(f"blob {sha256} of {expected_size} bytes is over max_size {max_size}")
     f = _Fetch(transport, sha256, store, limits, lane_host, progress)
-    if store.has(sha256):
+    with contextlib.suppress(BlobMissing):  # present: nothing to fetch (gone since has(): fetch it)
         size = store.size(sha256)
         return FetchResult(sha256, size, 0, 0, 0, 0, seconds=time.monotonic() - started)
     mlimits = ManifestLimits(max_size, store.limits.max_chunks)

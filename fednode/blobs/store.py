@@ -35,7 +35,7 @@ from fednode.blobs.manifest import (
     check_hex_digest,
     decode_manifest,
 )
-from fednode.errors import BlobIntegrityError, DecodeError, FednodeError, LimitExceeded
+from fednode.errors import BlobIntegrityError, BlobMissing, DecodeError, FednodeError, LimitExceeded
 
 DEFAULT_READ_BLOCK = 1 << 20
 # fsync data + persist the bitmap at least this often: a crash re-fetches at most this much
@@ -307,7 +307,7 @@ class BlobStore:
         try:
             return self.path(sha256).stat().st_size
         except FileNotFoundError:
-            raise KeyError(sha256) from None
+            raise BlobMissing(sha256) from None
 
     def list_blobs(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_file() and len(p.name) == 64)
@@ -334,7 +334,7 @@ class BlobStore:
 
     def open(self, sha256: str) -> VerifyingReader:
         if not self.has(sha256):
-            raise KeyError(sha256)
+            raise BlobMissing(sha256)
         return VerifyingReader(self, sha256)
 
     def read(self, sha256: str) -> bytes:
@@ -354,7 +354,7 @@ class BlobStore:
         """The manifest of a complete blob: cached, or computed (and verified) by streaming it."""
         cached = self.root / "manifests" / sha256
         if not self.has(sha256):
-            raise KeyError(sha256)
+            raise BlobMissing(sha256)
         with contextlib.suppress(FileNotFoundError, DecodeError, LimitExceeded):
             m = decode_manifest(cached.read_bytes(), self.limits)
             if m.sha256 == sha256 and m.size == self.size(sha256):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fednode.blobs.fetch import fetch_blob
-from fednode.errors import BlobIntegrityError, DiskFull, TransferError, TransportError, is_disk_full
+from fednode.errors import BlobIntegrityError, BlobMissing, DiskFull, TransferError, TransportError, is_disk_full
 from fednode.node.driver_base import DriverBase
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class BlobIO(DriverBase):
                 if attempt == MAX_BLOB_REFETCHES:
                     raise
                 logger.warning("blob %s is corrupt on disk (%s): quarantined; fetching it again", sha[:16], exc)
-            except KeyError:  # removed between has() and the read: fetch it
+            except BlobMissing:  # removed between has() and the read: fetch it
                 continue
         raise BlobIntegrityError(f"blob {sha} still missing after {MAX_BLOB_REFETCHES} fetches")
 
@@ -58,7 +58,7 @@ class BlobIO(DriverBase):
 
         try:
             with trio.fail_after(self.config.blobs.fetch_timeout_seconds):
-                await fetch_blob(self.transport, sha, peers, self.store, expected_size=size,
+                result = await fetch_blob(self.transport, sha, peers, self.store, expected_size=size,
                                  max_size=self.config.blobs.max_blob_bytes, progress=progress)
         except* TransportError as group:  # fetch_blob's worker nursery wraps e.g. our own transport closing
             first = _first_leaf(group)
@@ -70,7 +70,7 @@ class BlobIO(DriverBase):
             if is_disk_full(first):
                 raise DiskFull(f"fetching blob {sha}: {first}"[:300]) from None
             raise
-        fetched = self.store.size(sha)
+        fetched = result.size  # not store.size(): the file may be gone already (_read_blob fetches it again)
         self.progress.bytes_fetched += fetched
         self.progress.transfer.update(done=fetched, state="verified")
 

@@ -45,7 +45,7 @@ from fednode.consensus.round_book import (
     ResubmitOwn,
     SaveRound,
 )
-from fednode.errors import DiskFull
+from fednode.errors import BlobMissing, DiskFull
 from fednode.node.driver_base import Progress, Publish, SyncRound
 from fednode.node.installing import aggregation_options
 from fednode.node.recovery import Recovery
@@ -236,7 +236,7 @@ class RoundDriver(Recovery):
     def _merged_size(self, row: Any) -> int:
         """A published round's merged adapter size, from the round record: our copy of the blob may
         be gone (deleted, quarantined); the manifest names it and participants fetch it from any holder."""
-        if self.store.has(row.merged_sha256):
+        with contextlib.suppress(BlobMissing):
             return self.store.size(row.merged_sha256)
         return RoundRecord.from_json(row.record).merged_size if row.record else 0
 

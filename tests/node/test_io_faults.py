@@ -330,6 +330,35 @@ async def test_coordinator_whose_latest_merged_blob_was_deleted_fetches_it_again
         assert coord.store.has(first["merged_sha256"])  # fetched again from a holder
 
 
+async def test_a_blob_deleted_just_after_its_fetch_is_fetched_again_not_a_crash(
+        tmp_path: Path, clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CI run of stop 25: a node fetched a blob, the file was removed before the node read its
+    size (`store.size` raised KeyError) and the daemon exited. Here every node's first fetched blob
+    is deleted the moment its download completes."""
+    import fednode.node.blobio as blobio
+
+    real = blobio.fetch_blob
+    deleted: set[tuple[Path, str]] = set()  # (the node's blob dir, the blob): each once
+
+    async def fetch_then_vanish(transport: Any, sha: str, holders: list[str], store: Any, **kw: Any) -> Any:
+        result = await real(transport, sha, holders, store, **kw)
+        if (store.root, sha) not in deleted:
+            deleted.add((store.root, sha))
+            store.delete(sha)
+        return result
+
+    monkeypatch.setattr(blobio, "fetch_blob", fetch_then_vanish)
+    async with cluster(tmp_path) as c:
+        nodes = [await c.start(i, N, **_sections(2)) for i in range(N)]
+        await wait_until(lambda: all(n.driver.progress.rounds_completed >= 2 for n in nodes), WAIT)
+        check_round_agreement(nodes, 1)
+        check_round_agreement(nodes, 2)
+        # the fault hit deltas (coordinator) and merged adapters (members): each fetched again
+        assert len(deleted) >= 2 * (N - 1) + 2 * (N - 1)
+        for n in nodes:
+            assert n.driver.progress.rounds_completed == 2
+
+
 async def test_participant_with_a_corrupt_merged_blob_fetches_it_again(
         tmp_path: Path, clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
     async with cluster(tmp_path) as c:
