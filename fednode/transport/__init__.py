@@ -2,8 +2,11 @@
 
 `fednode.transport.libp2p` is not imported here, so code that only needs the memory transport
 does not pay for importing libp2p: `from fednode.transport.libp2p import open_libp2p_transport`.
+Before any of them imports libp2p, `libp2p_import.install()` leaves py-libp2p's unused features out
+of the import (see that module).
 """
 
+from fednode.transport import libp2p_import
 from fednode.transport.base import (
     GossipMessage,
     Stream,
@@ -14,6 +17,8 @@ from fednode.transport.base import (
     Validator,
 )
 from fednode.transport.memory import MemoryLimits, MemoryNetwork, MemoryTransport, open_memory_transport
+
+libp2p_import.install()
 
 __all__ = [
     "GossipMessage",
