@@ -105,6 +105,13 @@ class CoordinatorSection:
                                                  doc="the slowest heartbeat pace of rule 14, and the most a member's "
                                                      "declared pace is believed (never below "
                                                      "heartbeat_interval_seconds)")
+    idle_heartbeat_interval_seconds: float = _opt(30.0, lo=0.0, hi=3600.0,
+                                                  doc="the coordinator's heartbeat pace while it knows no round can "
+                                                      "open for twice this long (max_rounds reached, a long pause), "
+                                                      "and its followers' (election-v1 rule 18): an idle community "
+                                                      "costs next to nothing, and a dead coordinator is noticed after "
+                                                      "liveness_timeout_heartbeats x this (0 = off; taken between "
+                                                      "heartbeat_interval_seconds and max_heartbeat_interval_seconds)")
     rejoin_wait_heartbeats: float = _opt(30.0, lo=0.0, hi=100000.0,
                                          doc="after a restart, open no round and settle no unknown outcome until "
                                              "every member of the latest published round is heard, or this many "

@@ -17,12 +17,14 @@ carry the clock value and performs the effects it gets back:
 
 from fednode.consensus.common import CoordinatorChanged, Effect, Outcome, Tick
 from fednode.consensus.election import (
+    BeatSoon,
     ClaimSeen,
     ClaimWithheld,
     ElectionConfig,
     ElectionState,
     HeartbeatSeen,
     PublishClaim,
+    Quiet,
     SignOfLife,
     TopicReach,
     rank,
@@ -51,11 +53,12 @@ from fednode.consensus.round_events import (
 from fednode.consensus.round_state import TRANSITIONS, Phase, Rejection, Role, RoundState, RoundStatistics, Trigger
 
 __all__ = [
-    "TRANSITIONS", "AggregateSeen", "AggregationDone", "AggregationFailed", "ClaimSeen", "ClaimWithheld",
+    "TRANSITIONS", "AggregateSeen", "AggregationDone", "AggregationFailed", "BeatSoon", "ClaimSeen", "ClaimWithheld",
     "CloseSubmissions",
     "ContributionRejected", "CoordinatorChanged", "Effect", "ElectionConfig", "ElectionState", "FailureSeen",
     "HeartbeatSeen", "InstallAdapter", "ManifestSeen", "Outcome", "OutcomeConflict", "Phase",
-    "PublishAggregate", "PublishClaim", "PublishFailure", "QueryOutcome", "Reannounce", "Rejection", "Resumed", "Role",
+    "PublishAggregate", "PublishClaim", "PublishFailure", "QueryOutcome", "Quiet", "Reannounce", "Rejection", "Resumed",
+    "Role",
     "RoundState", "RoundStatistics", "SignOfLife", "SignedOutcome", "StartAggregation", "SubmissionReceived",
     "Superseded", "SyncAnswered", "Tick", "TopicReach", "TrainAndSubmit", "Trigger", "rank",
 ]

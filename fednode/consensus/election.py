@@ -71,6 +71,10 @@ LIVE_CACHE_MARGIN_ULPS = 8
 # heartbeat_interval, so failover is as fast as in a small community.
 DEFAULT_HEARTBEAT_FANIN = 4  # live members per heartbeat_interval before members slow down (0: never)
 DEFAULT_MAX_HEARTBEAT_INTERVAL_SECONDS = 30.0  # the slowest pace a member takes, and the most a receiver believes
+# Idle pace (election-v1 r9, rule 18): a coordinator that knows no round can open for a while beats at
+# idle_heartbeat_interval, and its followers follow its pace, so an idle community costs next to nothing.
+DEFAULT_IDLE_HEARTBEAT_INTERVAL_SECONDS = 30.0  # 0: off
+IDLE_LEAD_INTERVALS = 2.0  # back at heartbeat_interval this many idle intervals before a round may open
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,7 @@ class ElectionConfig:
     max_tick_gap: float = 0.0  # the host feeds an event at least this often (0 = no promise: rule 11 off)
     heartbeat_fanin: int = DEFAULT_HEARTBEAT_FANIN  # rule 14 (0: every member beats every heartbeat_interval)
     max_heartbeat_interval: float = DEFAULT_MAX_HEARTBEAT_INTERVAL_SECONDS  # rule 14
+    idle_heartbeat_interval: float = DEFAULT_IDLE_HEARTBEAT_INTERVAL_SECONDS  # rule 18 (0: off)
 
     def __post_init__(self) -> None:
         if self.mode not in ("elect", "fixed"):
@@ -106,6 +111,12 @@ class ElectionConfig:
             raise ConfigError("coordinator.heartbeat_fanin must be >= 0")
         if not (math.isfinite(self.max_heartbeat_interval) and self.max_heartbeat_interval >= self.heartbeat_interval):
             raise ConfigError("coordinator: need max_heartbeat_interval >= heartbeat_interval")
+        idle = self.idle_heartbeat_interval
+        if not (math.isfinite(idle) and idle >= 0):
+            raise ConfigError("coordinator: idle_heartbeat_interval must be finite and >= 0 (0 = off)")
+        if idle > 0:  # taken between heartbeat_interval and max_heartbeat_interval (what receivers believe)
+            object.__setattr__(self, "idle_heartbeat_interval",
+                               min(max(idle, self.heartbeat_interval), self.max_heartbeat_interval))
 
     @property
     def stall_gap(self) -> float | None:
@@ -160,7 +171,17 @@ class TopicReach:
     now: float
 
 
-ElectionEvent = HeartbeatSeen | ClaimSeen | SignOfLife | TopicReach | Tick
+@dataclass(frozen=True, slots=True)
+class Quiet:
+    """Rule 18: our round layer says that no round of ours can open before `until` (inf: none ever,
+    e.g. max_rounds reached; <= now: one may open now, or one is open). The host feeds it when the
+    value changes, while it coordinates; never fed = never quiet."""
+
+    until: float
+    now: float
+
+
+ElectionEvent = HeartbeatSeen | ClaimSeen | SignOfLife | TopicReach | Quiet | Tick
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +191,13 @@ class PublishClaim(Effect):
 
     term: int
     reason: str = dataclasses.field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BeatSoon(Effect):
+    """Rule 18: we coordinate at the idle pace and a member joined (or came back): send our next
+    heartbeat now (no sooner than heartbeat_interval after the last), so it hears us within its
+    start-up grace."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +362,10 @@ class ElectionState:
         self.reclaim = False
         self.deaf = False  # rule 17: connected, yet no peer on the topic hears us (TopicReach)
         self._withheld = 0  # the last term rule 17 kept us from claiming (said once)
+        self._beat_soon = False  # rule 18: a member joined while we coordinate at the idle pace
+        self.quiet_until = -math.inf  # rule 18: no round of ours opens before this (Quiet; while we coordinate)
+        # when our start-up grace ends: started_at + startup_grace, extended by rule 18's hearsay
+        self.grace_end = now + self.config.effective_startup_grace
 
     @property
     def coordinator(self) -> str | None:
@@ -394,15 +426,29 @@ class ElectionState:
         return member_timeout(self.config, member.interval, member.gap)
 
     def heartbeat_interval(self, now: float) -> float:
-        """Our own heartbeat period now (rule 14): heartbeat_interval while we coordinate or follow
-        no live coordinator (an election needs every member's voice at full pace), else paced by
-        the number of live members."""
+        """Our own heartbeat period now. While we coordinate: heartbeat_interval, or the idle pace
+        while our rounds are quiet (rule 18). While we follow no live coordinator: heartbeat_interval
+        (an election needs every member's voice at full pace). Else paced by the number of live
+        members (rule 14), and never faster than an idle coordinator's declared pace (rule 18)."""
         c = self.config
         coord = self.coordinator
-        if c.heartbeat_fanin <= 0 or coord is None or coord == self.node_id or not self.is_live(coord, now):
+        if coord == self.node_id:
+            return c.idle_heartbeat_interval if self.idle(now) else c.heartbeat_interval
+        if coord is None or not self.is_live(coord, now):
             return c.heartbeat_interval
-        live = 1 + sum(1 for m in self.members.values() if self._is_live(m, now))  # every member beats, us too
-        return paced_interval(c.heartbeat_interval, live, c.heartbeat_fanin, c.max_heartbeat_interval)
+        pace = c.heartbeat_interval
+        if c.heartbeat_fanin > 0:
+            live = 1 + sum(1 for m in self.members.values() if self._is_live(m, now))  # every member beats, us too
+            pace = paced_interval(c.heartbeat_interval, live, c.heartbeat_fanin, c.max_heartbeat_interval)
+        if c.idle_heartbeat_interval > 0:  # rule 18: follow an idle coordinator (up to our own idle pace)
+            pace = max(pace, min(self.members[coord].interval, c.idle_heartbeat_interval))
+        return pace
+
+    def idle(self, now: float) -> bool:
+        """Rule 18: we coordinate and no round of ours can open for IDLE_LEAD_INTERVALS idle intervals."""
+        idle = self.config.idle_heartbeat_interval
+        return (idle > 0 and self.coordinator == self.node_id
+                and self.quiet_until - now >= IDLE_LEAD_INTERVALS * idle)
 
     def heard(self) -> dict[str, Heard]:
         """Members whose heartbeat we heard, with what it said."""
@@ -439,8 +485,7 @@ class ElectionState:
     def next_timer(self) -> float | None:
         if self.config.mode == "fixed":
             return None
-        grace_end = self.started_at + self.config.effective_startup_grace
-        times = [grace_end]
+        times = [self.grace_end]
         coord = self.coordinator
         if coord is not None and coord != self.node_id and coord in self.members:
             times.append(self.members[coord].last_seen + self.timeout_of(self.members[coord]))
@@ -468,6 +513,9 @@ class ElectionState:
         elif isinstance(event, TopicReach):
             self.deaf = event.peers <= 0 < event.connected
             validation = ACCEPTED
+        elif isinstance(event, Quiet):
+            self.quiet_until = event.until
+            validation = ACCEPTED
         else:
             validation = ACCEPTED
         self._on_tick(event.now, effects)
@@ -485,13 +533,33 @@ class ElectionState:
                 self.paused.discard(evicted)
             self.members[node_id] = _Member(now, federated, joined_at=now)
             self._live = None
+            self._joined(now)
         else:
             if not self._is_live(member, now):
                 member.joined_at = now  # back after a silence: it may have restarted (rule 15)
+                self._joined(now)
             member.last_seen = max(member.last_seen, now)
             member.federated = federated
             self._member_changed(node_id)
         return True
+
+    def _joined(self, now: float) -> None:
+        """A member joined or came back (rule 15's joined time). Rule 18: if we coordinate at the idle
+        pace, it may be in its start-up grace and not hear us for an idle interval: beat soon."""
+        if self.idle(now):
+            self._beat_soon = True
+
+    def _extend_grace(self, hb: Heartbeat, now: float) -> None:
+        """Rule 18: in our start-up grace, knowing no coordinator, a member's heartbeat naming another
+        node as coordinator of a term >= ours, at a declared pace p, extends the grace to
+        liveness_timeout x p / heartbeat_interval after our start (the time in which that coordinator,
+        beating at p, would be judged dead; p at most max_heartbeat_interval)."""
+        c = self.config
+        if (now >= self.grace_end or self.coordinator is not None or hb.interval_ms <= 0 or hb.term < self.term
+                or hb.coordinator_node_id in ("", self.node_id)):
+            return
+        pace = min(max(hb.interval_ms / 1000, c.heartbeat_interval), c.max_heartbeat_interval)
+        self.grace_end = max(self.grace_end, self.started_at + c.liveness_timeout * pace / c.heartbeat_interval)
 
     def _on_heartbeat(self, hb: Heartbeat, now: float, effects: list[Effect]) -> Validation:
         if hb.node_id == self.node_id:
@@ -503,6 +571,7 @@ class ElectionState:
             return Validation(Verdict.IGNORE, "member_table_full", f"max_members={self.config.max_members}")
         member = self.members[hb.node_id]
         member.seq = hb.seq
+        self._extend_grace(hb, now)
         if member.interval != hb.interval_ms / 1000:
             member.interval = hb.interval_ms / 1000
             self._member_changed(hb.node_id)
@@ -586,7 +655,10 @@ class ElectionState:
         return ACCEPTED
 
     def _on_tick(self, now: float, effects: list[Effect]) -> None:
-        if self.config.mode == "fixed" or now < self.started_at + self.config.effective_startup_grace:
+        if self._beat_soon:
+            self._beat_soon = False
+            effects.append(BeatSoon())
+        if self.config.mode == "fixed" or now < self.grace_end:
             return
         coord = self.coordinator
         if coord == self.node_id:

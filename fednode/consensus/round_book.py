@@ -162,6 +162,17 @@ def next_round_due(*, now: float, policy: RoundPolicy, history: History, coordin
     return history.live_federated >= policy.quorum
 
 
+def quiet_until(*, now: float, policy: RoundPolicy, history: History) -> float:
+    """election-v1 rule 18's input: the earliest time at which the next round may open by the rules
+    that time alone ends: never (inf) once `max_rounds` rounds are published, the end of the pause
+    after the last finished round, else `now` (the other conditions may hold any moment)."""
+    if policy.max_rounds and history.published >= policy.max_rounds:
+        return math.inf
+    if history.last_finished_at is not None and policy.pause_seconds > 0:
+        return max(now, history.last_finished_at + policy.pause_seconds)
+    return now
+
+
 def rejoin_unheard(known: Set[str], heard: Set[str], *, now: float, started_at: float,
                    wait_seconds: float) -> frozenset[str]:
     """Members of our latest published round (`known`, from state.sqlite) not heard since this

@@ -28,6 +28,7 @@ from fednode.blobs.serve import ServeLimits, serve_blobs
 from fednode.blobs.store import BlobStore
 from fednode.config import Config
 from fednode.consensus import (
+    BeatSoon,
     ClaimSeen,
     ClaimWithheld,
     CoordinatorChanged,
@@ -35,6 +36,7 @@ from fednode.consensus import (
     ElectionState,
     HeartbeatSeen,
     PublishClaim,
+    Quiet,
     Role,
     SignOfLife,
     Tick,
@@ -130,7 +132,8 @@ class Node:
             startup_grace=liveness + config.network.gossip_heartbeat_seconds,
             max_tick_gap=MAX_TIMER_SLEEP_SECONDS,  # the timer loop's promise (rule 11)
             heartbeat_fanin=c.heartbeat_fanin,  # rule 14
-            max_heartbeat_interval=max(c.max_heartbeat_interval_seconds, c.heartbeat_interval_seconds)), now=clock(),
+            max_heartbeat_interval=max(c.max_heartbeat_interval_seconds, c.heartbeat_interval_seconds),
+            idle_heartbeat_interval=c.idle_heartbeat_interval_seconds), now=clock(),  # rule 18
             federated=self.enabled, known_term=self.db.highest_term())  # rule 12: a restart keeps the term
         self._saved_term = self.election.term  # the highest term in state.sqlite (rule 12)
         self.driver = RoundDriver(config=config, identity=identity, store=self.store, db=self.db,
@@ -148,6 +151,7 @@ class Node:
         self._wake = trio.Event()
         self._reach: tuple[int, int] | None = None  # (topic peers, connections) last fed to the election
         self._beat_now = trio.Event()  # set when the next heartbeat should go out early (a new coordinator)
+        self._quiet = -math.inf  # the last Quiet fed to the election (rule 18)
         self._syncing: set[str] = set()
         self.started = trio.Event()
 
@@ -367,6 +371,8 @@ class Node:
                     community_id=self.config.community.id, node_id=self.node_id, term=effect.term,
                     claimed_at=self.clock(), last_round_number=self._last_round_number()), self.identity)
                 self._publish_soon(claim)
+            elif isinstance(effect, BeatSoon):
+                self._beat_now.set()
             elif isinstance(effect, ClaimWithheld):
                 logger.info("not claiming term %d: %s; %s", effect.term, effect.reason, self._gossip_health())
             elif isinstance(effect, CoordinatorChanged):
@@ -418,12 +424,22 @@ class Node:
                 await self.publish(hb)
             sent = trio.current_time()
             self._beat_now = trio.Event()
-            with trio.move_on_after(interval):
-                # A new coordinator is answered (named) in the next heartbeat, at once (rule 14: a paced
-                # member would keep a new coordinator waiting up to its pace, rule 13), but never sooner
-                # than heartbeat_interval after the last one, whatever a flood of claims does.
-                await self._beat_now.wait()
-                await trio.sleep_until(sent + base)
+            due = sent + interval
+            while not self._beat_now.is_set():
+                # A faster pace is safe at once (rules 14, 18: a round may open, our idle coordinator's
+                # next heartbeat says it is back at heartbeat_interval): our pace is read again every
+                # heartbeat_interval. A slower one waits for the heartbeat that declares it.
+                due = min(due, sent + self.election.heartbeat_interval(self.clock()))
+                left = due - trio.current_time()
+                if left <= 0:
+                    break
+                with trio.move_on_after(min(base, left)):
+                    await self._beat_now.wait()
+            # A new coordinator is answered (named) in the next heartbeat, at once (rule 14: a paced
+            # member would keep a new coordinator waiting up to its pace, rule 13), and an idle coordinator
+            # greets a member that joined (rule 18), but never sooner than heartbeat_interval after the
+            # last one, whatever a flood of claims does.
+            await trio.sleep_until(sent + base)
 
     # -- clocks ------------------------------------------------------------------------------
     async def _timer_loop(self) -> None:
@@ -438,8 +454,13 @@ class Node:
             if self.enabled:
                 self.driver.tick(now)
                 # only a coordinator with no open round asks the member table (issue 12: an idle member's cost)
-                manifest = None if not self.driver.book.may_open_next() else self.driver.maybe_start_round(
+                may_open = self.driver.book.may_open_next()
+                manifest = None if not may_open else self.driver.maybe_start_round(
                     now, len(self._live_federated()), heard_round_number=self._heard_round_number())
+                quiet = self.driver.quiet_until if may_open and manifest is None else -math.inf
+                if quiet != self._quiet:  # election-v1 rule 18: fed on change only
+                    self._quiet = quiet
+                    self._election_event(Quiet(quiet, now))
                 if manifest is not None:
                     await self._publish_logged(manifest)
             timers = [t for t in (self.election.next_timer(), self.driver.next_timer()) if t is not None]

@@ -7,6 +7,7 @@ recovery -> rounds); each part is a class in that chain, so each reads only what
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -98,6 +99,7 @@ class DriverBase:
                               base_model_hash=trainer.base_model_hash if trainer is not None else "",
                               reannounce_seconds=config.round.reannounce_seconds)
         self.rounds = self.book.rounds
+        self.quiet_until = -math.inf  # election-v1 rule 18: no round of ours opens before this (maybe_start_round)
         self.pending_manifests = self.book.pending
         self.progress = Progress()
         self._train_lock = trio.Lock()

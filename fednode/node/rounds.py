@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -44,6 +45,7 @@ from fednode.consensus.round_book import (
     RepublishAndInstall,
     ResubmitOwn,
     SaveRound,
+    quiet_until,
 )
 from fednode.errors import BlobMissing, DiskFull
 from fednode.node.driver_base import Progress, Publish, SyncRound
@@ -204,6 +206,7 @@ class RoundDriver(Recovery):
         `heard_round_number`: the highest round a live member's heartbeat says it finished; the
         next round is numbered above it too (a round published while we were down is not run again)."""
         if not self.enabled or not self.book.may_open_next():  # the book's rule; spares the sqlite reads below
+            self.quiet_until = -math.inf
             return None
         busy = (self.trainer is None or self.disk.paused
                 or any(job.installing or job.aggregating for job in self.jobs.values()))
@@ -214,6 +217,7 @@ class RoundDriver(Recovery):
             last_finished_at=self._finished_at(counts.last_finished) if counts.last_finished else None,
             unrecorded_published=any(r.state == "published" for r in self.db.unfinished_rounds()), busy=busy,
             unheard=len(self.rejoin_unheard()), unendorsed=len(self.unendorsed()))
+        self.quiet_until = quiet_until(now=now, policy=self.book.policy, history=history)  # election-v1 rule 18
         plan = self.book.next_round(now, history, force=force)
         if plan is None or self.trainer is None:
             return None

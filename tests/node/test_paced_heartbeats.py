@@ -22,7 +22,9 @@ IDLE_SECONDS = 60.0
 
 
 def _sections(fanin: int, rounds: int) -> dict[str, dict[str, Any]]:
-    return {"coordinator": {"heartbeat_fanin": fanin, "max_heartbeat_interval_seconds": 10.0},
+    # rule 18 (an idle coordinator's slow pace, followed by its members) off: rule 14 alone is measured
+    return {"coordinator": {"heartbeat_fanin": fanin, "max_heartbeat_interval_seconds": 10.0,
+                            "idle_heartbeat_interval_seconds": 0},
             # wait_for_members: after the coordinator's crash only N - 1 are left to wait for
             "round": {"max_rounds": rounds, "pause_seconds": 5.0, "wait_for_members": N - 1},
             "learning": {"evaluate": False}}
