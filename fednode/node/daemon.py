@@ -458,6 +458,7 @@ class Node:
                 manifest = None if not may_open else self.driver.maybe_start_round(
                     now, len(self._live_federated()), heard_round_number=self._heard_round_number())
                 quiet = self.driver.quiet_until if may_open and manifest is None else -math.inf
+                quiet = quiet if quiet > now else -math.inf  # "may open now" is one value, not a new one per tick
                 if quiet != self._quiet:  # election-v1 rule 18: fed on change only
                     self._quiet = quiet
                     self._election_event(Quiet(quiet, now))
