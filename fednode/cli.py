@@ -99,7 +99,9 @@ def _format_status(s: NodeStatus) -> str:
     p = s.progress
     lines = [f"node        {s.node_id} {s.name}".rstrip(),
              f"community   {s.community_id}   federated_learning={s.federated_learning}",
-             f"coordinator {s.coordinator or '-'} (term {s.term})",
+             f"coordinator {s.coordinator or '-'} (term {s.term})" + (
+                 f"; heartbeat every {s.heartbeat_interval_seconds:g} s" + (" (idle: no round due)" if s.idle else "")
+                 if s.heartbeat_interval_seconds else ""),
              f"members     {len(s.alive_members())} alive of {len(s.members)} seen; {len(s.peers)} connected"]
     if s.paused:
         lines.append(f"PAUSED      {s.paused.reason} for {s.paused.seconds:.0f} s ({s.paused.detail}); "

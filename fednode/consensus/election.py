@@ -444,6 +444,16 @@ class ElectionState:
             pace = max(pace, min(self.members[coord].interval, c.idle_heartbeat_interval))
         return pace
 
+    def at_idle_pace(self, now: float) -> bool:
+        """Rule 18 sets our pace now: we coordinate, idle, or follow a live coordinator that declares a
+        pace (only an idle one does) and have rule 18 on (for `fednode status`)."""
+        if self.idle(now):
+            return True
+        coord = self.coordinator
+        member = self.members.get(coord) if coord is not None and coord != self.node_id else None
+        return (self.config.idle_heartbeat_interval > 0 and member is not None and self._is_live(member, now)
+                and member.interval > self.config.heartbeat_interval)
+
     def idle(self, now: float) -> bool:
         """Rule 18: we coordinate and no round of ours can open for IDLE_LEAD_INTERVALS idle intervals."""
         idle = self.config.idle_heartbeat_interval

@@ -543,6 +543,8 @@ class Node:
                 blob_fetched=self.driver.progress.bytes_fetched),
             gossip_dropped=transport_stats.dropped if transport_stats else 0,
             gossip_copies_received=transport_stats.copies_received if transport_stats else 0,
+            heartbeat_interval_seconds=round(self.election.heartbeat_interval(now), 3),
+            idle=self.election.at_idle_pace(now),
             gossip_delivered_from_peers=transport_stats.delivered_from_peers if transport_stats else 0,
             # the transport's verdicts by reason, including what it refuses before our validator runs
             # (e.g. "too_large": over the transport's message limit)

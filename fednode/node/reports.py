@@ -313,6 +313,10 @@ class NodeStatus(JsonForm):
     # (both absent from a status written before they were counted)
     gossip_copies_received: int = _opt(0, omit_default=True)
     gossip_delivered_from_peers: int = _opt(0, omit_default=True)
+    # this node's heartbeat period now (election-v1 rules 14 and 18: paced in a large community, slow
+    # while idle), and whether it is the idle pace of rule 18 (0: a status written before it was shown)
+    heartbeat_interval_seconds: float = _opt(0.0, omit_default=True)
+    idle: bool = _opt(False, omit_default=True)
 
     def alive_members(self) -> list[MemberStatus]:
         return [m for m in self.members if m.alive]

@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from fednode.cli import _format_status
 from fednode.node.daemon import Node
 from tests.node.conftest import cluster, wait_until
 
@@ -35,12 +36,14 @@ async def _idle_run(tmp: Path, idle: float) -> dict[str, Any]:
         await wait_until(lambda: all(_installed(n) >= 1 for n in nodes), timeout=300)
         coordinator = nodes[0].driver.coordinator
         member = next(n for n in nodes if n.node_id != coordinator)
-        leader = next(n for n in nodes if n.node_id == coordinator)
         await trio.sleep(5 * INTERVAL)  # the first heartbeat at the idle pace
         before = member.counters["accepted"]["heartbeat"]
         await trio.sleep(IDLE_SECONDS)
         rate = (member.counters["accepted"]["heartbeat"] - before) / IDLE_SECONDS
         paces = {n.node_id[-6:]: n.election.heartbeat_interval(n.clock()) for n in nodes}
+        statuses = [n.status() for n in nodes]  # what `fednode status` shows
+        shown = {(st.heartbeat_interval_seconds, st.idle) for st in statuses}
+        text = _format_status(statuses[0])
         # a member joins the idle community: it hears the coordinator within its start-up grace
         joiner = await c.start(N, N + 1, **_sections(idle))
         await trio.sleep(3 * IDLE)
@@ -51,7 +54,7 @@ async def _idle_run(tmp: Path, idle: float) -> dict[str, Any]:
         live = [n for n in [*nodes, joiner] if n.node_id != coordinator]
         await wait_until(lambda: all(n.driver.coordinator not in (None, coordinator) for n in live)
                          and len({n.driver.coordinator for n in live}) == 1, timeout=300)
-        return {"rate": rate, "paces": paces, "coordinator": coordinator, "leader_pace": paces[leader.node_id[-6:]],
+        return {"rate": rate, "paces": paces, "shown": shown, "text": text, "coordinator": coordinator,
                 "joined": joined, "failover": trio.current_time() - died}
 
 
@@ -65,6 +68,9 @@ async def test_an_idle_community_beats_at_the_idle_pace_and_still_fails_over(
     assert off["rate"] >= 0.9 * (N - 1) / INTERVAL  # the control: every other member, every interval
     assert on["rate"] <= 1.5 * (N - 1) / IDLE  # at the idle pace
     assert set(on["paces"].values()) == {IDLE} and set(off["paces"].values()) == {INTERVAL}
+    assert on["shown"] == {(IDLE, True)} and off["shown"] == {(INTERVAL, False)}
+    assert f"heartbeat every {IDLE:g} s (idle: no round due)" in on["text"]
+    assert f"heartbeat every {INTERVAL:g} s" in off["text"] and "(idle" not in off["text"]
     for run in (off, on):  # the joiner followed the coordinator: no new term
         assert run["joined"] == {"coordinator": run["coordinator"], "terms": {1}}
     liveness = 2.5 * INTERVAL
