@@ -440,19 +440,22 @@ class ElectionState:
         if c.heartbeat_fanin > 0:
             live = 1 + sum(1 for m in self.members.values() if self._is_live(m, now))  # every member beats, us too
             pace = paced_interval(c.heartbeat_interval, live, c.heartbeat_fanin, c.max_heartbeat_interval)
-        if c.idle_heartbeat_interval > 0:  # rule 18: follow an idle coordinator (up to our own idle pace)
-            pace = max(pace, min(self.members[coord].interval, c.idle_heartbeat_interval))
-        return pace
+        return max(pace, self._followed_idle_pace(coord))
+
+    def _followed_idle_pace(self, coord: str) -> float:
+        """Rule 18: the pace our live coordinator `coord` declares (only an idle one does), up to our own
+        idle pace; 0 when rule 18 is off or it declares none."""
+        idle = self.config.idle_heartbeat_interval
+        return min(self.members[coord].interval, idle) if idle > 0 else 0.0
 
     def at_idle_pace(self, now: float) -> bool:
-        """Rule 18 sets our pace now: we coordinate, idle, or follow a live coordinator that declares a
-        pace (only an idle one does) and have rule 18 on (for `fednode status`)."""
+        """Rule 18 sets our pace now: we coordinate, idle, or follow a live coordinator that declares an
+        idle pace (for `fednode status`)."""
         if self.idle(now):
             return True
         coord = self.coordinator
-        member = self.members.get(coord) if coord is not None and coord != self.node_id else None
-        return (self.config.idle_heartbeat_interval > 0 and member is not None and self._is_live(member, now)
-                and member.interval > self.config.heartbeat_interval)
+        return (coord is not None and coord != self.node_id and self.is_live(coord, now)
+                and self._followed_idle_pace(coord) > self.config.heartbeat_interval)
 
     def idle(self, now: float) -> bool:
         """Rule 18: we coordinate and no round of ours can open for IDLE_LEAD_INTERVALS idle intervals."""
@@ -564,12 +567,11 @@ class ElectionState:
         node as coordinator of a term >= ours, at a declared pace p, extends the grace to
         liveness_timeout x p / heartbeat_interval after our start (the time in which that coordinator,
         beating at p, would be judged dead; p at most max_heartbeat_interval)."""
-        c = self.config
         if (now >= self.grace_end or self.coordinator is not None or hb.interval_ms <= 0 or hb.term < self.term
                 or hb.coordinator_node_id in ("", self.node_id)):
             return
-        pace = min(max(hb.interval_ms / 1000, c.heartbeat_interval), c.max_heartbeat_interval)
-        self.grace_end = max(self.grace_end, self.started_at + c.liveness_timeout * pace / c.heartbeat_interval)
+        # rule 14's timeout at that pace (no slow gap): liveness_timeout x p / heartbeat_interval
+        self.grace_end = max(self.grace_end, self.started_at + member_timeout(self.config, hb.interval_ms / 1000, 0.0))
 
     def _on_heartbeat(self, hb: Heartbeat, now: float, effects: list[Effect]) -> Validation:
         if hb.node_id == self.node_id:
