@@ -47,9 +47,11 @@ class KillSwitch:
 
 
 def arm_publish(c: Cluster, switch: KillSwitch, kind: type[Message], *, after: bool) -> None:
-    """Kill when the node publishes a `kind` message: just before it leaves, or just after."""
+    """Kill when the node publishes a `kind` message: just before it leaves, or just after. A
+    SubmissionAnnounce leaves by `submit` (to the coordinator, round-v1 r10, or on gossip)."""
+    attr = "submit" if kind is SubmissionAnnounce else "publish"
     for i, node in list(c.nodes.items()):
-        original = node.publish
+        original = getattr(node, attr)
 
         async def publish(message: Message, i: int = i, node: Node = node,
                           original: Callable[[Message], Any] = original) -> None:
@@ -61,8 +63,8 @@ def arm_publish(c: Cluster, switch: KillSwitch, kind: type[Message], *, after: b
                 await trio.lowlevel.checkpoint()  # raises Cancelled: the node is gone
             await original(message)
 
-        node.publish = publish  # type: ignore[method-assign]
-        node.driver.publish = publish
+        setattr(node, attr, publish)
+        setattr(node.driver, attr, publish)
 
 
 def arm_method(c: Cluster, switch: KillSwitch, name: str) -> None:
