@@ -52,10 +52,6 @@ class NetworkSection:
     listen: list[str] = _opt(["/ip4/0.0.0.0/tcp/4001"], doc="libp2p listen multiaddrs")
     bootstrap: list[str] = _opt([], doc="multiaddrs with /p2p/<peer id> dialled at start")
     gossip_heartbeat_seconds: float = _opt(1.0, lo=1.0, hi=60.0, doc="gossipsub mesh heartbeat (whole seconds)")
-    idle_gossip_heartbeat_seconds: float = _opt(4.0, lo=0.0, hi=60.0,
-                                                doc="gossipsub heartbeat while election-v1 rule 18 sets our idle pace "
-                                                    "(nothing to do for a while): fewer IHAVE and mesh rounds; 0 = "
-                                                    "always gossip_heartbeat_seconds")
     mesh_degree: int = _opt(4, lo=1, hi=1000, doc="gossipsub mesh degree D: peers each gossip message is "
                             "forwarded to (fewer: less idle CPU, slower spread)")
     mesh_degree_low: int = _opt(3, lo=1, hi=1000, doc="gossipsub D_low: graft peers when the mesh is smaller")

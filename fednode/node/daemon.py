@@ -154,7 +154,6 @@ class Node:
         self._reach: tuple[int, int] | None = None  # (topic peers, connections) last fed to the election
         self._beat_now = trio.Event()  # set when the next heartbeat should go out early (a new coordinator)
         self._quiet = -math.inf  # the last Quiet fed to the election (rule 18)
-        self._gossip_heartbeat = float(max(1, round(config.network.gossip_heartbeat_seconds)))  # set on the transport
         self._syncing: set[str] = set()
         self.started = trio.Event()
 
@@ -464,7 +463,6 @@ class Node:
     async def _heartbeat_loop(self) -> None:
         base = self.config.coordinator.heartbeat_interval_seconds
         while True:
-            self._pace_gossip()
             # election-v1 rule 14: paced by the community's size unless we coordinate (or none is known)
             interval = self.election.heartbeat_interval(self.clock())
             term, coordinator = self.election.heartbeat_fields()
@@ -488,7 +486,6 @@ class Node:
                 # next heartbeat says it is back at heartbeat_interval): our pace is read again every
                 # heartbeat_interval. A slower one waits for the heartbeat that declares it.
                 due = min(due, sent + self.election.heartbeat_interval(self.clock()))
-                self._pace_gossip()
                 left = due - trio.current_time()
                 if left <= 0:
                     break
@@ -499,21 +496,6 @@ class Node:
             # greets a member that joined (rule 18), but never sooner than heartbeat_interval after the
             # last one, whatever a flood of claims does.
             await trio.sleep_until(sent + base)
-
-    def _pace_gossip(self) -> None:
-        """While rule 18 sets our idle pace, gossipsub's own heartbeat slows to
-        `network.idle_gossip_heartbeat_seconds` too: at 32 idle daemons its IHAVEs were about half of a
-        daemon's RPCs. Back at full pace at least 2 idle intervals before a round may open (rule 18's
-        lead), so every mesh heartbeat is back at `gossip_heartbeat_seconds` well before a round."""
-        setter = getattr(self.transport, "set_gossip_heartbeat", None)  # the libp2p transport's
-        net = self.config.network
-        base = max(1, round(net.gossip_heartbeat_seconds))
-        want = float(base)
-        if net.idle_gossip_heartbeat_seconds > 0 and self.election.at_idle_pace(self.clock()):
-            want = max(float(base), net.idle_gossip_heartbeat_seconds)
-        if setter is not None and want != self._gossip_heartbeat:
-            self._gossip_heartbeat = want
-            setter(want)
 
     # -- clocks ------------------------------------------------------------------------------
     async def _timer_loop(self) -> None:

@@ -231,12 +231,6 @@ class Libp2pTransport:
         connected = self._host.get_network().connections
         return frozenset(p.to_base58() for p in candidates if p in connected)
 
-    def set_gossip_heartbeat(self, seconds: float) -> None:
-        """gossipsub's heartbeat period from its next heartbeat on (py-libp2p sleeps
-        `heartbeat_interval` after each one). An idle community's daemon spends most of its CPU on
-        gossip's own traffic: IHAVE to a quarter of its non-mesh peers every heartbeat."""
-        self._router.heartbeat_interval = seconds  # type: ignore[assignment]  # an int in py-libp2p's hint
-
     def describe_gossip(self, topic: str) -> str:
         """gossipsub's side of `topic` in words, for a log line when a node hears nobody: pubsub peers
         out of connected ones, mesh peers, peers we back off from, and the longest outbound queue
