@@ -136,10 +136,6 @@ class RoundSection:
     reannounce_seconds: float = _opt(5.0, lo=0.0, hi=86400.0,
                                      doc="a participant re-publishes its submission after this long, doubling "
                                          "the gap each time, until the round closes (0 = only on failover)")
-    direct_submit: bool = _opt(True, doc="hand our submission to the round's coordinator over /fednode/submit/1.0.0 "
-                                         "(round-v1 r10) and gossip it only if that fails; false: gossip only")
-    max_submit_streams: int = _opt(64, lo=1, hi=100_000, doc="/fednode/submit/1.0.0 exchanges served at a time "
-                                                             "(more are closed unread; their senders gossip)")
     wait_for_members: int = _opt(0, lo=0, hi=10000,
                                  doc="coordinator starts a round once this many federated members are live "
                                      "(0 = min_participants)")

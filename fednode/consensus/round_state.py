@@ -412,7 +412,7 @@ class RoundState:
         if owner is not None:  # someone else's update re-announced: it would count twice (N5)
             return self._refuse(a, Validation(Verdict.REJECT, "duplicate_delta",
                                               f"delta already accepted from {owner[:64]}"))
-        if not self.is_open and not self._takes_resent(a):  # closed by the clock, max_participants or CloseSubmissions
+        if not self.is_open:  # closed by the clock, by max_participants, or by CloseSubmissions
             if now >= self.deadline:
                 v = Validation(Verdict.IGNORE, "late", f"arrived {now - self.deadline:.3f} s after the deadline")
             elif len(self.accepted) >= m.max_participants:
@@ -439,14 +439,6 @@ class RoundState:
         effects.append(Reannounce(self.own_submission))
         self._reannounce_gap *= 2
         self.reannounce_at = now + self._reannounce_gap
-
-    def _takes_resent(self, a: SubmissionAnnounce) -> bool:
-        """round-v1 r10: submissions go to the coordinator only, so a node that took the round over
-        holds only those handed to it. Participants hand theirs again on the coordinator change and in
-        their sync answers; until it starts aggregating, it takes one signed before the deadline."""
-        return (self.role is Role.COORDINATOR and self.manifest.coordinator_node_id != self.node_id
-                and self.phase is Phase.AGGREGATING and not self.aggregation_started
-                and a.submitted_at < self.deadline and len(self.accepted) < self.manifest.max_participants)
 
     def _delta_owner(self, delta_sha256: str) -> str | None:
         """The participant whose accepted submission is this delta (a scan: at most max_participants)."""

@@ -51,13 +51,12 @@ from fednode.node.control import serve_control
 from fednode.node.diskfull import DiskPause, probe_free_space, watch_disk
 from fednode.node.reports import ByteCounts, MemberStatus, NodeStatus, RoundProgress
 from fednode.node.rounds import RoundDriver
-from fednode.node.submit import SUBMIT_PROTOCOL_ID, SubmitReceipt, SubmitServer, submit_direct
 from fednode.node.sync import request_sync, serve_sync
 from fednode.node.trainers import Trainer
 from fednode.state import StateDB
 from fednode.transport.base import Subscription, Transport
 from fednode.wire import codec
-from fednode.wire.messages import CoordinatorClaim, Heartbeat, Message, RoundManifest, SubmissionAnnounce
+from fednode.wire.messages import CoordinatorClaim, Heartbeat, Message, RoundManifest
 from fednode.wire.validate import MessageValidator, ValidationPolicy
 from fednode.wire.verdict import Validation, Verdict
 
@@ -143,8 +142,7 @@ class Node:
                                   sync=self._round_messages, disk=self.disk, paused_members=self._paused_members,
                                   heard_members=lambda: self.election.heard().keys(),
                                   unendorsed=lambda: self.election.unendorsed(clock()),
-                                  recent_members=lambda window: self.election.recent_members(clock(), window),
-                                  submit=self.submit)
+                                  recent_members=lambda window: self.election.recent_members(clock(), window))
         self.counters: dict[str, collections.Counter[str]] = {
             "accepted": collections.Counter(), "rejected": collections.Counter(), "ignored": collections.Counter()}
         # Heartbeat seq starts at the wall clock in microseconds, so it keeps growing across restarts:
@@ -169,10 +167,6 @@ class Node:
                 self.blob_server = await nursery.start(functools.partial(
                     serve_blobs, transport, self.store, limits=limits, allow_peer=self._stream_allowed))
                 self.sync_server = serve_sync(transport, self._sync_lookup, allow_peer=self._stream_allowed)
-                self.submit_server = SubmitServer(self._judge_submission, allow_peer=self._stream_allowed,
-                                                  max_request_bytes=self.config.network.max_message_bytes,
-                                                  max_streams=self.config.round.max_submit_streams)
-                transport.serve(SUBMIT_PROTOCOL_ID, self.submit_server.handle)
                 subscription = await transport.subscribe(self.topic, validator=self._validate)
                 # The startup grace counts from when we can hear the topic, not from construction:
                 # a node restarted while others run must learn the current term before claiming one
@@ -253,23 +247,6 @@ class Node:
                 logger.exception("validated message failed to decode")
                 continue
             self.dispatch(message)
-
-    def _judge_submission(self, data: bytes, received_from: str) -> SubmitReceipt:
-        """A submission handed to us over /fednode/submit/1.0.0 (round-v1 r10): judged exactly as if
-        it came from gossip, and whether we coordinate its round (the sender gossips it if not)."""
-        v = self._validate(data, received_from)
-        try:  # also for an envelope-level duplicate: the receipt says whose round it is
-            message: Message | None = codec.decode_cached(data, max_bytes=self.config.network.max_message_bytes)
-        except FednodeError:
-            message = None
-        if v.verdict is Verdict.ACCEPT:
-            if isinstance(message, SubmissionAnnounce):
-                v = self.dispatch(message)
-            else:
-                v = Validation(Verdict.REJECT, "not_a_submission", "only a SubmissionAnnounce may be submitted")
-                self.counters["rejected"][v.reason] += 1
-        state = self.driver.rounds.get(message.round_id) if isinstance(message, SubmissionAnnounce) else None
-        return SubmitReceipt(v.verdict, v.reason, state is not None and state.role is Role.COORDINATOR)
 
     def dispatch(self, message: Message) -> Validation:
         """Route a validated message. Returns what the consumer made of it."""
@@ -358,10 +335,6 @@ class Node:
         out = [row.manifest]
         if row.outcome:
             out.append(row.outcome)
-        else:  # round-v1 r10: a coordinator that took the round over learns our submission from our answer
-            state = self.driver.rounds.get(round_id)
-            if state is not None and state.own_submission is not None:
-                out.append(codec.encode(state.own_submission))
         return out
 
     def _gossip_health(self) -> str:
@@ -414,35 +387,6 @@ class Node:
     async def publish(self, message: Message) -> None:
         assert self.transport is not None
         await self.transport.publish(self.topic, codec.encode(message))
-
-    async def submit(self, announce: SubmissionAnnounce) -> None:
-        """Our submission (new, re-announced, or resent to a new coordinator) to the round's coordinator
-        over /fednode/submit/1.0.0 (round-v1 r10), so that the other members need not receive and
-        forward every member's submission; on gossip if that fails or the peer does not coordinate it."""
-        state = self.driver.rounds.get(announce.round_id)
-        coordinator = state.coordinator_node_id if state is not None else ""
-        if not self.config.round.direct_submit or not coordinator or self.transport is None:
-            await self.publish(announce)
-            return
-        self.dispatch(announce)  # our own view of the round, as gossip's delivery to ourselves did
-        if coordinator == self.node_id:
-            return
-        try:
-            receipt = await submit_direct(self.transport, coordinator, codec.encode(announce))
-        except FednodeError as exc:
-            logger.info("round %s: direct submission to %s failed (%s); gossiping it", announce.round_id,
-                        coordinator[-8:], str(exc)[:200])
-            await self.publish(announce)
-            return
-        if receipt.delivered:
-            return
-        if not receipt.coordinator:
-            logger.info("round %s: %s does not coordinate the round in its view; gossiping our submission",
-                        announce.round_id, coordinator[-8:])
-            await self.publish(announce)
-        else:
-            logger.warning("round %s: the coordinator answered our submission: %s %s", announce.round_id,
-                           receipt.verdict.value.upper(), receipt.reason)
 
     def _publish_soon(self, message: Message) -> None:
         if self.driver.nursery is not None:

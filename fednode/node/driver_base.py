@@ -26,7 +26,7 @@ from fednode.node.trainers import Trainer
 from fednode.state import StateDB
 from fednode.transport.base import Transport
 from fednode.wire import codec
-from fednode.wire.messages import Message, SubmissionAnnounce
+from fednode.wire.messages import Message
 from fednode.wire.verdict import Validation
 
 if TYPE_CHECKING:
@@ -67,8 +67,7 @@ class DriverBase:
                  paused_members: Callable[[], Iterable[str]] = frozenset,
                  heard_members: Callable[[], Iterable[str]] = frozenset,
                  unendorsed: Callable[[], frozenset[str]] = frozenset,
-                 recent_members: Callable[[float], frozenset[str]] | None = None,
-                 submit: Callable[[SubmissionAnnounce], Awaitable[None]] | None = None) -> None:
+                 recent_members: Callable[[float], frozenset[str]] | None = None) -> None:
         self.config = config
         self.identity = identity
         self.me = identity.node_id
@@ -76,7 +75,6 @@ class DriverBase:
         self.db = db
         self.trainer = trainer
         self.publish = publish
-        self.submit = submit or publish  # our own SubmissionAnnounce (the daemon: round-v1 r10's direct path)
         self.clock = clock
         self.holders = holders
         self.live_members = live_members
@@ -138,6 +136,9 @@ class DriverBase:
             name = getattr(fn, "__name__", str(fn))
             if not self.disk.note(exc, name):
                 logger.warning("%s failed: %s", name, exc)
+
+    async def _publish_message(self, message: Message) -> None:
+        await self.publish(message)
 
     def adapter_dir(self, round_number: int) -> Any:
         return self.config.data_dir / "adapters" / f"round-{round_number}"

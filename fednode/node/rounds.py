@@ -107,7 +107,7 @@ class RoundDriver(Recovery):
                 logger.info("round %s superseded (%s)", state.round_id, state.failure_reason)
             self._finish_failed(state)
         elif isinstance(effect, ResubmitOwn):
-            self._spawn(self.submit, effect.announce)
+            self._spawn(self._publish_message, effect.announce)
         elif isinstance(effect, RepublishAndInstall):
             self._spawn(self._republish_and_install, state)
         elif isinstance(effect, TrainAndSubmit):

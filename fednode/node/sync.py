@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +23,6 @@ import msgpack
 import trio
 
 from fednode.errors import LimitExceeded, PeerUnavailable, RemoteProtocolError
-from fednode.node.frames import frame, read_frame
 from fednode.transport.base import Stream, Transport
 
 SYNC_PROTOCOL_ID = "/fednode/sync/1.0.0"
@@ -42,6 +42,28 @@ class SyncStatistics:
     served: int = 0
     refused_by_reason: dict[str, int] = field(default_factory=dict)  # not_member, bad_request, too_large
     failed_by_reason: dict[str, int] = field(default_factory=dict)  # peer_gone, timeout, internal_error
+
+
+async def _read_frame(stream: Stream, max_bytes: int) -> bytes:
+    header = await _read_exact(stream, 4)
+    (length,) = struct.unpack(">I", header)
+    if length > max_bytes:
+        raise LimitExceeded(f"sync frame of {length} bytes exceeds the limit of {max_bytes}")
+    return await _read_exact(stream, length)
+
+
+async def _read_exact(stream: Stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        data = await stream.receive_some(min(65536, n - len(buf)))
+        if not data:
+            raise RemoteProtocolError("sync stream ended early")
+        buf += data
+    return bytes(buf)
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
 
 
 class SyncServer:
@@ -87,7 +109,7 @@ class SyncServer:
 
     async def _answer(self, stream: Stream, peer: str) -> None:
         try:
-            raw = await read_frame(stream, MAX_SYNC_REQUEST_BYTES, "sync")
+            frame = await _read_frame(stream, MAX_SYNC_REQUEST_BYTES)
         except LimitExceeded as exc:
             self._refused["too_large"] += 1
             log.info("sync stream from %s refused: %s", peer[-8:], exc)
@@ -96,7 +118,7 @@ class SyncServer:
             self._refused["bad_request"] += 1
             return
         try:
-            request = msgpack.unpackb(raw, raw=False)
+            request = msgpack.unpackb(frame, raw=False)
         except Exception:  # msgpack raises ValueError, TypeError (unhashable keys), its own types
             request = None
         round_id = request.get("round_id") if isinstance(request, dict) else None
@@ -104,7 +126,7 @@ class SyncServer:
             self._refused["bad_request"] += 1
             return
         messages = self.lookup(round_id)[:MAX_SYNC_MESSAGES]
-        await stream.send_all(frame(msgpack.packb(messages, use_bin_type=True)))
+        await stream.send_all(_frame(msgpack.packb(messages, use_bin_type=True)))
         await stream.send_eof()
         self._served += 1
 
@@ -125,8 +147,8 @@ async def request_sync(transport: Transport, peer_id: str, round_id: str,
             stream = await transport.open_stream(peer_id, SYNC_PROTOCOL_ID)
             try:
                 phase = "waiting for the answer"
-                await stream.send_all(frame(msgpack.packb({"round_id": round_id}, use_bin_type=True)))
-                payload = await read_frame(stream, MAX_SYNC_RESPONSE_BYTES, "sync")
+                await stream.send_all(_frame(msgpack.packb({"round_id": round_id}, use_bin_type=True)))
+                payload = await _read_frame(stream, MAX_SYNC_RESPONSE_BYTES)
             finally:
                 await stream.aclose()
     except trio.TooSlowError:  # said, not a bare TooSlowError() in the caller's log

@@ -63,7 +63,7 @@ class Training(Installing):
                 submitted_at=self.clock(), community_id=manifest.community_id, delta_sha256=update.delta_sha256,
                 delta_size=self.store.size(update.delta_sha256), train_loss=_finite(update.train_loss),
             ), self.identity)
-            await self.submit(announce)
+            await self.publish(announce)
             logger.info("round %s: submitted update %s (%d samples), %.1f s after the manifest", manifest.round_id,
                         update.delta_sha256[:16], update.num_samples, self.clock() - manifest.created_at)
         if self.config.learning.evaluate:  # after submitting: scoring never holds a round up
@@ -88,7 +88,7 @@ class Training(Installing):
         state = self.rounds.get(announce.round_id)
         if state is not None and state.is_open and not self.store.has(announce.delta_sha256):
             await self._recover_own_update(state.manifest, announce)
-        await self.submit(announce)
+        await self.publish(announce)
 
     async def _recover_own_update(self, manifest: RoundManifest, announce: SubmissionAnnounce) -> None:
         """Our announced update is gone from our disk: fetch it from another holder, else train again

@@ -47,11 +47,9 @@ class KillSwitch:
 
 
 def arm_publish(c: Cluster, switch: KillSwitch, kind: type[Message], *, after: bool) -> None:
-    """Kill when the node publishes a `kind` message: just before it leaves, or just after. A
-    SubmissionAnnounce leaves by `submit` (to the coordinator, round-v1 r10, or on gossip)."""
-    attr = "submit" if kind is SubmissionAnnounce else "publish"
+    """Kill when the node publishes a `kind` message: just before it leaves, or just after."""
     for i, node in list(c.nodes.items()):
-        original = getattr(node, attr)
+        original = node.publish
 
         async def publish(message: Message, i: int = i, node: Node = node,
                           original: Callable[[Message], Any] = original) -> None:
@@ -63,8 +61,8 @@ def arm_publish(c: Cluster, switch: KillSwitch, kind: type[Message], *, after: b
                 await trio.lowlevel.checkpoint()  # raises Cancelled: the node is gone
             await original(message)
 
-        setattr(node, attr, publish)
-        setattr(node.driver, attr, publish)
+        node.publish = publish  # type: ignore[method-assign]
+        node.driver.publish = publish
 
 
 def arm_method(c: Cluster, switch: KillSwitch, name: str) -> None:

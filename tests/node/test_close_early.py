@@ -24,10 +24,8 @@ CLOSED_WELL_BEFORE = 60.0  # virtual seconds from manifest to record: generous, 
 
 
 def sections() -> dict[str, dict[str, Any]]:
-    # direct_submit off: the adversary copies an honest update it must see on gossip (round-v1 r10
-    # sends submissions to the coordinator only; the gossip path and its rules remain)
     return {"round": {"min_participants": 2, "max_participants": 8, "wait_for_members": HONEST + 1,
-                      "max_rounds": 1, "round_timeout_seconds": TIMEOUT, "direct_submit": False}}
+                      "max_rounds": 1, "round_timeout_seconds": TIMEOUT}}
 
 
 async def run_with(tmp_path: Path, misbehave: Any) -> dict[str, Any]:

@@ -30,8 +30,7 @@ async def test_only_a_members_copy_of_others_submissions_skips_the_fsync(
 
     monkeypatch.setattr(StateDB, "add_submission", spy)
     async with cluster(tmp_path) as c:
-        # gossip path (round-v1 before r10): only there does a member hold copies of others' submissions
-        nodes = [await c.start(i, N, round={"max_rounds": 1, "direct_submit": False}) for i in range(N)]
+        nodes = [await c.start(i, N, round={"max_rounds": 1}) for i in range(N)]
         await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes))
         coordinator = nodes[0].driver.coordinator
         by_path = {n.db.path: n for n in nodes}

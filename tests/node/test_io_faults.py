@@ -412,7 +412,7 @@ async def test_participant_whose_own_update_went_bad_serves_it_again(
         nodes = [await c.start(i, N, **_sections(1)) for i in range(N)]
         await wait_until(lambda: bool(nodes[0].election.coordinator), WAIT)
         victim = _participants(nodes, nodes[0].election.coordinator)[0]
-        real = victim.driver.submit  # how a submission leaves (round-v1 r10: to the coordinator)
+        real = victim.driver.publish
         rotted: list[str] = []
 
         async def rot_then_publish(message: Any) -> None:
@@ -421,7 +421,7 @@ async def test_participant_whose_own_update_went_bad_serves_it_again(
                 flip_first_byte(victim.store.path(message.delta_sha256))
             await real(message)
 
-        monkeypatch.setattr(victim.driver, "submit", rot_then_publish)
+        monkeypatch.setattr(victim.driver, "publish", rot_then_publish)
         await wait_until(lambda: all(n.driver.progress.rounds_completed >= 1 for n in nodes), WAIT)
         record = check_round_agreement(nodes, 1)
         if victim.node_id == record["final_coordinator_node_id"]:

@@ -72,9 +72,7 @@ async def test_status_over_the_control_socket(tmp_path: Path, autojump_clock: tr
             assert s["last_merged"]["sha256"] == record["merged_sha256"]
             assert Path(s["last_merged"]["path"]) == node.config.data_dir / "adapters" / "round-1"
             accepted = s["counters"]["accepted"]
-            assert accepted["heartbeat"] > 0
-            # since round-v1 r10 only the coordinator receives (and counts) the members' submissions
-            assert accepted.get("submission_announce", 0) >= (N - 1 if node.node_id == coordinator else 0)
+            assert accepted["heartbeat"] > 0 and accepted["submission_announce"] >= 1
             assert accepted["round_manifest"] >= 1 and accepted["aggregate_announce"] >= 1
             rejected = s["counters"]["rejected"]
             assert sum(rejected.values()) >= 1 and all(isinstance(k, str) and k for k in rejected)

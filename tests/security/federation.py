@@ -41,14 +41,11 @@ def honest_ids() -> list[str]:
     return [seed_identity(i).node_id for i in range(HONEST)]
 
 
-def sections(*, wait_for_members: int = HONEST, gossip_submissions: bool = False) -> dict[str, dict[str, Any]]:
-    """`gossip_submissions`: every member sees every submission (round-v1 before r10), as an attacker
-    needs to copy another's update; by default submissions go to the coordinator only."""
+def sections(*, wait_for_members: int = HONEST) -> dict[str, dict[str, Any]]:
     return {
         "community": {"id": COMMUNITY, "members": [*honest_ids(), MEMBER.node_id]},
         "network": {"max_message_bytes": NODE_MAX_MESSAGE_BYTES},
-        "round": {"max_participants": 8, "wait_for_members": wait_for_members, "max_rounds": ROUNDS,
-                  "direct_submit": not gossip_submissions},
+        "round": {"max_participants": 8, "wait_for_members": wait_for_members, "max_rounds": ROUNDS},
     }
 
 
@@ -84,13 +81,12 @@ class Federation:
 
 @contextlib.asynccontextmanager
 async def federation(root: Path, name: str, *, adversary: Identity | None = None,
-                     wait_for_members: int = HONEST, gossip_submissions: bool = False) -> AsyncIterator[Federation]:
+                     wait_for_members: int = HONEST) -> AsyncIterator[Federation]:
     async with cluster(root / name) as c:
         adv = None if adversary is None else Adversary(
             c.network, adversary, community_id=COMMUNITY, clock=clock, data_dir=root / name / "adversary")
         async with adv.attached() if adv is not None else contextlib.nullcontext():
-            config = sections(wait_for_members=wait_for_members, gossip_submissions=gossip_submissions)
-            nodes = [await c.start(i, HONEST, **config) for i in range(HONEST)]
+            nodes = [await c.start(i, HONEST, **sections(wait_for_members=wait_for_members)) for i in range(HONEST)]
             yield Federation(c, nodes, adv)
 
 

@@ -138,12 +138,9 @@ async def test_poisoned_delta_is_refused(scratch: Path, autojump_clock: trio.abc
 async def test_reannounced_delta_is_rejected(scratch: Path, autojump_clock: trio.abc.Clock) -> None:
     # The member heartbeats as a federated participant (so the round stays open for it), copies the
     # first honest submission of each round under its own name with 10^6 samples, and never sends
-    # its own: under FedAvg the copy would weigh ~100% and the merged adapter would change. Since
-    # round-v1 r10 submissions go to the coordinator only and the member would not see one; the rule
-    # still guards the gossip path, which every coordinator accepts, so honest members gossip here.
+    # its own: under FedAvg the copy would weigh ~100% and the merged adapter would change.
     with heap_peak() as peak:
-        async with federation(scratch, "attacked", adversary=MEMBER, wait_for_members=HONEST + 1,
-                              gossip_submissions=True) as fed:
+        async with federation(scratch, "attacked", adversary=MEMBER, wait_for_members=HONEST + 1) as fed:
             adv = fed.adversary
             assert adv is not None
             adv.nursery.start_soon(lambda: adv.heartbeat_forever(federated=True))
@@ -176,8 +173,7 @@ async def test_reannounced_delta_is_rejected(scratch: Path, autojump_clock: trio
 # -- replays -------------------------------------------------------------------------------------
 async def test_replayed_messages_are_ignored(scratch: Path, autojump_clock: trio.abc.Clock) -> None:
     with heap_peak() as peak:
-        # gossip_submissions: the attacker replays what it captured on gossip, submissions included
-        async with federation(scratch, "attacked", adversary=MEMBER, gossip_submissions=True) as fed:
+        async with federation(scratch, "attacked", adversary=MEMBER) as fed:
             adv = fed.adversary
             assert adv is not None
             await adv.wait_manifest(2)  # round 1's manifest, submissions and aggregate are captured by now
